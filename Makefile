@@ -1,0 +1,34 @@
+# Two commands on a fresh Debian/Ubuntu machine with Python 3.11+:
+#   make run    set up .venv, make sure Fashion-MNIST can be had, run the whole DVC pipeline
+#   make test   set up .venv, run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-cnnpipe
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+export DO_NOT_TRACK := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+
+.PHONY: setup dataset run test lint
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "error: Python 3.11+ needed (set PYTHON=python3.11)")'
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+setup: $(STAMP)
+
+dataset: setup
+	PY=$(PY) scripts/ensure_dataset.sh
+
+run: dataset
+	dvc repro
+	dvc metrics show
+
+test: setup
+	$(PY) -m pytest
+
+lint: setup
+	$(PY) -m ruff check src tests pipeline

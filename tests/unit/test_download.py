@@ -1,0 +1,90 @@
+import gzip
+import json
+
+import pytest
+from helpers import IDX_FILES, md5_of
+
+from cnnpipe.download import download
+from cnnpipe.errors import CnnpipeError
+from cnnpipe.params import DownloadParams
+
+
+def params(sources, md5=None, **kw) -> DownloadParams:
+    return DownloadParams(dataset="mnist", sources=[str(s) for s in sources], md5=md5 or {}, **kw)
+
+
+def test_download_from_mirror_dir_writes_files_and_manifest(tmp_path, mnist_mirror):
+    mirror, md5 = mnist_mirror
+    out = tmp_path / "raw"
+    manifest = json.loads(download(params([tmp_path / "nowhere", mirror], md5), out).read_text())
+    assert manifest["dataset"] == "mnist"
+    assert [f["name"] for f in manifest["files"]] == list(IDX_FILES)
+    for f in manifest["files"]:
+        path = out / "mnist" / f["name"]
+        assert path.stat().st_size == f["size"] and md5_of(path) == f["md5"]
+        assert len(f["sha256"]) == 64
+
+
+def test_file_url_source(tmp_path, mnist_mirror):
+    mirror, md5 = mnist_mirror
+    download(params([mirror.as_uri()], md5), tmp_path / "raw")
+    assert (tmp_path / "raw" / "mnist" / IDX_FILES[0]).is_file()
+
+
+def test_http_source_retries_transient_errors(tmp_path, mnist_mirror, http_server):
+    mirror, md5 = mnist_mirror
+    url, requests = http_server(mirror, fail_first={IDX_FILES[1]: 2})
+    download(params([url], md5, retries=3), tmp_path / "raw")
+    assert requests.count(IDX_FILES[1]) == 3  # two 503s, then the file
+    assert md5_of(tmp_path / "raw" / "mnist" / IDX_FILES[1]) == md5[IDX_FILES[1]]
+
+
+def test_recompressed_mirror_accepted_by_content_checksum(tmp_path):
+    """A mirror that re-gzips the published bytes (as Debian's package does) passes the content check."""
+    from cnnpipe.datasets import RemoteFile
+    from cnnpipe.download import content_matches
+
+    payload = b"\x00\x00\x08\x01" + (3).to_bytes(4, "big") + b"abc"
+    path = tmp_path / "f.gz"
+    path.write_bytes(gzip.compress(payload, mtime=12345))
+    import hashlib
+
+    f = RemoteFile("f.gz", "0" * 32, hashlib.md5(payload).hexdigest())
+    assert content_matches(path, f.content_md5)
+    assert not content_matches(path, "1" * 32)
+    path.write_bytes(path.read_bytes()[:10])  # truncated gzip
+    assert not content_matches(path, f.content_md5)
+
+
+def test_checksum_mismatch_fails_and_leaves_nothing(tmp_path, mnist_mirror):
+    mirror, md5 = mnist_mirror
+    target = mirror / IDX_FILES[2]
+    target.write_bytes(target.read_bytes()[:-100])  # truncated in the mirror
+    out = tmp_path / "raw"
+    with pytest.raises(CnnpipeError, match=r"t10k-images-idx3-ubyte\.gz: checksum mismatch from every source"):
+        download(params([mirror], md5), out)
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["mirror"]  # no temp leftovers either
+
+
+def test_no_source_reachable(tmp_path, mnist_mirror, http_server):
+    mirror, md5 = mnist_mirror
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    url, _ = http_server(empty)  # reachable, but 404 for every file
+    with pytest.raises(CnnpipeError, match=r"no source reachable .*HTTP 404.*add a mirror to download\.sources"):
+        download(params([tmp_path / "missing", url, "http://127.0.0.1:9/"], md5, retries=1), tmp_path / "raw")
+    assert not (tmp_path / "raw").exists()
+
+
+def test_fashion_mnist_error_suggests_debian_package(tmp_path):
+    p = DownloadParams(dataset="fashion-mnist", sources=[str(tmp_path)], md5={}, retries=1)
+    with pytest.raises(CnnpipeError, match="apt-get install dataset-fashion-mnist"):
+        download(p, tmp_path / "raw")
+
+
+def test_unknown_dataset_and_md5_key(tmp_path):
+    with pytest.raises(CnnpipeError, match=r"unknown dataset 'imagenet'; set download\.dataset to one of"):
+        download(DownloadParams(dataset="imagenet"), tmp_path / "raw")
+    with pytest.raises(CnnpipeError, match=r"download\.md5 names foo\.gz"):
+        download(DownloadParams(dataset="mnist", md5={"foo.gz": "0"}), tmp_path / "raw")

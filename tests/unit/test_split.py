@@ -1,0 +1,94 @@
+import json
+
+import numpy as np
+import pytest
+from helpers import write_cifar_archive
+
+from cnnpipe.download import download
+from cnnpipe.errors import CnnpipeError
+from cnnpipe.params import DownloadParams, SplitParams
+from cnnpipe.split import allocate, split, stratified_split
+
+
+def labels(counts):
+    return np.repeat(np.arange(len(counts)), counts).astype(np.uint8)
+
+
+def test_allocate_is_proportional_and_exact():
+    alloc = allocate(np.array([50, 30, 20]), 10)
+    assert alloc.tolist() == [5, 3, 2]
+    alloc = allocate(np.array([7, 7, 7]), 10)
+    assert alloc.sum() == 10 and alloc.max() - alloc.min() <= 1
+
+
+def test_split_is_deterministic_disjoint_and_stratified():
+    y = labels([100, 60, 40])
+    tr, va = stratified_split(y, 20, None, seed=3, num_classes=3)
+    tr2, va2 = stratified_split(y, 20, None, seed=3, num_classes=3)
+    assert np.array_equal(tr, tr2) and np.array_equal(va, va2)
+    assert len(set(tr) & set(va)) == 0 and len(tr) + len(va) == len(y)
+    assert np.bincount(y[va]).tolist() == [10, 6, 4]
+    _, va_other = stratified_split(y, 20, None, seed=4, num_classes=3)
+    assert not np.array_equal(va, va_other)
+
+
+def test_train_size_subsamples_stratified():
+    y = labels([100, 100])
+    tr, va = stratified_split(y, 10, 50, seed=0, num_classes=2)
+    assert np.bincount(y[tr]).tolist() == [25, 25] and len(va) == 10
+
+
+@pytest.mark.parametrize("val, train", [(0, None), (200, None), (100, 101), (250, 10)])
+def test_sizes_that_do_not_fit(val, train):
+    with pytest.raises(CnnpipeError, match="split sizes do not fit.*lower split"):
+        stratified_split(labels([100, 100]), val, train, 0, 2)
+
+
+def test_class_starved_by_split():
+    with pytest.raises(CnnpipeError, match="leave class 1 with no train or validation image"):
+        stratified_split(labels([100, 1]), 10, None, 0, 2)
+
+
+def test_split_stage_on_mnist_format(tmp_path, mnist_mirror):
+    mirror, md5 = mnist_mirror
+    download(DownloadParams(dataset="mnist", sources=[str(mirror)], md5=md5), tmp_path / "raw")
+    split(SplitParams(val_size=50, train_size=None, seed=0), tmp_path / "raw", tmp_path / "prep",
+          tmp_path / "split.json")
+    x = np.load(tmp_path / "prep" / "train_x.npy", mmap_mode="r")
+    assert x.dtype == np.uint8 and x.shape == (350, 1, 28, 28)
+    meta = json.loads((tmp_path / "prep" / "meta.json").read_text())
+    assert meta["sizes"] == {"train": 350, "val": 50, "test": 100}
+    assert meta["flip"] is False and len(meta["mean"]) == 1 and 0 < meta["std"][0] < 1
+    counts = json.loads((tmp_path / "split.json").read_text())["per_class"]
+    assert counts["val"] == {str(c): 5 for c in range(10)}
+    assert sum(counts["test"].values()) == 100
+
+
+def test_split_stage_on_cifar_binary(tmp_path):
+    mirror = tmp_path / "mirror"
+    md5 = write_cifar_archive(mirror / "cifar-10-binary.tar.gz", per_batch=20)
+    download(DownloadParams(dataset="cifar10", sources=[str(mirror)], md5={"cifar-10-binary.tar.gz": md5}),
+             tmp_path / "raw")
+    split(SplitParams(val_size=20, train_size=None, seed=0), tmp_path / "raw", tmp_path / "prep",
+          tmp_path / "split.json")
+    meta = json.loads((tmp_path / "prep" / "meta.json").read_text())
+    assert meta["shape"] == [3, 32, 32] and meta["sizes"] == {"train": 80, "val": 20, "test": 20}
+    assert len(meta["mean"]) == 3
+
+
+def test_split_sizes_error_leaves_no_output(tmp_path, mnist_mirror):
+    mirror, md5 = mnist_mirror
+    download(DownloadParams(dataset="mnist", sources=[str(mirror)], md5=md5), tmp_path / "raw")
+    with pytest.raises(CnnpipeError, match="split sizes do not fit"):
+        split(SplitParams(val_size=5000, train_size=None, seed=0), tmp_path / "raw", tmp_path / "prep",
+              tmp_path / "split.json")
+    assert not (tmp_path / "prep").exists() and not (tmp_path / "split.json").exists()
+
+
+def test_corrupt_raw_file_reported(tmp_path, mnist_mirror):
+    mirror, md5 = mnist_mirror
+    download(DownloadParams(dataset="mnist", sources=[str(mirror)], md5=md5), tmp_path / "raw")
+    (tmp_path / "raw" / "mnist" / "train-labels-idx1-ubyte.gz").write_bytes(b"\x00\x00\x09\x01")
+    with pytest.raises(CnnpipeError, match="train-labels-idx1-ubyte.gz: IDX element type"):
+        split(SplitParams(), tmp_path / "raw", tmp_path / "prep", tmp_path / "split.json")
+    assert not (tmp_path / "prep").exists()

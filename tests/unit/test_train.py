@@ -1,0 +1,91 @@
+import csv
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from cnnpipe.checkpoint import load_checkpoint
+from cnnpipe.data import random_flip, random_translate
+from cnnpipe.errors import CnnpipeError
+from cnnpipe.params import TrainParams
+from cnnpipe.train import train
+
+TINY = TrainParams(model="bncnn", epochs=4, batch_size=32, lr=0.01, flip=False, translate=1, device="cpu")
+
+
+def run(tmp_path, prepared, p: TrainParams):
+    return train(p, prepared, tmp_path / "model.pt", tmp_path / "train.json", tmp_path / "history.csv")
+
+
+def test_train_learns_and_writes_artifacts(tmp_path, prepared):
+    metrics = run(tmp_path, prepared, TINY)
+    assert metrics["val_acc"] >= 0.8  # the generated classes are easy; chance is 0.1
+    assert metrics["device"] == "cpu" and metrics["epochs"] == 4 and metrics["images_per_second"] > 0
+    assert json.loads((tmp_path / "train.json").read_text()) == metrics
+    rows = list(csv.DictReader((tmp_path / "history.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+    assert max(float(r["val_acc"]) for r in rows) == metrics["val_acc"]
+    model, state = load_checkpoint(tmp_path / "model.pt")
+    assert state["model"] == "bncnn" and state["classes"] == [str(d) for d in range(10)]
+    assert state["input_shape"] == [1, 28, 28] and state["epoch"] == metrics["best_epoch"]
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_cpu_training_is_deterministic(tmp_path, prepared):
+    p = dataclasses.replace(TINY, epochs=2)
+    a = run(tmp_path / "a", prepared, p)
+    b = run(tmp_path / "b", prepared, p)
+    assert a["val_loss"] == b["val_loss"] and a["val_acc"] == b["val_acc"]
+
+
+@pytest.mark.parametrize("name", ["lenet", "simplecnn", "cifarnet", "cnn"])
+def test_seed_models_train(tmp_path, prepared, name):
+    metrics = run(tmp_path, prepared, dataclasses.replace(TINY, model=name, epochs=1, optimizer="sgd"))
+    assert metrics["model"] == name
+
+
+def test_batch_larger_than_data(tmp_path, prepared):
+    with pytest.raises(CnnpipeError, match=r"train\.batch_size 5000 does not fit the 350 training images"):
+        run(tmp_path, prepared, dataclasses.replace(TINY, batch_size=5000))
+    assert not any(tmp_path.glob("model.pt*"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_cuda_asked_but_absent(tmp_path, prepared):
+    with pytest.raises(CnnpipeError, match="device 'cuda' asked for but no CUDA GPU is available"):
+        run(tmp_path, prepared, dataclasses.replace(TINY, device="cuda"))
+
+
+def test_corrupt_and_foreign_checkpoints(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(CnnpipeError, match="not a loadable checkpoint"):
+        load_checkpoint(bad)
+    torch.save({"hello": torch.zeros(1)}, bad)
+    with pytest.raises(CnnpipeError, match="not a cnnpipe checkpoint"):
+        load_checkpoint(bad)
+    with pytest.raises(CnnpipeError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "none.pt")
+
+
+def test_checkpoint_refuses_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "cnnpipe-checkpoint-1", "x": Evil()}, path)
+    with pytest.raises(CnnpipeError, match="not a loadable checkpoint"):
+        load_checkpoint(path)
+
+
+def test_augmentations_keep_shape_and_content():
+    g = torch.Generator().manual_seed(0)
+    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).view(2, 1, 4, 4)
+    shifted = random_translate(x, 1, g)
+    assert shifted.shape == x.shape
+    assert torch.equal(random_translate(x, 0, g), x)
+    flipped = random_flip(x, torch.Generator().manual_seed(1))
+    for i in range(2):
+        assert torch.equal(flipped[i], x[i]) or torch.equal(flipped[i], x[i].flip(-1))
