@@ -9,7 +9,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup dataset run test lint
+.PHONY: setup dataset run test lint deploy worker
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "error: Python 3.11+ needed (set PYTHON=python3.11)")'
@@ -32,3 +32,14 @@ test: setup
 
 lint: setup
 	$(PY) -m ruff check src tests pipeline
+
+# Prefect: a process work pool and the scheduled deployments of pipeline/prefect.yaml.
+# Needs a Prefect API: `prefect server start` in another shell, then
+# `prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api`.
+POOL ?= cnnpipe-process
+deploy: setup
+	prefect work-pool inspect $(POOL) >/dev/null 2>&1 || prefect work-pool create $(POOL) --type process
+	CNNPIPE_PROJECT=$(CURDIR) prefect --no-prompt deploy --all --prefect-file pipeline/prefect.yaml
+
+worker: setup
+	prefect worker start --pool $(POOL)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,15 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "pipeline"))
+
+# Prefect reads these when first imported (at collection): isolate its home, results and analytics.
+_PREFECT_HOME = tempfile.mkdtemp(prefix="cnnpipe-prefect-")
+os.environ["PREFECT_HOME"] = _PREFECT_HOME
+os.environ["PREFECT_LOCAL_STORAGE_PATH"] = os.path.join(_PREFECT_HOME, "storage")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["DO_NOT_TRACK"] = "1"
+os.environ.pop("PREFECT_API_URL", None)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -80,3 +90,24 @@ def prepared(tmp_path, mnist_mirror) -> Path:
     split(SplitParams(val_size=50, train_size=None, seed=0), tmp_path / "raw", tmp_path / "prepared",
           tmp_path / "split.json")
     return tmp_path / "prepared"
+
+
+@pytest.fixture(scope="session")
+def onnx_model(tmp_path_factory) -> Path:
+    """A tiny bncnn trained on generated 28×28 data and exported: models/model.onnx of a real run."""
+    from helpers import write_mnist_mirror
+
+    from cnnpipe.download import download
+    from cnnpipe.export import export
+    from cnnpipe.params import DownloadParams, ExportParams, SplitParams, TrainParams
+    from cnnpipe.split import split
+    from cnnpipe.train import train
+
+    d = tmp_path_factory.mktemp("onnx-model")
+    md5 = write_mnist_mirror(d / "mirror")
+    download(DownloadParams(dataset="mnist", sources=[str(d / "mirror")], md5=md5), d / "raw")
+    split(SplitParams(val_size=50, train_size=None, seed=0), d / "raw", d / "prepared", d / "split.json")
+    train(TrainParams(model="bncnn", epochs=3, batch_size=32, lr=0.01, flip=False, device="cpu"),
+          d / "prepared", d / "model.pt", d / "train.json", d / "history.csv")
+    export(ExportParams(check_images=32), d / "prepared", d / "model.pt", d / "model.onnx", d / "export.json")
+    return d / "model.onnx"

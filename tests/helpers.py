@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
+import shutil
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from cnnpipe.formats import CIFAR_TEST, CIFAR_TRAIN, write_idx
+
+ROOT = Path(__file__).resolve().parents[1]
 
 IDX_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
              "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
@@ -54,3 +61,59 @@ def write_cifar_archive(path: Path, per_batch: int = 20, seed: int = 0) -> str:
 
 def md5_of(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+# --- temporary git + DVC repos holding a copy of the project -------------------------------------
+
+def run(repo: Path, *args: str) -> str:
+    proc = subprocess.run(list(args), cwd=repo, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc.stdout + proc.stderr
+
+
+def dvc(repo: Path, *args: str) -> str:
+    return run(repo, sys.executable, "-m", "dvc", *args)
+
+
+def ran(output: str) -> list[str]:
+    return re.findall(r"Running stage '([\w-]+)'", output)
+
+
+def set_params(repo: Path, **sections) -> None:
+    path = repo / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    for section, values in sections.items():
+        params[section].update(values)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def make_repo(tmp_path: Path, source: str, md5: dict[str, str]) -> Path:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):
+        shutil.copy(ROOT / name, repo / name)
+    for name in ("src", "pipeline"):
+        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    set_params(
+        repo,
+        download={"dataset": "mnist", "sources": [source], "md5": md5, "retries": 1},
+        split={"val_size": 50, "train_size": None, "seed": 0},
+        train={"model": "lenet", "epochs": 2, "batch_size": 50, "lr": 0.01, "device": "cpu"},
+        evaluate={"device": "cpu"},
+        export={"check_images": 32},
+        quantize={"calibration_images": 32, "latency_runs": 10},
+    )
+    run(repo, "git", "init", "-q")
+    run(repo, "git", "config", "user.email", "ci@example.com")
+    run(repo, "git", "config", "user.name", "CI")
+    dvc(repo, "init", "-q")
+    dvc(repo, "config", "core.autostage", "true")
+    run(repo, "git", "add", "-A")
+    run(repo, "git", "commit", "-qm", "project")
+    return repo
+
+
+def commit(repo: Path, message: str) -> None:
+    run(repo, "git", "add", "-A")
+    run(repo, "git", "commit", "-qm", message)

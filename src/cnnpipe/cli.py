@@ -38,12 +38,38 @@ def _export(args: argparse.Namespace) -> None:
     export(load_section("export", args.params))
 
 
+def _quantize(args: argparse.Namespace) -> None:
+    from cnnpipe.quantize import quantize
+    quantize(load_section("quantize", args.params))
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from cnnpipe.predict_cli import main as predict_main
+    return predict_main(args.model, args.paths, args.k, args.json)
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from cnnpipe.server import ServeOptions, serve
+    options = ServeOptions(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_body_bytes=args.max_body_bytes,
+                           max_images=args.max_images, resize=not args.no_resize)
+    serve(args.model, args.host, args.port, options, threads=args.threads)
+
+
+def _bench_serve(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from cnnpipe.bench_serve import bench_serve
+    bench_serve(Path(args.onnx), Path(args.int8), Path(args.checkpoint), Path(args.prepared), Path(args.out),
+                args.clients, args.seconds, args.repeats, args.runs, args.threads)
+
+
 STAGES: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
     "download": (_download, "fetch the dataset's raw files and verify their checksums"),
     "split": (_split, "parse raw files into uint8 arrays and make the train/val/test split"),
     "train": (_train, "train the model on the train split, validating every epoch"),
     "evaluate": (_evaluate, "measure the model on the test split"),
     "export": (_export, "export to ONNX and check it against PyTorch with onnxruntime"),
+    "quantize": (_quantize, "static int8 quantization of the ONNX model, measured beside fp32"),
 }
 
 
@@ -55,6 +81,40 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--params", default=DEFAULT_PARAMS, help="params file (default: %(default)s)")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("predict", help="top-k labels for image files or directories (onnxruntime)")
+    p.add_argument("paths", nargs="+", metavar="IMAGE_OR_DIR")
+    p.add_argument("--model", default="models/model.onnx", help="ONNX model (default: %(default)s)")
+    p.add_argument("-k", type=int, default=3, help="labels per image (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="JSON for machines instead of a table")
+    p.set_defaults(func=_predict)
+
+    p = sub.add_parser("serve", help="serve the ONNX model over HTTP (FastAPI + uvicorn)")
+    p.add_argument("model", nargs="?", default="models/model.onnx", help="ONNX model (default: %(default)s)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=64, help="images per onnxruntime run; 1 = no batching")
+    p.add_argument("--max-wait-ms", type=float, default=2.0, help="how long a batch waits to fill")
+    p.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024, help="larger bodies get 413")
+    p.add_argument("--max-images", type=int, default=64, help="images per request")
+    p.add_argument("--no-resize", action="store_true", help="refuse images of another size instead of resizing")
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0 = one per core)")
+    p.set_defaults(func=_serve)
+
+    bench = sub.add_parser("bench", help="benchmarks, side by side in one run").add_subparsers(
+        dest="bench", required=True)
+    p = bench.add_parser("serve", help="inference latency per engine and HTTP throughput, batching on/off")
+    p.add_argument("--onnx", default="models/model.onnx")
+    p.add_argument("--int8", default="models/model.int8.onnx")
+    p.add_argument("--checkpoint", default="models/model.pt")
+    p.add_argument("--prepared", default="data/prepared")
+    p.add_argument("--out", default="bench/serve.json")
+    p.add_argument("--clients", type=int, default=32, help="concurrent closed-loop clients")
+    p.add_argument("--seconds", type=float, default=10.0, help="load duration per run")
+    p.add_argument("--repeats", type=int, default=3, help="runs per mode; medians are reported")
+    p.add_argument("--runs", type=int, default=400, help="timed batch-1 calls per engine")
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime threads of the served model")
+    p.set_defaults(func=_bench_serve)
     return parser
 
 
@@ -65,14 +125,14 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("onnxscript", "onnx_ir", "torch.onnx"):  # the exporter's pass-by-pass chatter
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        args.func(args)
+        status = args.func(args)
     except CnnpipeError as e:
         print(f"cnnpipe {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"cnnpipe {args.command}: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

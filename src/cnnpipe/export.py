@@ -20,6 +20,7 @@ from cnnpipe.checkpoint import load_checkpoint
 from cnnpipe.data import load_split
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.fsutil import atomic_path, file_digest, write_json
+from cnnpipe.models import fold_batchnorm
 from cnnpipe.params import ExportParams
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,8 @@ def export(p: ExportParams, prepared: str | Path = "data/prepared", model_path: 
     y = np.asarray(y_test[:n])
     onnx_path = Path(onnx_path)
     with atomic_path(onnx_path) as tmp:
-        proto = to_onnx(model, state["input_shape"], p.opset)
+        # the graph is the BN-folded model; it is compared below with the checkpoint's own model
+        proto = to_onnx(fold_batchnorm(model), state["input_shape"], p.opset)
         for key, value in onnx_metadata(state).items():
             proto.metadata_props.add(key=key, value=value)
         onnx.checker.check_model(proto, full_check=True)

@@ -111,3 +111,47 @@ def build_model(name: str, in_shape: Shape, num_classes: int) -> nn.Module:
             f"model '{name}' does not fit {h}×{w} images ({str(e).splitlines()[0]}); "
             "use larger images or another train.model"
         ) from e
+
+
+def _fold_into_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """conv followed by bn (eval mode) as one conv with bias."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                      conv.dilation, conv.groups, bias=True)
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    with torch.no_grad():
+        fused.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
+        fused.bias.copy_((bias - bn.running_mean) * scale + bn.bias)
+    return fused
+
+
+@torch.no_grad()
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """An inference copy with BatchNorm folded into the preceding conv: conv-BN and, where every BN scale
+    is positive (max-pool then commutes with the affine map), conv-pool-BN. Same function, fewer ops, and
+    int8 quantization no longer has to quantize the conv output before BN rescales it."""
+    import copy
+
+    model = copy.deepcopy(model).eval()
+    for module in model.modules():
+        if not isinstance(module, nn.Sequential):
+            continue
+        layers = list(module)
+        i = 0
+        while i < len(layers):
+            conv = layers[i]
+            if isinstance(conv, nn.Conv2d):
+                if i + 1 < len(layers) and isinstance(layers[i + 1], nn.BatchNorm2d):
+                    layers[i: i + 2] = [_fold_into_conv(conv, layers[i + 1])]
+                elif (i + 2 < len(layers) and isinstance(layers[i + 1], nn.MaxPool2d)
+                      and isinstance(layers[i + 2], nn.BatchNorm2d)):
+                    bn = layers[i + 2]
+                    if bool((bn.weight / torch.sqrt(bn.running_var + bn.eps) > 0).all()):
+                        layers[i: i + 3] = [_fold_into_conv(conv, bn), layers[i + 1]]
+            i += 1
+        if len(layers) != len(module):
+            for name in list(module._modules):
+                del module._modules[name]
+            for j, layer in enumerate(layers):
+                module.add_module(str(j), layer)
+    return model

@@ -3,74 +3,17 @@
 from __future__ import annotations
 
 import json
-import re
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-import yaml
-from conftest import ROOT
-from helpers import write_mnist_mirror
+from helpers import commit, dvc, make_repo, ran, set_params, write_mnist_mirror
 
 pytestmark = pytest.mark.slow
 
 OUTPUTS = ["data/raw/manifest.json", "data/prepared/train_x.npy", "models/model.pt", "models/model.onnx",
+           "models/model.int8.onnx", "metrics/quantize.json",
            "metrics/split.json", "metrics/train.json", "metrics/eval.json", "metrics/export.json",
            "plots/train_history.csv", "plots/confusion.csv"]
-
-
-def run(repo: Path, *args: str) -> str:
-    proc = subprocess.run(list(args), cwd=repo, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc.stdout + proc.stderr
-
-
-def dvc(repo: Path, *args: str) -> str:
-    return run(repo, sys.executable, "-m", "dvc", *args)
-
-
-def ran(output: str) -> list[str]:
-    return re.findall(r"Running stage '([\w-]+)'", output)
-
-
-def set_params(repo: Path, **sections) -> None:
-    path = repo / "params.yaml"
-    params = yaml.safe_load(path.read_text())
-    for section, values in sections.items():
-        params[section].update(values)
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-def make_repo(tmp_path: Path, source: str, md5: dict[str, str]) -> Path:
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):
-        shutil.copy(ROOT / name, repo / name)
-    shutil.copytree(ROOT / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    set_params(
-        repo,
-        download={"dataset": "mnist", "sources": [source], "md5": md5, "retries": 1},
-        split={"val_size": 50, "train_size": None, "seed": 0},
-        train={"model": "lenet", "epochs": 2, "batch_size": 50, "lr": 0.01, "device": "cpu"},
-        evaluate={"device": "cpu"},
-        export={"check_images": 32},
-    )
-    run(repo, "git", "init", "-q")
-    run(repo, "git", "config", "user.email", "ci@example.com")
-    run(repo, "git", "config", "user.name", "CI")
-    dvc(repo, "init", "-q")
-    dvc(repo, "config", "core.autostage", "true")
-    run(repo, "git", "add", "-A")
-    run(repo, "git", "commit", "-qm", "project")
-    return repo
-
-
-def commit(repo: Path, message: str) -> None:
-    run(repo, "git", "add", "-A")
-    run(repo, "git", "commit", "-qm", message)
 
 
 def test_repro_runs_everything_then_only_what_changed(tmp_path):
@@ -79,7 +22,7 @@ def test_repro_runs_everything_then_only_what_changed(tmp_path):
     repo = make_repo(tmp_path, str(mirror), md5)
 
     out = dvc(repo, "repro")
-    assert ran(out) == ["download", "split", "train", "evaluate", "export"]
+    assert ran(out) == ["download", "split", "train", "evaluate", "export", "quantize"]
     for rel in OUTPUTS:
         assert (repo / rel).is_file(), rel
     assert json.loads((repo / "metrics/eval.json").read_text())["images"] == 100
@@ -90,18 +33,23 @@ def test_repro_runs_everything_then_only_what_changed(tmp_path):
     assert "up to date" in dvc(repo, "status")
 
     set_params(repo, train={"epochs": 3})
-    assert ran(dvc(repo, "repro")) == ["train", "evaluate", "export"]
+    assert ran(dvc(repo, "repro")) == ["train", "evaluate", "export", "quantize"]
     diff = json.loads(dvc(repo, "metrics", "diff", "--json"))
     assert diff["metrics/train.json"]["epochs"] == {"old": 2, "new": 3, "diff": 1}
     assert "train.epochs" in json.loads(dvc(repo, "params", "diff", "--json"))["params.yaml"]
     commit(repo, "three epochs")
 
     set_params(repo, export={"check_images": 16})
-    assert ran(dvc(repo, "repro")) == ["export"]
+    assert ran(dvc(repo, "repro")) == ["export"]  # same ONNX bytes: quantize is not stale
     assert json.loads((repo / "metrics/export.json").read_text())["check_images"] == 16
 
+    set_params(repo, quantize={"latency_runs": 5})
+    assert ran(dvc(repo, "repro")) == ["quantize"]
+    q = json.loads((repo / "metrics/quantize.json").read_text())
+    assert q["int8"]["size_bytes"] < q["fp32"]["size_bytes"] and 0 <= q["int8"]["accuracy"] <= 1
+
     set_params(repo, split={"seed": 1})
-    assert ran(dvc(repo, "repro")) == ["split", "train", "evaluate", "export"]
+    assert ran(dvc(repo, "repro")) == ["split", "train", "evaluate", "export", "quantize"]
 
     plots = dvc(repo, "plots", "show", "--json")
     assert "plots/confusion.csv" in plots and "plots/train_history.csv" in plots
@@ -115,7 +63,7 @@ def test_exp_run_set_param_and_show(tmp_path):
     commit(repo, "baseline")
 
     out = dvc(repo, "exp", "run", "-S", "train.epochs=1", "-n", "one-epoch")
-    assert ran(out) == ["train", "evaluate", "export"]
+    assert ran(out) == ["train", "evaluate", "export", "quantize"]
     exp = find_named(json.loads(dvc(repo, "exp", "show", "--json")), "one-epoch")
     assert exp is not None
     data = exp["data"]
@@ -147,3 +95,25 @@ def test_repro_from_loopback_http_source(tmp_path, http_server):
     assert sorted(set(requests)) == sorted(md5)
     manifest = json.loads((repo / "data/raw/manifest.json").read_text())
     assert {f["name"]: f["md5"] for f in manifest["files"]} == md5
+
+
+def test_push_pull_through_a_remote_then_nothing_reruns(tmp_path):
+    mirror = tmp_path / "mirror"
+    md5 = write_mnist_mirror(mirror)
+    repo = make_repo(tmp_path, str(mirror), md5)
+    dvc(repo, "repro")
+    commit(repo, "baseline")
+    dvc(repo, "remote", "add", "-d", "storage", str(tmp_path / "remote"))
+    dvc(repo, "push", "--run-cache")
+    onnx_bytes = (repo / "models/model.onnx").read_bytes()
+
+    shutil.rmtree(repo / ".dvc/cache")
+    shutil.rmtree(repo / "data")
+    for f in (repo / "models").glob("model*"):
+        f.unlink()
+    assert "deleted" in dvc(repo, "status")
+
+    dvc(repo, "pull", "--run-cache")
+    assert (repo / "models/model.onnx").read_bytes() == onnx_bytes
+    assert (repo / "data/prepared/train_x.npy").is_file()
+    assert ran(dvc(repo, "repro")) == []

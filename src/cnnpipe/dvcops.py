@@ -1,0 +1,151 @@
+"""DVC operations the orchestrator needs: the stage order from dvc.yaml, param overrides applied as
+`dvc exp run -S` applies them, and running one stage through DVC (which decides whether it is stale)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cnnpipe.errors import CnnpipeError
+from cnnpipe.params import SECTIONS, parse_section
+
+RAN = re.compile(r"Running stage '([^']+)'")
+
+
+def stage_order(repo: str | Path) -> list[str]:
+    """Stage names in dependency order, ties broken by their order in dvc.yaml."""
+    import networkx as nx
+    from dvc.repo import Repo
+
+    with Repo(str(repo)) as r:
+        graph = r.index.graph  # edges point from a stage to the stages it depends on
+        position = {s.name: i for i, s in enumerate(r.index.stages)}
+        order = nx.lexicographical_topological_sort(graph.reverse(copy=True), key=lambda s: position[s.name])
+        return [s.name for s in order]
+
+
+def parse_override(value: Any) -> Any:
+    """Strings are read as YAML, as `dvc exp run -S key=value` reads them ("5" -> 5, "[a]" -> ["a"])."""
+    return yaml.safe_load(value) if isinstance(value, str) else value
+
+
+def apply_overrides(params_path: str | Path, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Validate every override against params.yaml and its typed sections, then write them in place,
+    keeping the file's other values and comments. Nothing is written if any override is refused."""
+    from ruamel.yaml import YAML
+
+    path = Path(params_path)
+    rt = YAML()  # round-trip: comments and key order survive
+    doc = rt.load(path.read_text())
+    plain = yaml.safe_load(path.read_text())
+    updated = copy.deepcopy(plain)
+    applied = {}
+    for key, raw in overrides.items():
+        parts = key.split(".")
+        node = updated
+        for part in parts[:-1]:
+            if not isinstance(node, dict) or part not in node:
+                raise CnnpipeError(
+                    f"override {key}: params.yaml has no '{part}'; use an existing key such as train.epochs")
+            node = node[part]
+        if not isinstance(node, dict) or parts[-1] not in node:
+            raise CnnpipeError(f"override {key}: params.yaml has no such key; use an existing key such as train.epochs")
+        node[parts[-1]] = parse_override(raw)
+        applied[key] = node[parts[-1]]
+    for section in {k.split(".")[0] for k in overrides}:
+        if section in SECTIONS:
+            try:
+                parse_section(section, updated[section], "override")
+            except CnnpipeError as e:
+                raise CnnpipeError(str(e).replace("fix the value", "fix the override")) from e
+    for key, value in applied.items():
+        *parents, leaf = key.split(".")
+        node = doc
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    with open(path, "w") as f:
+        rt.dump(doc, f)
+    return applied
+
+
+@dataclass(frozen=True)
+class StageResult:
+    stage: str
+    ran: bool
+    output: str
+
+
+def dvc_env() -> dict[str, str]:
+    """Stage commands (`cnnpipe ...`) resolve through PATH: this interpreter's bin first."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def run_stage(repo: str | Path, stage: str, log: Callable[[str], None] = print) -> StageResult:
+    """`dvc repro --single-item STAGE`: DVC runs it only if its deps, params or outs changed."""
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "--single-item", stage], cwd=repo,
+                            env=dvc_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        line = line.rstrip()
+        lines.append(line)
+        if line:
+            log(line)
+    code = proc.wait()
+    output = "\n".join(lines)
+    if code != 0:
+        # the stage's own one-line error ("cnnpipe train: error: ...") names the cause; else DVC's
+        own = [ln for ln in lines if re.match(r"cnnpipe [\w-]+: error: ", ln)]
+        dvc_errors = [ln for ln in lines if ln.startswith("ERROR")]
+        raise CnnpipeError(f"stage '{stage}' failed (exit {code}): {(own or dvc_errors or lines or ['no output'])[-1]}")
+    return StageResult(stage, stage in RAN.findall(output), output)
+
+
+def dvc_json(repo: str | Path, *args: str) -> Any:
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args, "--json"], cwd=repo, env=dvc_env(),
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise CnnpipeError(f"dvc {' '.join(args)} failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return json.loads(proc.stdout or "{}")
+
+
+def metrics_table(repo: str | Path) -> list[dict[str, Any]]:
+    """`dvc metrics show` of the workspace as rows of (file, metric, value); nested keys join with dots."""
+    shown = dvc_json(repo, "metrics", "show")  # {"": {"data": {file: {"data": {...}}}}}
+    files = shown.get("", {}).get("data", {})
+    rows = []
+    for file, entry in sorted(files.items()):
+        for metric, value in _flatten(entry.get("data", {})).items():
+            rows.append({"file": file, "metric": metric, "value": value})
+    return rows
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value if isinstance(value, int | float | str | bool) or value is None else json.dumps(value)
+    return out
+
+
+def metrics_diff_markdown(repo: str | Path, baseline: str = "HEAD") -> str:
+    proc = subprocess.run([sys.executable, "-m", "dvc", "metrics", "diff", baseline, "--md"], cwd=repo,
+                          env=dvc_env(), capture_output=True, text=True)
+    if proc.returncode != 0:
+        return f"No comparison with {baseline}: {proc.stderr.strip()[-300:]}"
+    return f"## Metrics against {baseline}\n\n" + (proc.stdout.strip() or "No changes.")

@@ -1,0 +1,216 @@
+"""Predictor: an ONNX model exported by cnnpipe, run with onnxruntime alone (no torch import here).
+
+The ONNX metadata carries class names, input shape and normalization, so a Predictor needs only the file.
+Images arrive as numpy arrays (pixel values 0-255; H×W, H×W×C or a batch of those), PIL images or encoded
+image bytes (PNG, JPEG, ...); they get the training preprocessing: channel conversion, resize, normalization.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import io
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cnnpipe.errors import CnnpipeError
+
+
+class InputError(ValueError):
+    """An image the model cannot take; the message says why (the server answers 4xx with it)."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    classes: list[str]
+    input_shape: tuple[int, int, int]  # C, H, W
+    mean: list[float]
+    std: list[float]
+    model: str
+    dataset: str
+    opset: int
+    sha256: str
+    input_name: str
+
+
+def gpu_present() -> bool:
+    """Is a CUDA driver with at least one device really there? (asked without torch or onnxruntime)"""
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    count = ctypes.c_int(0)
+    return cuda.cuInit(0) == 0 and cuda.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
+
+
+def choose_providers(requested: Sequence[str] | None = None) -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if requested:
+        missing = [p for p in requested if p not in available]
+        if missing:
+            raise CnnpipeError(f"onnxruntime provider {missing[0]} is not available here ({', '.join(available)})")
+        return list(requested)
+    if "CUDAExecutionProvider" in available and gpu_present():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def session_options(threads: int = 0):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = threads or (os.cpu_count() or 1)
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # Idle threads sleep instead of spinning: a server that waits for requests should not burn CPU.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.log_severity_level = 3
+    return opts
+
+
+def read_model_info(path: Path, model_proto_bytes: bytes, meta: dict[str, str], input_name: str,
+                    opset: int) -> ModelInfo:
+    try:
+        return ModelInfo(
+            classes=json.loads(meta["cnnpipe.classes"]),
+            input_shape=tuple(json.loads(meta["cnnpipe.input_shape"])),
+            mean=json.loads(meta["cnnpipe.mean"]),
+            std=json.loads(meta["cnnpipe.std"]),
+            model=meta.get("cnnpipe.model", "?"),
+            dataset=meta.get("cnnpipe.dataset", "?"),
+            opset=opset,
+            sha256=hashlib.sha256(model_proto_bytes).hexdigest(),
+            input_name=input_name,
+        )
+    except (KeyError, ValueError) as e:
+        raise CnnpipeError(f"{path}: ONNX file lacks cnnpipe metadata ({e}); export it with `cnnpipe export`") from e
+
+
+class Predictor:
+    """Top-k predictions from an exported cnnpipe ONNX model."""
+
+    def __init__(self, path: str | Path, providers: Sequence[str] | None = None, threads: int = 0):
+        import onnxruntime as ort
+
+        path = Path(path)
+        if not path.is_file():
+            raise CnnpipeError(f"{path}: model file not found; run `dvc repro export` or pass the .onnx path")
+        raw = path.read_bytes()
+        try:
+            self.session = ort.InferenceSession(raw, sess_options=session_options(threads),
+                                                providers=choose_providers(providers))
+        except Exception as e:  # onnxruntime raises its own exception types for bad files
+            raise CnnpipeError(f"{path}: not a loadable ONNX model ({str(e).splitlines()[0][:160]})") from e
+        meta = self.session.get_modelmeta().custom_metadata_map
+        opset = _opset_of(raw)
+        self.info = read_model_info(path, raw, meta, self.session.get_inputs()[0].name, opset)
+        self.path = path
+        c = self.info.input_shape[0]
+        self._mean = np.asarray(self.info.mean, np.float32).reshape(1, c, 1, 1)
+        self._std = np.asarray(self.info.std, np.float32).reshape(1, c, 1, 1)
+
+    @property
+    def providers(self) -> list[str]:
+        return self.session.get_providers()
+
+    # --- preprocessing -------------------------------------------------------------------------------
+    def to_pixels(self, image: Any, resize: bool = True) -> np.ndarray:
+        """One image -> C×H×W float32 pixels (0-255) of the model's shape."""
+        from PIL import Image, UnidentifiedImageError
+
+        c, h, w = self.info.input_shape
+        if isinstance(image, bytes | bytearray | memoryview):
+            if len(image) == 0:
+                raise InputError("empty image data")
+            try:
+                image = Image.open(io.BytesIO(image))
+                image.load()
+            except (UnidentifiedImageError, OSError, ValueError) as e:
+                raise InputError(f"not a readable image ({str(e).splitlines()[0][:120]})") from e
+        if isinstance(image, Image.Image):
+            image = image.convert("L" if c == 1 else "RGB")
+            if image.size != (w, h):
+                if not resize:
+                    raise InputError(f"image is {image.size[0]}×{image.size[1]}, the model takes {w}×{h}")
+                image = image.resize((w, h), Image.Resampling.BILINEAR)
+            arr = np.asarray(image, dtype=np.float32)
+            return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+        return self._array_to_pixels(np.asarray(image), resize)
+
+    def _array_to_pixels(self, arr: np.ndarray, resize: bool) -> np.ndarray:
+        from PIL import Image
+
+        c, h, w = self.info.input_shape
+        if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+            raise InputError("pixel array must hold numbers")
+        arr = arr.astype(np.float32)
+        if not np.isfinite(arr).all():
+            raise InputError("pixel array holds NaN or infinite values")
+        if arr.size and (arr.min() < 0 or arr.max() > 255):
+            raise InputError(f"pixel values must be within 0-255, got {arr.min():g} to {arr.max():g}")
+        if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[2] not in (1, 3):
+            arr = arr.transpose(1, 2, 0)  # C×H×W -> H×W×C
+        if arr.ndim == 3 and arr.shape[2] == 1:
+            arr = arr[:, :, 0]
+        if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] != 3):
+            raise InputError(f"pixel array of shape {list(arr.shape)} is not an image; send H×W or H×W×3 (or C×H×W)")
+        channels = 1 if arr.ndim == 2 else 3
+        if channels != c:
+            if c == 1:
+                arr = arr @ np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R 601-2 luma, as PIL's "L"
+            else:
+                arr = np.repeat(arr[:, :, None], 3, axis=2)
+        if arr.shape[:2] != (h, w):
+            if not resize:
+                raise InputError(f"image is {arr.shape[1]}×{arr.shape[0]}, the model takes {w}×{h}")
+            planes = arr[:, :, None] if arr.ndim == 2 else arr
+            arr = np.stack([np.asarray(Image.fromarray(planes[:, :, i]).resize((w, h), Image.Resampling.BILINEAR))
+                            for i in range(planes.shape[2])], axis=2)
+            arr = arr[:, :, 0] if c == 1 else arr
+        return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+    def preprocess(self, images: Sequence[Any], resize: bool = True) -> np.ndarray:
+        """Images -> N×C×H×W float32, normalized as in training."""
+        pixels = np.stack([self.to_pixels(im, resize) for im in images]) if len(images) else np.zeros(
+            (0, *self.info.input_shape), np.float32)
+        return ((pixels / 255 - self._mean) / self._std).astype(np.float32)
+
+    # --- inference -----------------------------------------------------------------------------------
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """N×C×H×W normalized float32 -> N×K logits."""
+        if len(x) == 0:
+            return np.zeros((0, len(self.info.classes)), np.float32)
+        return self.session.run(None, {self.info.input_name: x})[0]
+
+    def top_k(self, logits: np.ndarray, k: int = 5) -> list[list[dict[str, Any]]]:
+        z = logits - logits.max(1, keepdims=True)
+        probs = np.exp(z)
+        probs /= probs.sum(1, keepdims=True)
+        k = max(1, min(k, probs.shape[1]))
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        return [[{"label": self.info.classes[j], "index": int(j), "probability": round(float(p[j]), 6)}
+                 for j in row] for p, row in zip(probs, order, strict=True)]
+
+    def predict(self, images: Any, k: int = 5, resize: bool = True) -> list[list[dict[str, Any]]]:
+        """Top-k labels and probabilities for each image (a single image gives a one-element list)."""
+        if isinstance(images, np.ndarray) and images.ndim == 4:
+            images = list(images)  # a batch: N×C×H×W or N×H×W×C
+        elif not isinstance(images, list | tuple):
+            images = [images]
+        return self.top_k(self.logits(self.preprocess(images, resize)), k)
+
+
+def _opset_of(raw: bytes) -> int:
+    import onnx
+
+    model = onnx.load_model_from_string(raw)
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)

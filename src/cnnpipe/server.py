@@ -1,0 +1,288 @@
+"""`cnnpipe serve`: the ONNX model behind HTTP (FastAPI + uvicorn), with dynamic batching.
+
+Routes: POST /predict, GET /healthz, /readyz, /metadata, /metrics (Prometheus text). Concurrent requests
+are gathered into one onnxruntime run (up to max_batch images, waiting at most max_wait_ms), so
+throughput grows with concurrency. Every bad request gets a 4xx with a JSON body saying what was wrong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from cnnpipe.predictor import InputError, Predictor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    max_batch: int = 64  # images per onnxruntime run; 1 turns dynamic batching off
+    max_wait_ms: float = 2.0  # how long the first request of a batch waits for company
+    max_body_bytes: int = 8 * 1024 * 1024  # larger bodies get 413
+    max_images: int = 64  # images per request
+    resize: bool = True  # resize images of another size (False: refuse them with 422)
+    top_k: int = 5
+
+
+class BadRequest(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class Batcher:
+    """Gathers concurrent requests' images into one onnxruntime run on a single worker thread."""
+
+    def __init__(self, predictor: Predictor, max_batch: int, max_wait_ms: float, batch_sizes: Histogram):
+        self.predictor = predictor
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000
+        self.batch_sizes = batch_sizes
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxruntime")
+        self.task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        await self.queue.join()  # requests in flight finish first
+        if self.task:
+            self.task.cancel()
+        self.executor.shutdown(wait=True)
+
+    async def logits(self, x: np.ndarray) -> np.ndarray:
+        future = asyncio.get_running_loop().create_future()
+        await self.queue.put((x, future))
+        return await future
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            items = [await self.queue.get()]
+            total = len(items[0][0])
+            deadline = loop.time() + self.max_wait
+            while total < self.max_batch:
+                timeout = deadline - loop.time()
+                try:
+                    item = self.queue.get_nowait() if timeout <= 0 else await asyncio.wait_for(
+                        self.queue.get(), timeout)
+                except (asyncio.QueueEmpty, TimeoutError):
+                    break
+                items.append(item)
+                total += len(item[0])
+            batch = np.concatenate([x for x, _ in items]) if len(items) > 1 else items[0][0]
+            self.batch_sizes.observe(len(batch))
+            try:
+                out = await loop.run_in_executor(self.executor, self.predictor.logits, batch)
+                start = 0
+                for x, future in items:
+                    if not future.done():
+                        future.set_result(out[start: start + len(x)])
+                    start += len(x)
+            except Exception as e:  # pragma: no cover - an onnxruntime failure reaches each waiting request
+                for _, future in items:
+                    if not future.done():
+                        future.set_exception(e)
+            finally:
+                for _ in items:
+                    self.queue.task_done()
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        self.requests = Counter("cnnpipe_requests", "HTTP requests by route, method and status",
+                                ["route", "method", "status"], registry=self.registry)
+        self.latency = Histogram("cnnpipe_request_seconds", "Request latency", ["route"], registry=self.registry,
+                                 buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5))
+        self.batch_sizes = Histogram("cnnpipe_batch_size", "Images per onnxruntime run", registry=self.registry,
+                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+        self.images = Counter("cnnpipe_images", "Images classified", registry=self.registry)
+
+
+ROUTES = ("/predict", "/healthz", "/readyz", "/metadata", "/metrics")
+
+
+class Guard:
+    """Pure ASGI middleware (cheaper than FastAPI's http middleware): refuses bodies over the limit with
+    413 (by Content-Length, or while streaming) and records every request's status and latency."""
+
+    def __init__(self, app, max_bytes: int, metrics: Metrics):
+        self.app = app
+        self.max_bytes = max_bytes
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        status = 500
+        route = scope["path"] if scope["path"] in ROUTES else "unmatched"
+
+        async def recording_send(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            length = dict(scope.get("headers") or []).get(b"content-length")
+            if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+                return await _send_json(recording_send, 413, f"request body over the {self.max_bytes}-byte limit")
+            seen = 0
+
+            async def limited_receive():
+                nonlocal seen
+                message = await receive()
+                if message["type"] == "http.request":
+                    seen += len(message.get("body", b""))
+                    if seen > self.max_bytes:
+                        raise BadRequest(413, f"request body over the {self.max_bytes}-byte limit")
+                return message
+
+            await self.app(scope, limited_receive, recording_send)
+        finally:
+            self.metrics.requests.labels(route, scope["method"], str(status)).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - start)
+
+
+async def _send_json(send, status: int, message: str) -> None:
+    body = json.dumps({"error": message}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def parse_k(request: Request, options: ServeOptions, num_classes: int) -> int:
+    raw = request.query_params.get("k", str(options.top_k))
+    if not raw.isdigit() or not 1 <= int(raw) <= num_classes:
+        raise BadRequest(422, f"k must be an integer from 1 to {num_classes}, got {raw!r}")
+    return int(raw)
+
+
+async def read_images(request: Request, options: ServeOptions) -> list[Any]:
+    """Images of a request: multipart uploads, a JSON array of pixel arrays, or one raw image body."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        try:
+            form = await request.form(max_files=options.max_images + 1, max_fields=options.max_images + 1)
+        except BadRequest:
+            raise
+        except Exception as e:
+            raise BadRequest(400, f"malformed multipart body ({str(e)[:120]})") from e
+        images = [await v.read() for _, v in form.multi_items() if hasattr(v, "read")]
+        if not images:
+            raise BadRequest(400, "multipart body has no file parts; send images as file uploads")
+        return images
+    body = await request.body()
+    if not body:
+        raise BadRequest(400, "empty request body; send images (multipart, JSON pixel arrays or image bytes)")
+    if ctype == "application/json":
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise BadRequest(400, f"malformed JSON ({str(e)[:120]})") from e
+        if isinstance(data, dict):
+            data = data.get("instances")
+        if not isinstance(data, list) or not data:
+            raise BadRequest(422, 'JSON must be a non-empty array of pixel arrays, or {"instances": [...]}')
+        try:
+            return [np.asarray(item, dtype=np.float64) for item in data]
+        except (ValueError, TypeError) as e:
+            raise BadRequest(422, "each instance must be a rectangular array of numbers (H×W or H×W×C)") from e
+    if ctype.startswith("image/") or ctype in ("application/octet-stream", ""):
+        return [body]
+    raise BadRequest(415, f"unsupported content type '{ctype}'; use multipart/form-data, application/json or image/*")
+
+
+def create_app(predictor: Predictor, options: ServeOptions = ServeOptions()) -> FastAPI:
+    metrics = Metrics()
+    batcher = Batcher(predictor, options.max_batch, options.max_wait_ms, metrics.batch_sizes)
+    state = {"ready": False}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        batcher.start()
+        await batcher.logits(predictor.preprocess([np.zeros(predictor.info.input_shape[1:], np.float32)]))
+        state["ready"] = True
+        log.info("model %s ready on %s", predictor.path, predictor.providers)
+        yield
+        state["ready"] = False
+        await batcher.stop()
+
+    app = FastAPI(title="cnnpipe model server", lifespan=lifespan)
+
+    @app.exception_handler(BadRequest)
+    async def bad_request(_: Request, e: BadRequest):
+        return JSONResponse({"error": e.message}, status_code=e.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException):
+        return JSONResponse({"error": str(e.detail)}, status_code=e.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, e: RequestValidationError):
+        return JSONResponse({"error": "invalid request", "detail": json.loads(json.dumps(e.errors(), default=str))},
+                            status_code=422)
+
+    @app.post("/predict")
+    async def predict(request: Request):
+        k = parse_k(request, options, len(predictor.info.classes))
+        images = await read_images(request, options)
+        if len(images) > options.max_images:
+            raise BadRequest(413, f"{len(images)} images in one request; the limit is {options.max_images}")
+        try:
+            x = predictor.preprocess(images, resize=options.resize)
+        except InputError as e:
+            raise BadRequest(422, str(e)) from e
+        logits = await batcher.logits(x)
+        metrics.images.inc(len(x))
+        return {"predictions": predictor.top_k(logits, k), "model_sha256": predictor.info.sha256}
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz():
+        if not state["ready"]:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return {"status": "ready"}
+
+    @app.get("/metadata")
+    async def metadata():
+        info = predictor.info
+        return {"model": info.model, "dataset": info.dataset, "classes": info.classes,
+                "input_shape": list(info.input_shape), "normalization": {"mean": info.mean, "std": info.std},
+                "sha256": info.sha256, "opset": info.opset, "providers": predictor.providers,
+                "max_batch": options.max_batch, "max_images": options.max_images}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return Guard(app, options.max_body_bytes, metrics)
+
+
+def serve(model_path: str, host: str, port: int, options: ServeOptions, threads: int = 0) -> None:
+    import uvicorn
+
+    predictor = Predictor(model_path, threads=threads)
+    uvicorn.run(create_app(predictor, options), host=host, port=port, log_level="warning",
+                timeout_graceful_shutdown=30, access_log=False)

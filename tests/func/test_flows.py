@@ -1,0 +1,119 @@
+"""The Prefect flow over the DVC pipeline, under prefect_test_harness (a real temporary Prefect API)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import yaml
+from helpers import commit, make_repo, write_mnist_mirror
+
+from cnnpipe.dvcops import apply_overrides, stage_order
+from cnnpipe.errors import CnnpipeError
+
+pytestmark = pytest.mark.slow
+
+ALL = ["download", "split", "train", "evaluate", "export", "quantize"]
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("flow")
+    md5 = write_mnist_mirror(tmp / "mirror")
+    return make_repo(tmp, str(tmp / "mirror"), md5)
+
+
+def artifacts(key: str) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    with get_client(sync_client=True) as client:  # newest first
+        return client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+                                     sort=ArtifactSort.CREATED_DESC)
+
+
+def test_stage_order_comes_from_dvc(repo):
+    assert stage_order(repo) == ALL
+
+
+def test_flow_runs_then_skips_then_reruns_from_override(harness, repo):
+    from flows import train_pipeline
+
+    assert train_pipeline(repo=str(repo)) == {s: "ran" for s in ALL}
+    table = artifacts("cnnpipe-metrics")
+    assert table and any(row["metric"] == "accuracy" for row in json.loads(table[0].data))
+    assert artifacts("cnnpipe-metrics-diff")
+    commit(repo, "baseline")
+
+    assert train_pipeline(repo=str(repo)) == {s: "skipped" for s in ALL}
+
+    statuses = train_pipeline(overrides={"train.epochs": 3}, repo=str(repo))
+    assert statuses == {"download": "skipped", "split": "skipped", "train": "ran", "evaluate": "ran",
+                        "export": "ran", "quantize": "ran"}
+    assert json.loads((repo / "metrics/train.json").read_text())["epochs"] == 3
+    diff = artifacts("cnnpipe-metrics-diff")[0].data
+    assert "epochs" in diff
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"train.nope": 1}, r"override train\.nope: params\.yaml has no such key"),
+    ({"nosection.x": 1}, r"params\.yaml has no 'nosection'"),
+    ({"train.epochs": "many"}, r"train\.epochs must be int, got 'many'"),
+    ({"train.optimizer": "rmsprop"}, r"train\.optimizer must be"),
+])
+def test_bad_overrides_refused_before_any_stage(harness, repo, overrides, message):
+    from flows import train_pipeline
+
+    before = (repo / "params.yaml").read_text()
+    lock = (repo / "dvc.lock").read_text() if (repo / "dvc.lock").exists() else None
+    with pytest.raises(CnnpipeError, match=message):
+        train_pipeline(overrides=overrides, repo=str(repo))
+    assert (repo / "params.yaml").read_text() == before
+    assert ((repo / "dvc.lock").read_text() if lock is not None else None) == lock
+
+
+def test_failing_stage_fails_the_flow_and_stops(harness, tmp_path):
+    from flows import train_pipeline
+
+    md5 = write_mnist_mirror(tmp_path / "mirror")
+    repo = make_repo(tmp_path, str(tmp_path / "mirror"), md5)
+    state = train_pipeline(overrides={"train.batch_size": 100000}, repo=str(repo), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(CnnpipeError, match=r"stage 'train' failed .*batch_size 100000 does not fit"):
+        state.result()
+    assert (repo / "data/prepared/meta.json").is_file()  # the stages before it ran
+    assert not list(repo.glob("models/*model.pt*"))  # no checkpoint, not even a temp file
+    assert not (repo / "metrics/eval.json").exists()
+
+
+def test_overrides_keep_comments_and_other_values(tmp_path):
+    from cnnpipe.params import defaults
+
+    path = tmp_path / "params.yaml"
+    full = {"train": defaults()["train"] | {"epochs": 12, "lr": 0.003},
+            "split": {"val_size": 5000, "train_size": None, "seed": 0}}
+    path.write_text(yaml.safe_dump(full, sort_keys=False).replace("epochs: 12", "epochs: 12  # why: budget"))
+    assert apply_overrides(path, {"train.epochs": "5", "split.val_size": 100}) == {"train.epochs": 5,
+                                                                                 "split.val_size": 100}
+    text = path.read_text()
+    assert re.search(r"epochs: 5 +# why: budget", text) and "lr: 0.003" in text and "val_size: 100" in text
+    assert yaml.safe_load(text)["split"]["train_size"] is None
+
+
+def test_no_api_reachable_message(monkeypatch):
+    import flows
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}):
+        with pytest.raises(CnnpipeError, match=r"no Prefect API reachable at http://127\.0\.0\.1:9/api.*server start"):
+            flows.check_api()
