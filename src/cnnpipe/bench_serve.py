@@ -82,12 +82,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: Path, max_batch: int, threads: int) -> tuple[subprocess.Popen, int]:
+def start_server(model: Path, max_batch: int, threads: int, max_wait_ms: float = 1.0) -> tuple[subprocess.Popen, int]:
     import urllib.request
 
     port = free_port()
     cmd = [sys.executable, "-m", "cnnpipe.cli", "-q", "serve", str(model), "--port", str(port),
-           "--max-batch", str(max_batch), "--threads", str(threads)]
+           "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms), "--threads", str(threads)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -150,13 +150,13 @@ def png_request(image: np.ndarray, port_placeholder: str = "127.0.0.1") -> bytes
 
 
 def service_load(model: Path, image: np.ndarray, clients: int, seconds: float, repeats: int,
-                 threads: int) -> list[dict]:
+                 threads: int, max_wait_ms: float) -> list[dict]:
     """Alternate batching on/off `repeats` times (noise hits both alike); report medians."""
     request = png_request(image)
     runs: dict[str, list[dict]] = {"on": [], "off": []}
     for _ in range(repeats):
         for mode, max_batch in (("on", 64), ("off", 1)):
-            proc, port = start_server(model, max_batch, threads)
+            proc, port = start_server(model, max_batch, threads, max_wait_ms)
             try:
                 asyncio.run(_load(port, request, clients, 1.0))  # warm-up
                 runs[mode].append(asyncio.run(_load(port, request, clients, seconds)))
@@ -167,13 +167,14 @@ def service_load(model: Path, image: np.ndarray, clients: int, seconds: float, r
     for mode, results in runs.items():
         med = {k: statistics.median(r[k] for r in results) for k in ("requests_per_s", "p50_ms", "p99_ms")}
         rows.append({"batching": mode, "clients": clients, "seconds": seconds, "repeats": repeats,
+                     "threads": threads, "max_wait_ms": max_wait_ms if mode == "on" else 0,
                      "errors": sum(r["errors"] for r in results), **med,
                      "requests_per_s_each": [r["requests_per_s"] for r in results]})
     return rows
 
 
 def bench_serve(onnx_path: Path, int8_path: Path | None, checkpoint: Path, prepared: Path, out: Path,
-                clients: int, seconds: float, repeats: int, runs: int, threads: int) -> dict:
+                clients: int, seconds: float, repeats: int, runs: int, threads: int, max_wait_ms: float = 1.0) -> dict:
     from cnnpipe.predictor import Predictor
 
     predictor = Predictor(onnx_path)
@@ -181,7 +182,8 @@ def bench_serve(onnx_path: Path, int8_path: Path | None, checkpoint: Path, prepa
     images = np.asarray(x_test[:64])
     x = predictor.preprocess([im.transpose(1, 2, 0) for im in images])
     latency = engine_latency(onnx_path, int8_path, checkpoint, x, runs)
-    service = service_load(onnx_path, images[0].transpose(1, 2, 0).squeeze(), clients, seconds, repeats, threads)
+    service = service_load(onnx_path, images[0].transpose(1, 2, 0).squeeze(), clients, seconds, repeats, threads,
+                           max_wait_ms)
     by = {(r["engine"], r["batch"]): r["p50_ms"] for r in latency}
     result = {
         "latency": latency,

@@ -60,7 +60,7 @@ def _bench_serve(args: argparse.Namespace) -> None:
 
     from cnnpipe.bench_serve import bench_serve
     bench_serve(Path(args.onnx), Path(args.int8), Path(args.checkpoint), Path(args.prepared), Path(args.out),
-                args.clients, args.seconds, args.repeats, args.runs, args.threads)
+                args.clients, args.seconds, args.repeats, args.runs, args.threads, args.max_wait_ms)
 
 
 STAGES: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=64, help="images per onnxruntime run; 1 = no batching")
-    p.add_argument("--max-wait-ms", type=float, default=2.0, help="how long a batch waits to fill")
+    p.add_argument("--max-wait-ms", type=float, default=1.0, help="how long a batch waits to fill")
     p.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024, help="larger bodies get 413")
     p.add_argument("--max-images", type=int, default=64, help="images per request")
     p.add_argument("--no-resize", action="store_true", help="refuse images of another size instead of resizing")
@@ -114,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="runs per mode; medians are reported")
     p.add_argument("--runs", type=int, default=400, help="timed batch-1 calls per engine")
     p.add_argument("--threads", type=int, default=1, help="onnxruntime threads of the served model")
+    p.add_argument("--max-wait-ms", type=float, default=1.0, help="batching window of the served model")
     p.set_defaults(func=_bench_serve)
     return parser
 
