@@ -93,7 +93,7 @@ def make_repo(tmp_path: Path, source: str, md5: dict[str, str]) -> Path:
     repo.mkdir()
     for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):
         shutil.copy(ROOT / name, repo / name)
-    for name in ("src", "pipeline"):
+    for name in ("src", "pipeline", "data/own"):
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     set_params(
         repo,

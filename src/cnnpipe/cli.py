@@ -63,6 +63,11 @@ def _bench_serve(args: argparse.Namespace) -> None:
                 args.clients, args.seconds, args.repeats, args.runs, args.threads, args.max_wait_ms)
 
 
+def _example_images(args: argparse.Namespace) -> None:
+    from cnnpipe.examples import make_example_images
+    print(make_example_images(args.dir, args.per_class, args.size, args.kind))
+
+
 STAGES: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
     "download": (_download, "fetch the dataset's raw files and verify their checksums"),
     "split": (_split, "parse raw files into uint8 arrays and make the train/val/test split"),
@@ -100,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resize", action="store_true", help="refuse images of another size instead of resizing")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0 = one per core)")
     p.set_defaults(func=_serve)
+
+    p = sub.add_parser("example-images", help="write a tiny generated image set (coloured shapes)")
+    p.add_argument("dir")
+    p.add_argument("--kind", choices=["imagefolder", "csv"], default="imagefolder")
+    p.add_argument("--per-class", type=int, default=12)
+    p.add_argument("--size", type=int, default=24)
+    p.set_defaults(func=_example_images)
 
     bench = sub.add_parser("bench", help="benchmarks, side by side in one run").add_subparsers(
         dest="bench", required=True)

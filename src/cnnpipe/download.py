@@ -15,11 +15,12 @@ import urllib.error
 import urllib.request
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
 from tqdm import tqdm
 
+from cnnpipe import custom
 from cnnpipe.datasets import DatasetSpec, RemoteFile, get_dataset
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.fsutil import atomic_dir, file_digest, write_json
@@ -157,6 +158,8 @@ def fetch_verified(file: RemoteFile, md5: str, sources: list[str], dst: Path, pa
 
 def download(params: DownloadParams, out_dir: str | Path = "data/raw") -> Path:
     """Fetch every file of the dataset; returns the path of the manifest."""
+    if params.dataset in custom.KINDS:
+        return download_custom(params, Path(out_dir))
     spec = get_dataset(params.dataset)
     unknown = sorted(set(params.md5) - {f.name for f in spec.files})
     if unknown:
@@ -181,3 +184,47 @@ def download(params: DownloadParams, out_dir: str | Path = "data/raw") -> Path:
     return out_dir / "manifest.json"
 
 
+
+
+def download_custom(params: DownloadParams, out_dir: Path) -> Path:
+    """The user's images: a local folder or CSV is read in place (split depends on it, so DVC sees a changed
+    image); an archive (local or http(s)) is checked against download.md5 and unpacked safely."""
+    kind = params.dataset
+    failures: list[str] = []
+    with atomic_dir(out_dir) as tmp:
+        for source in params.sources:
+            scheme = urlparse(source).scheme
+            local = Path(urlparse(source).path) if scheme == "file" else Path(source) if scheme == "" else None
+            if local is not None and not local.exists():
+                failures.append(f"{source}: does not exist")
+                continue
+            if local is not None and not custom.is_archive(local.name):
+                root = custom.check_source(kind, local)
+                manifest = {"dataset": kind, "root": str(root), "in_raw": False}
+                break
+            name = (local.name if local is not None else PurePosixPath(urlparse(source).path).name)
+            if not custom.is_archive(name):
+                failures.append(f"{source}: not a .zip or .tar.gz archive")
+                continue
+            archive = tmp / name
+            try:
+                fetch(str(local.parent) if local is not None else source.rsplit("/", 1)[0], name, archive,
+                      params.timeout)
+            except (TransientError, SourceError) as e:
+                failures.append(f"{source}: {e}")
+                continue
+            if name in params.md5 and file_digest(archive, "md5") != params.md5[name]:
+                raise CnnpipeError(f"{name}: checksum mismatch (md5 {file_digest(archive, 'md5')}, expected "
+                                   f"{params.md5[name]}); the archive is corrupt or truncated: fetch it again")
+            custom.safe_extract(archive, tmp / kind, params.max_bytes)
+            archive.unlink()
+            root = custom.check_source(kind, custom.archive_root(tmp / kind))
+            manifest = {"dataset": kind, "root": root.relative_to(tmp).as_posix(), "in_raw": True,
+                        "archive": {"name": name, "md5": params.md5.get(name)}}
+            break
+        else:
+            raise CnnpipeError(f"no {kind} source found ({'; '.join(failures) or 'no sources'}); "
+                               "set download.sources to your image folder, CSV or archive URL")
+        write_json(tmp / "manifest.json", manifest)
+    log.info("%s source: %s", kind, manifest["root"])
+    return out_dir / "manifest.json"

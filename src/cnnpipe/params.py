@@ -30,13 +30,20 @@ class DownloadParams:
     md5: dict[str, str] = field(default_factory=dict)
     retries: int = 3  # attempts per source for transient errors (timeouts, 5xx)
     timeout: float = 30.0  # seconds per network read
+    max_bytes: int = 4_000_000_000  # largest unpacked size of an image archive (imagefolder/csv)
 
 
 @dataclass(frozen=True)
 class SplitParams:
-    val_size: int = 5000  # images held out of the official training set for validation
+    val_size: int | float = 5000  # held out for validation: a count, or a fraction (< 1) of the pool
     train_size: int | None = None  # None = all the rest; a number subsamples (quick experiments)
     seed: int = 0  # the split is a pure function of (data, sizes, seed)
+    # Your own images (imagefolder / csv) only:
+    test_size: int | float = 0.1  # test images when the source has no test set: a count or a fraction
+    image_size: int = 32  # images are resized to image_size × image_size
+    channels: int = 3  # 3 = RGB, 1 = grayscale
+    max_bad_fraction: float = 0.05  # unreadable images are skipped and listed; more than this fails
+    workers: int = 0  # decoding processes; 0 = one per core
 
 
 @dataclass(frozen=True)

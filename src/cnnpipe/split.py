@@ -7,12 +7,16 @@ metrics/split.json (counts per class per split). The official test set is kept a
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from cnnpipe import custom
 from cnnpipe.datasets import get_dataset
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.formats import CIFAR_TEST, CIFAR_TRAIN, read_cifar_tar, read_idx
@@ -65,10 +69,20 @@ def allocate(counts: np.ndarray, total: int) -> np.ndarray:
     return alloc
 
 
-def stratified_split(y: np.ndarray, val_size: int, train_size: int | None, seed: int,
-                     num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+def resolve_size(size: int | float, n: int, name: str) -> int:
+    """A count as it is; a fraction in (0, 1) of n, at least 1."""
+    if isinstance(size, float):
+        if not 0 < size < 1:
+            raise CnnpipeError(f"split.{name} {size} must be a count or a fraction between 0 and 1")
+        return max(1, round(size * n))
+    return size
+
+
+def stratified_split(y: np.ndarray, val_size: int | float, train_size: int | None, seed: int,
+                     num_classes: int, class_names: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic stratified indices (train, val) into `y`; each class keeps its share in both."""
     n = len(y)
+    val_size = resolve_size(val_size, n, "val_size")
     train_size = n - val_size if train_size is None else train_size
     if val_size < 1 or train_size < 1 or val_size + train_size > n:
         raise CnnpipeError(
@@ -80,9 +94,10 @@ def stratified_split(y: np.ndarray, val_size: int, train_size: int | None, seed:
     train_per = allocate(counts - val_per, train_size) if train_size < n - val_size else counts - val_per
     starved = [c for c in range(num_classes) if counts[c] and (val_per[c] == 0 or train_per[c] == 0)]
     if starved:
+        name = class_names[starved[0]] if class_names else starved[0]
         raise CnnpipeError(
-            f"split sizes leave class {starved[0]} with no train or validation image "
-            f"({counts[starved[0]]} in all); raise split.val_size/split.train_size or use more data"
+            f"split sizes leave class {name} with no train or validation image "
+            f"({counts[starved[0]]} in all); raise split.val_size/split.train_size or add images of that class"
         )
     rng = np.random.default_rng(seed)
     train_idx, val_idx = [], []
@@ -102,27 +117,99 @@ def channel_stats(x: np.ndarray) -> tuple[list[float], list[float]]:
     return mean, std
 
 
+@dataclass
+class Source:
+    """What a split is made from: the official train (and test) sets, or the user's decoded images."""
+    dataset: str
+    classes: list[str]
+    shape: tuple[int, int, int]
+    flip: bool
+    train: tuple[np.ndarray, np.ndarray]
+    test: tuple[np.ndarray, np.ndarray] | None  # None: carve a test split out of train
+    paths: list[str] | None = None  # per image of train (then test), for the manifest
+    test_paths: list[str] | None = None
+    skipped: dict[str, str] | None = None
+    decode_images_per_second: float | None = None
+
+
+def builtin_source(raw_dir: Path, dataset: str) -> Source:
+    spec = get_dataset(dataset)
+    sets = load_raw(raw_dir, dataset)
+    return Source(dataset, list(spec.classes), spec.shape, spec.flip, sets["train"], sets["test"])
+
+
+def custom_source(raw_dir: Path, manifest: dict, p: SplitParams) -> Source:
+    """Decode the user's images (a process pool), skipping unreadable ones up to split.max_bad_fraction."""
+    kind = manifest["dataset"]
+    root = raw_dir / manifest["root"] if manifest["in_raw"] else Path(manifest["root"])
+    if p.channels not in (1, 3) or p.image_size < 1:
+        raise CnnpipeError(f"split.channels must be 1 or 3 and split.image_size positive; got {p.channels}, "
+                           f"{p.image_size}")
+    items: list[tuple[str, str, str]] = []  # (file, label, part)
+    unsupported: list[str] = []
+    if kind == "imagefolder":
+        for part, folder in custom.imagefolder_parts(root).items():
+            found, other = custom.list_imagefolder(folder)
+            items += [(str(folder / rel), label, part) for rel, label in found]
+            unsupported += [str(folder / rel) for rel in other]
+    else:
+        items = [(str(path), label, "all") for path, label in custom.read_label_csv(root)]
+    t0 = time.perf_counter()
+    images, good, bad = custom.decode_all([f for f, _, _ in items], p.channels, p.image_size, p.workers)
+    rate = len(items) / max(time.perf_counter() - t0, 1e-9)
+    skipped = {items[i][0]: reason for i, reason in bad.items()} | {f: "unsupported file type" for f in unsupported}
+    total = len(items) + len(unsupported)
+    if len(skipped) > p.max_bad_fraction * total:
+        first = next(iter(skipped))
+        raise CnnpipeError(
+            f"{len(skipped)} of {total} files unreadable or unsupported (first: {first}: {skipped[first]}), over "
+            f"split.max_bad_fraction {p.max_bad_fraction}; fix or remove them, or raise the threshold")
+    kept = [items[i] for i in good]
+    classes, y = custom.label_indices(label for _, label, _ in kept)
+    if len(classes) < 2 or len(classes) > 256:
+        raise CnnpipeError(f"{root}: found {len(classes)} classes; need 2 to 256")
+    y = y.astype(np.uint8)
+    is_test = np.array([part == "test" for _, _, part in kept])
+    paths = np.array([f for f, _, _ in kept], dtype=object)
+    shape = (p.channels, p.image_size, p.image_size)
+    test = (images[is_test], y[is_test]) if is_test.any() else None
+    return Source(kind, classes, shape, True, (images[~is_test], y[~is_test]), test,
+                  paths=list(paths[~is_test]), test_paths=list(paths[is_test]), skipped=skipped,
+                  decode_images_per_second=round(rate, 1))
+
+
 def split(params: SplitParams, raw_dir: str | Path = "data/raw", out_dir: str | Path = "data/prepared",
           metrics_path: str | Path = "metrics/split.json") -> Path:
     raw_dir = Path(raw_dir)
-    dataset = read_manifest(raw_dir)["dataset"]
-    spec = get_dataset(dataset)
-    sets = load_raw(raw_dir, dataset)
-    train_x, train_y = sets["train"]
-    tr, va = stratified_split(train_y, params.val_size, params.train_size, params.seed, len(spec.classes))
-    arrays = {
-        "train": (train_x[tr], train_y[tr]),
-        "val": (train_x[va], train_y[va]),
-        "test": sets["test"],
-    }
+    manifest = read_manifest(raw_dir)
+    dataset = manifest["dataset"]
+    src = custom_source(raw_dir, manifest, params) if dataset in custom.KINDS else builtin_source(raw_dir, dataset)
+    k = len(src.classes)
+    train_x, train_y = src.train
+    paths = {}
+    if src.test is None:  # no test set of its own: a stratified test split first, then validation
+        rest, te = stratified_split(train_y, params.test_size, None, params.seed + 1, k, src.classes)
+        test = (train_x[te], train_y[te])
+        if src.paths is not None:
+            paths["test"] = [src.paths[i] for i in te]
+            src.paths = [src.paths[i] for i in rest]
+        train_x, train_y = train_x[rest], train_y[rest]
+    else:
+        test = src.test
+        paths["test"] = src.test_paths
+    tr, va = stratified_split(train_y, params.val_size, params.train_size, params.seed, k, src.classes)
+    arrays = {"train": (train_x[tr], train_y[tr]), "val": (train_x[va], train_y[va]), "test": test}
+    if src.paths is not None:
+        paths["train"] = [src.paths[i] for i in tr]
+        paths["val"] = [src.paths[i] for i in va]
     mean, std = channel_stats(arrays["train"][0])
     meta = {
         "dataset": dataset,
-        "classes": list(spec.classes),
-        "shape": list(spec.shape),
+        "classes": list(src.classes),
+        "shape": list(src.shape),
         "mean": mean,
         "std": std,
-        "flip": spec.flip,
+        "flip": src.flip,
         "sizes": {s: int(len(arrays[s][1])) for s in SPLITS},
     }
     with atomic_dir(out_dir) as tmp:
@@ -130,10 +217,28 @@ def split(params: SplitParams, raw_dir: str | Path = "data/raw", out_dir: str | 
             np.save(tmp / f"{s}_x.npy", np.ascontiguousarray(x, dtype=np.uint8))
             np.save(tmp / f"{s}_y.npy", np.ascontiguousarray(y, dtype=np.uint8))
         write_json(tmp / "meta.json", meta)
+        if src.paths is not None:
+            write_manifest(tmp / "manifest.csv", paths, arrays, src.classes, src.skipped or {})
     counts = {
-        s: {spec.classes[c]: int(n) for c, n in enumerate(np.bincount(arrays[s][1], minlength=len(spec.classes)))}
-        for s in SPLITS
+        s: {src.classes[c]: int(n) for c, n in enumerate(np.bincount(arrays[s][1], minlength=k))} for s in SPLITS
     }
-    write_json(metrics_path, {"dataset": dataset, "sizes": meta["sizes"], "per_class": counts})
+    metrics = {"dataset": dataset, "sizes": meta["sizes"], "per_class": counts}
+    if src.skipped is not None:
+        metrics["skipped"] = {"count": len(src.skipped), "files": sorted(src.skipped)[:100]}
+        metrics["decode_images_per_second"] = src.decode_images_per_second
+    write_json(metrics_path, metrics)
     log.info("split %s: %s", dataset, meta["sizes"])
     return Path(out_dir)
+
+
+def write_manifest(path: Path, paths: dict[str, list[str]], arrays: dict, classes: list[str],
+                   skipped: dict[str, str]) -> None:
+    """Every image's fate: path, label, split (train/val/test, or skipped with the reason)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label", "split", "reason"])
+        for s in SPLITS:
+            for file, label in zip(paths[s], arrays[s][1], strict=True):
+                writer.writerow([file, classes[label], s, ""])
+        for file, reason in sorted(skipped.items()):
+            writer.writerow([file, "", "skipped", reason])

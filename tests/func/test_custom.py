@@ -1,0 +1,180 @@
+"""Your own images: imagefolder and CSV sources through the real pipeline, archives, and bad input."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+import tarfile
+import zipfile
+
+import onnx
+import pytest
+from helpers import commit, dvc, make_repo, md5_of, ran, set_params
+
+from cnnpipe.download import download
+from cnnpipe.errors import CnnpipeError
+from cnnpipe.examples import SHAPES, make_example_images
+from cnnpipe.params import DownloadParams, SplitParams
+from cnnpipe.split import split
+
+ALL = ["download", "split", "train", "evaluate", "export", "quantize"]
+SMALL = SplitParams(val_size=0.2, test_size=0.2, image_size=16, max_bad_fraction=0.1)
+
+
+def tiny_params(repo, source: str, kind: str) -> None:
+    set_params(repo, download={"dataset": kind, "sources": [source], "md5": {}},
+               split={"val_size": 0.2, "test_size": 0.2, "image_size": 16, "channels": 3, "max_bad_fraction": 0.1},
+               train={"model": "simplecnn", "epochs": 2, "batch_size": 8, "flip": True})
+
+
+def onnx_classes(path) -> list[str]:
+    meta = {p.key: p.value for p in onnx.load(path).metadata_props}
+    return json.loads(meta["cnnpipe.classes"])
+
+
+@pytest.mark.slow
+def test_imagefolder_end_to_end_and_a_changed_image(tmp_path):
+    repo = make_repo(tmp_path, "unused", {})
+    shapes = make_example_images(repo / "data/own/shapes")
+    (shapes / "circle" / "empty.png").write_bytes(b"")  # zero-byte: skipped and listed
+    tiny_params(repo, "data/own/shapes", "imagefolder")
+    commit(repo, "own images")
+
+    assert ran(dvc(repo, "repro")) == ALL
+    assert onnx_classes(repo / "models/model.onnx") == list(SHAPES)
+    split_metrics = json.loads((repo / "metrics/split.json").read_text())
+    assert split_metrics["skipped"] == {"count": 1, "files": ["data/own/shapes/circle/empty.png"]}
+    assert split_metrics["decode_images_per_second"] > 0
+    rows = list(csv.DictReader((repo / "data/prepared/manifest.csv").open()))
+    assert len(rows) == 37 and {r["split"] for r in rows} == {"train", "val", "test", "skipped"}
+    commit(repo, "baseline")
+
+    from PIL import Image
+
+    Image.new("RGB", (24, 24), (250, 0, 0)).save(shapes / "square" / "003.png")
+    assert ran(dvc(repo, "repro")) == ["split", "train", "evaluate", "export", "quantize"]
+
+
+@pytest.mark.slow
+def test_csv_end_to_end(tmp_path):
+    repo = make_repo(tmp_path, "unused", {})
+    labels = make_example_images(repo / "data/own/csvset", kind="csv")
+    tiny_params(repo, str(labels.relative_to(repo)), "csv")
+    set_params(repo, train={"epochs": 1})
+    assert ran(dvc(repo, "repro")) == ALL
+    assert onnx_classes(repo / "models/model.onnx") == list(SHAPES)
+    assert json.loads((repo / "metrics/eval.json").read_text())["images"] == 7
+
+
+def run_both(tmp_path, params: DownloadParams, sp: SplitParams = SMALL):
+    download(params, tmp_path / "raw")
+    return split(sp, tmp_path / "raw", tmp_path / "prep", tmp_path / "split.json")
+
+
+def test_split_is_deterministic_and_stratified(tmp_path):
+    make_example_images(tmp_path / "shapes", per_class=20)
+    run_both(tmp_path, DownloadParams(dataset="imagefolder", sources=[str(tmp_path / "shapes")]))
+    first = (tmp_path / "prep/manifest.csv").read_text()
+    counts = json.loads((tmp_path / "split.json").read_text())["per_class"]
+    assert counts["test"] == {s: 4 for s in SHAPES}  # 20% of 60, 4 per class
+    val = list(counts["val"].values())  # 20% of the other 48 = 10: as even as classes allow
+    assert sum(val) == 10 and max(val) - min(val) == 1
+    shutil.rmtree(tmp_path / "prep")
+    run_both(tmp_path, DownloadParams(dataset="imagefolder", sources=[str(tmp_path / "shapes")]))
+    assert (tmp_path / "prep/manifest.csv").read_text() == first
+
+
+def test_train_test_folders_keep_their_test_set(tmp_path):
+    make_example_images(tmp_path / "ds/train", per_class=10)
+    make_example_images(tmp_path / "ds/test", per_class=3, seed=1)
+    run_both(tmp_path, DownloadParams(dataset="imagefolder", sources=[str(tmp_path / "ds")]))
+    assert json.loads((tmp_path / "prep/meta.json").read_text())["sizes"]["test"] == 9
+
+
+def zip_of(folder, path, extra: dict[str, bytes] | None = None):
+    with zipfile.ZipFile(path, "w") as z:
+        for f in sorted(folder.rglob("*")):
+            if f.is_file():
+                z.write(f, "shapes/" + f.relative_to(folder).as_posix())
+        for name, data in (extra or {}).items():
+            z.writestr(name, data)
+    return path
+
+
+def test_http_zip_archive_with_checksum(tmp_path, http_server):
+    make_example_images(tmp_path / "src")
+    served = tmp_path / "served"
+    served.mkdir()
+    archive = zip_of(tmp_path / "src", served / "shapes.zip")
+    url, requests = http_server(served)
+    params = DownloadParams(dataset="imagefolder", sources=[url + "shapes.zip"], md5={"shapes.zip": md5_of(archive)})
+    run_both(tmp_path, params)
+    manifest = json.loads((tmp_path / "raw/manifest.json").read_text())
+    assert manifest["in_raw"] and manifest["root"] == "imagefolder/shapes" and requests == ["shapes.zip"]
+    assert json.loads((tmp_path / "prep/meta.json").read_text())["classes"] == list(SHAPES)
+
+    bad = DownloadParams(dataset="imagefolder", sources=[url + "shapes.zip"], md5={"shapes.zip": "0" * 32})
+    with pytest.raises(CnnpipeError, match="shapes.zip: checksum mismatch"):
+        download(bad, tmp_path / "raw2")
+    assert not (tmp_path / "raw2").exists()
+
+
+def test_archive_escaping_its_folder_is_refused(tmp_path):
+    make_example_images(tmp_path / "src", per_class=2)
+    archive = zip_of(tmp_path / "src", tmp_path / "evil.zip", {"../../escaped.png": b"x"})
+    with pytest.raises(CnnpipeError, match=r"member '\.\./\.\./escaped\.png' escapes the target folder"):
+        download(DownloadParams(dataset="imagefolder", sources=[str(archive)]), tmp_path / "raw")
+    assert not (tmp_path / "raw").exists() and not (tmp_path.parent / "escaped.png").exists()
+
+    tar_path = tmp_path / "link.tar.gz"
+    with tarfile.open(tar_path, "w:gz") as t:
+        info = tarfile.TarInfo("shapes/circle/link.png")
+        info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        t.addfile(info)
+        info = tarfile.TarInfo("shapes/circle/a.png")
+        info.size = 3
+        t.addfile(info, io.BytesIO(b"abc"))
+    with pytest.raises(CnnpipeError, match="is a link or device"):
+        download(DownloadParams(dataset="imagefolder", sources=[str(tar_path)]), tmp_path / "raw")
+
+
+def test_archive_over_size_limit(tmp_path):
+    make_example_images(tmp_path / "src", per_class=2)
+    archive = zip_of(tmp_path / "src", tmp_path / "a.zip")
+    with pytest.raises(CnnpipeError, match=r"over download\.max_bytes 10"):
+        download(DownloadParams(dataset="imagefolder", sources=[str(archive)], max_bytes=10), tmp_path / "raw")
+
+
+@pytest.mark.parametrize("csv_text, message", [
+    ("file,label\nimages/circle_000.jpg,circle\n", "missing column 'path'"),
+    ("path,label\nimages/circle_000.jpg,\n", "row 2 has no label"),
+    ("path,label\nimages/nope.jpg,circle\n", r"image images/nope\.jpg does not exist"),
+])
+def test_bad_csv(tmp_path, csv_text, message):
+    make_example_images(tmp_path / "set", kind="csv", per_class=2)
+    (tmp_path / "set/labels.csv").write_text(csv_text)
+    with pytest.raises(CnnpipeError, match=message):
+        download(DownloadParams(dataset="csv", sources=[str(tmp_path / "set/labels.csv")]), tmp_path / "raw")
+    assert not (tmp_path / "raw").exists()
+
+
+def test_missing_path_and_class_too_small(tmp_path):
+    with pytest.raises(CnnpipeError, match=r"no imagefolder source found .*does not exist"):
+        download(DownloadParams(dataset="imagefolder", sources=[str(tmp_path / "nothing")]), tmp_path / "raw")
+    make_example_images(tmp_path / "shapes", per_class=10)
+    for f in sorted((tmp_path / "shapes/triangle").iterdir())[1:]:
+        f.unlink()
+    with pytest.raises(CnnpipeError, match="leave class triangle with no train or validation image"):
+        run_both(tmp_path, DownloadParams(dataset="imagefolder", sources=[str(tmp_path / "shapes")]))
+    assert not (tmp_path / "prep").exists() and not (tmp_path / "split.json").exists()
+
+
+def test_too_many_bad_images_fail_the_stage(tmp_path):
+    make_example_images(tmp_path / "shapes", per_class=4)
+    for i in range(3):
+        (tmp_path / "shapes/circle" / f"broken{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(CnnpipeError, match=r"3 of 15 files unreadable .*broken0\.png.*max_bad_fraction"):
+        run_both(tmp_path, DownloadParams(dataset="imagefolder", sources=[str(tmp_path / "shapes")]))
+    assert not (tmp_path / "prep").exists()
