@@ -68,6 +68,13 @@ def _example_images(args: argparse.Namespace) -> None:
     print(make_example_images(args.dir, args.per_class, args.size, args.kind))
 
 
+def _bench_train(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from cnnpipe.bench_train import bench_train
+    bench_train(Path(args.prepared), Path(args.out), args.steps, args.repeats, args.batch, args.device)
+
+
 STAGES: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
     "download": (_download, "fetch the dataset's raw files and verify their checksums"),
     "split": (_split, "parse raw files into uint8 arrays and make the train/val/test split"),
@@ -128,6 +135,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="onnxruntime threads of the served model")
     p.add_argument("--max-wait-ms", type=float, default=1.0, help="batching window of the served model")
     p.set_defaults(func=_bench_serve)
+
+    p = bench.add_parser("train", help="seed 000 training loop vs our engine, same model and batch size")
+    p.add_argument("--prepared", default="data/prepared")
+    p.add_argument("--out", default="bench/train.json")
+    p.add_argument("--steps", type=int, default=150, help="timed optimizer steps per run")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved runs per loop; medians are reported")
+    p.add_argument("--batch", type=int, default=100, help="batch size (the seed's: 100)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_bench_train)
     return parser
 
 
