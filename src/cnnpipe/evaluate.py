@@ -78,10 +78,12 @@ def evaluate(p: EvaluateParams, prepared: str | Path = "data/prepared", model_pa
         "accuracy": round(float((actual == predicted).mean()), 5),
         "loss": round(loss, 5),
         "macro_f1": round(float(np.mean([s["f1"] for s in scores.values()])), 5),
+        "min_f1": min(s["f1"] for s in scores.values()),  # the worst class
         "images": int(len(actual)),
         "seconds": round(seconds, 3),
         "device": str(device),
-        "per_class": scores,
+        # a list, not a mapping: DVC's metrics tables skip lists, so `dvc metrics show` stays readable
+        "per_class": [{"class": name, **values} for name, values in scores.items()],
     }
     write_confusion(confusion_path, actual, predicted, meta.classes)
     write_json(metrics_path, metrics)

@@ -219,10 +219,10 @@ def split(params: SplitParams, raw_dir: str | Path = "data/raw", out_dir: str | 
         write_json(tmp / "meta.json", meta)
         if src.paths is not None:
             write_manifest(tmp / "manifest.csv", paths, arrays, src.classes, src.skipped or {})
-    counts = {
-        s: {src.classes[c]: int(n) for c, n in enumerate(np.bincount(arrays[s][1], minlength=k))} for s in SPLITS
-    }
-    metrics = {"dataset": dataset, "sizes": meta["sizes"], "per_class": counts}
+    counts = {s: np.bincount(arrays[s][1], minlength=k) for s in SPLITS}
+    # per class as a list: DVC's metrics tables skip lists, so `dvc metrics show` stays readable
+    per_class = [{"class": name, **{s: int(counts[s][c]) for s in SPLITS}} for c, name in enumerate(src.classes)]
+    metrics = {"dataset": dataset, "sizes": meta["sizes"], "per_class": per_class}
     if src.skipped is not None:
         metrics["skipped"] = {"count": len(src.skipped), "files": sorted(src.skipped)[:100]}
         metrics["decode_images_per_second"] = src.decode_images_per_second

@@ -77,9 +77,9 @@ def test_split_is_deterministic_and_stratified(tmp_path):
     make_example_images(tmp_path / "shapes", per_class=20)
     run_both(tmp_path, DownloadParams(dataset="imagefolder", sources=[str(tmp_path / "shapes")]))
     first = (tmp_path / "prep/manifest.csv").read_text()
-    counts = json.loads((tmp_path / "split.json").read_text())["per_class"]
-    assert counts["test"] == {s: 4 for s in SHAPES}  # 20% of 60, 4 per class
-    val = list(counts["val"].values())  # 20% of the other 48 = 10: as even as classes allow
+    rows = json.loads((tmp_path / "split.json").read_text())["per_class"]
+    assert [r["class"] for r in rows] == list(SHAPES) and all(r["test"] == 4 for r in rows)  # 20% of 60
+    val = [r["val"] for r in rows]  # 20% of the other 48 = 10: as even as classes allow
     assert sum(val) == 10 and max(val) - min(val) == 1
     shutil.rmtree(tmp_path / "prep")
     run_both(tmp_path, DownloadParams(dataset="imagefolder", sources=[str(tmp_path / "shapes")]))

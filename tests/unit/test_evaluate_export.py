@@ -35,7 +35,8 @@ def test_evaluate_writes_metrics_and_confusion_rows(tmp_path, prepared, trained)
     rows = list(csv.DictReader((tmp_path / "confusion.csv").open()))
     assert len(rows) == 100 == m["images"]
     assert m["accuracy"] == pytest.approx(np.mean([r["actual"] == r["predicted"] for r in rows]))
-    assert set(m["per_class"]) == {str(d) for d in range(10)}
+    assert [r["class"] for r in m["per_class"]] == [str(d) for d in range(10)]
+    assert m["min_f1"] == min(r["f1"] for r in m["per_class"]) <= m["macro_f1"]
     assert m["accuracy"] > 0.5
 
 
