@@ -22,6 +22,7 @@ from cnnpipe.errors import CnnpipeError
 from cnnpipe.fsutil import atomic_path, file_digest, write_json
 from cnnpipe.models import fold_batchnorm
 from cnnpipe.params import ExportParams
+from cnnpipe.predictor import normalize_pixels
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +51,6 @@ def to_onnx(model: torch.nn.Module, input_shape: list[int], opset: int) -> onnx.
         output_names=[OUTPUT_NAME], dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False,
     )
     return program.model_proto
-
-
-def normalized(x: np.ndarray, mean: list[float], std: list[float]) -> np.ndarray:
-    m = np.asarray(mean, np.float32).reshape(1, -1, 1, 1)
-    s = np.asarray(std, np.float32).reshape(1, -1, 1, 1)
-    return (x.astype(np.float32) / 255 - m) / s
 
 
 def compare(path: Path, model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> dict:
@@ -88,7 +83,7 @@ def export(p: ExportParams, prepared: str | Path = "data/prepared", model_path: 
     model, state = load_checkpoint(model_path, "cpu")
     x_test, y_test = load_split(prepared, "test", mmap=True)
     n = min(p.check_images, len(y_test))
-    x = normalized(np.asarray(x_test[:n]), state["mean"], state["std"])
+    x = normalize_pixels(np.asarray(x_test[:n]), state["mean"], state["std"])
     y = np.asarray(y_test[:n])
     onnx_path = Path(onnx_path)
     with atomic_path(onnx_path) as tmp:

@@ -22,6 +22,13 @@ import numpy as np
 from cnnpipe.errors import CnnpipeError
 
 
+def normalize_pixels(pixels: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """N×C×H×W pixels (0-255) -> float32 (pixels/255 - mean) / std, as in training."""
+    m = np.asarray(mean, np.float32).reshape(1, -1, 1, 1)
+    s = np.asarray(std, np.float32).reshape(1, -1, 1, 1)
+    return ((pixels.astype(np.float32) / 255 - m) / s).astype(np.float32)
+
+
 class InputError(ValueError):
     """An image the model cannot take; the message says why (the server answers 4xx with it)."""
 
@@ -114,9 +121,6 @@ class Predictor:
         opset = _opset_of(raw)
         self.info = read_model_info(path, raw, meta, self.session.get_inputs()[0].name, opset)
         self.path = path
-        c = self.info.input_shape[0]
-        self._mean = np.asarray(self.info.mean, np.float32).reshape(1, c, 1, 1)
-        self._std = np.asarray(self.info.std, np.float32).reshape(1, c, 1, 1)
 
     @property
     def providers(self) -> list[str]:
@@ -182,7 +186,7 @@ class Predictor:
         """Images -> N×C×H×W float32, normalized as in training."""
         pixels = np.stack([self.to_pixels(im, resize) for im in images]) if len(images) else np.zeros(
             (0, *self.info.input_shape), np.float32)
-        return ((pixels / 255 - self._mean) / self._std).astype(np.float32)
+        return normalize_pixels(pixels, self.info.mean, self.info.std)
 
     # --- inference -----------------------------------------------------------------------------------
     def logits(self, x: np.ndarray) -> np.ndarray:

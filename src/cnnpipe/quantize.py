@@ -18,9 +18,10 @@ import onnx
 
 from cnnpipe.data import load_meta, load_split
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.export import INPUT_NAME, normalized
+from cnnpipe.export import INPUT_NAME
 from cnnpipe.fsutil import atomic_path, write_json
 from cnnpipe.params import QuantizeParams
+from cnnpipe.predictor import normalize_pixels
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +87,8 @@ def quantize(p: QuantizeParams, prepared: str | Path = "data/prepared", onnx_pat
     meta = load_meta(prepared)
     vx, _ = load_split(prepared, "val", mmap=True)
     tx, ty = load_split(prepared, "test")
-    calibration = normalized(np.asarray(vx[: p.calibration_images]), meta.mean, meta.std)
-    x_test = normalized(tx, meta.mean, meta.std)
+    calibration = normalize_pixels(np.asarray(vx[: p.calibration_images]), meta.mean, meta.std)
+    x_test = normalize_pixels(tx, meta.mean, meta.std)
     with atomic_path(int8_path) as tmp:
         quantize_file(onnx_path, tmp, calibration, p.per_channel, p.reduce_range)
         int8 = measure(tmp, x_test, ty, p.latency_runs)

@@ -57,15 +57,22 @@ def test_imagefolder_end_to_end_and_a_changed_image(tmp_path):
     assert ran(dvc(repo, "repro")) == ["split", "train", "evaluate", "export", "quantize"]
 
 
-@pytest.mark.slow
 def test_csv_end_to_end(tmp_path):
-    repo = make_repo(tmp_path, "unused", {})
-    labels = make_example_images(repo / "data/own/csvset", kind="csv")
-    tiny_params(repo, str(labels.relative_to(repo)), "csv")
-    set_params(repo, train={"epochs": 1})
-    assert ran(dvc(repo, "repro")) == ALL
-    assert onnx_classes(repo / "models/model.onnx") == list(SHAPES)
-    assert json.loads((repo / "metrics/eval.json").read_text())["images"] == 7
+    """Every stage's library function in turn (the DVC wiring is the imagefolder test's)."""
+    from cnnpipe.evaluate import evaluate
+    from cnnpipe.export import export
+    from cnnpipe.params import EvaluateParams, ExportParams, TrainParams
+    from cnnpipe.train import train
+
+    labels = make_example_images(tmp_path / "csvset", kind="csv")
+    run_both(tmp_path, DownloadParams(dataset="csv", sources=[labels.as_uri()]))  # a file:// URL
+    train(TrainParams(model="simplecnn", epochs=1, batch_size=8, device="cpu"), tmp_path / "prep",
+          tmp_path / "model.pt", tmp_path / "train.json", tmp_path / "history.csv")
+    m = evaluate(EvaluateParams(device="cpu"), tmp_path / "prep", tmp_path / "model.pt", tmp_path / "eval.json",
+                 tmp_path / "confusion.csv")
+    export(ExportParams(check_images=8), tmp_path / "prep", tmp_path / "model.pt", tmp_path / "m.onnx",
+           tmp_path / "export.json")
+    assert m["images"] == 7 and onnx_classes(tmp_path / "m.onnx") == list(SHAPES)
 
 
 def run_both(tmp_path, params: DownloadParams, sp: SplitParams = SMALL):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,15 +15,12 @@ from pathlib import Path
 import pytest
 from helpers import commit, make_repo, write_mnist_mirror
 
+from cnnpipe.bench_serve import free_port
+
 pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def api(url: str, path: str, body: dict | None = None):

@@ -101,7 +101,7 @@ def test_overrides_keep_comments_and_other_values(tmp_path):
 
     path = tmp_path / "params.yaml"
     full = {"train": defaults()["train"] | {"epochs": 12, "lr": 0.003},
-            "split": {"val_size": 5000, "train_size": None, "seed": 0}}
+            "split": defaults()["split"] | {"val_size": 5000, "train_size": None}}
     path.write_text(yaml.safe_dump(full, sort_keys=False).replace("epochs: 12", "epochs: 12  # why: budget"))
     assert apply_overrides(path, {"train.epochs": "5", "split.val_size": 100}) == {"train.epochs": 5,
                                                                                  "split.val_size": 100}

@@ -17,6 +17,7 @@ OUTPUTS = ["data/raw/manifest.json", "data/prepared/train_x.npy", "models/model.
 
 
 def test_repro_runs_everything_then_only_what_changed(tmp_path):
+    """All stages run; then nothing; push/pull through a remote; then exactly what each param change needs."""
     mirror = tmp_path / "mirror"
     md5 = write_mnist_mirror(mirror)
     repo = make_repo(tmp_path, str(mirror), md5)
@@ -31,6 +32,21 @@ def test_repro_runs_everything_then_only_what_changed(tmp_path):
 
     assert ran(dvc(repo, "repro")) == []
     assert "up to date" in dvc(repo, "status")
+
+    # a teammate's view: outputs and cache gone, `dvc pull` from the remote restores them, nothing reruns
+    dvc(repo, "remote", "add", "-d", "storage", str(tmp_path / "remote"))
+    dvc(repo, "push", "--run-cache")
+    onnx_bytes = (repo / "models/model.onnx").read_bytes()
+    shutil.rmtree(repo / ".dvc/cache")
+    for out in ("data/raw", "data/prepared"):
+        shutil.rmtree(repo / out)
+    for f in (repo / "models").glob("model*"):
+        f.unlink()
+    assert "deleted" in dvc(repo, "status")
+    dvc(repo, "pull", "--run-cache")
+    assert (repo / "models/model.onnx").read_bytes() == onnx_bytes
+    assert (repo / "data/prepared/train_x.npy").is_file()
+    assert ran(dvc(repo, "repro")) == []
 
     set_params(repo, train={"epochs": 3})
     assert ran(dvc(repo, "repro")) == ["train", "evaluate", "export", "quantize"]
@@ -48,20 +64,23 @@ def test_repro_runs_everything_then_only_what_changed(tmp_path):
     q = json.loads((repo / "metrics/quantize.json").read_text())
     assert q["int8"]["size_bytes"] < q["fp32"]["size_bytes"] and 0 <= q["int8"]["accuracy"] <= 1
 
-    set_params(repo, split={"seed": 1})
-    assert ran(dvc(repo, "repro")) == ["split", "train", "evaluate", "export", "quantize"]
 
     plots = dvc(repo, "plots", "show", "--json")
     assert "plots/confusion.csv" in plots and "plots/train_history.csv" in plots
 
 
-def test_exp_run_set_param_and_show(tmp_path):
-    mirror = tmp_path / "mirror"
-    md5 = write_mnist_mirror(mirror)
-    repo = make_repo(tmp_path, str(mirror), md5)
+@pytest.fixture
+def baseline(tmp_path):
+    """A temporary project whose whole pipeline has run and been committed."""
+    md5 = write_mnist_mirror(tmp_path / "mirror")
+    repo = make_repo(tmp_path, str(tmp_path / "mirror"), md5)
     dvc(repo, "repro")
     commit(repo, "baseline")
+    return repo
 
+
+def test_exp_run_set_param_and_show(baseline):
+    repo = baseline
     out = dvc(repo, "exp", "run", "-S", "train.epochs=1", "-n", "one-epoch")
     assert ran(out) == ["train", "evaluate", "export", "quantize"]
     exp = find_named(json.loads(dvc(repo, "exp", "show", "--json")), "one-epoch")
@@ -96,24 +115,3 @@ def test_repro_from_loopback_http_source(tmp_path, http_server):
     manifest = json.loads((repo / "data/raw/manifest.json").read_text())
     assert {f["name"]: f["md5"] for f in manifest["files"]} == md5
 
-
-def test_push_pull_through_a_remote_then_nothing_reruns(tmp_path):
-    mirror = tmp_path / "mirror"
-    md5 = write_mnist_mirror(mirror)
-    repo = make_repo(tmp_path, str(mirror), md5)
-    dvc(repo, "repro")
-    commit(repo, "baseline")
-    dvc(repo, "remote", "add", "-d", "storage", str(tmp_path / "remote"))
-    dvc(repo, "push", "--run-cache")
-    onnx_bytes = (repo / "models/model.onnx").read_bytes()
-
-    shutil.rmtree(repo / ".dvc/cache")
-    shutil.rmtree(repo / "data")
-    for f in (repo / "models").glob("model*"):
-        f.unlink()
-    assert "deleted" in dvc(repo, "status")
-
-    dvc(repo, "pull", "--run-cache")
-    assert (repo / "models/model.onnx").read_bytes() == onnx_bytes
-    assert (repo / "data/prepared/train_x.npy").is_file()
-    assert ran(dvc(repo, "repro")) == []

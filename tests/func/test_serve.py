@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,13 +17,10 @@ import pytest
 from helpers import make_images
 from PIL import Image
 
+from cnnpipe.bench_serve import free_port
+
 CLI = str(Path(sys.executable).parent / "cnnpipe")
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(model: Path, *extra: str) -> tuple[subprocess.Popen, str]:
