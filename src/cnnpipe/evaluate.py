@@ -68,6 +68,9 @@ def evaluate(p: EvaluateParams, prepared: str | Path = "data/prepared", model_pa
     model = model.to(memory_format=torch.channels_last)
     t0 = time.perf_counter()
     logits = predict_logits(model, x, mean, std, p.batch_size, channels_last=True)
+    tta = p.tta_flip and meta.flip
+    if tta:  # mirror images predict the same class: average both views' logits
+        logits = (logits + predict_logits(model, x.flip(3), mean, std, p.batch_size, channels_last=True)) / 2
     seconds = time.perf_counter() - t0
     loss = F.cross_entropy(logits, y).item()
     actual = y.cpu().numpy()
@@ -82,6 +85,7 @@ def evaluate(p: EvaluateParams, prepared: str | Path = "data/prepared", model_pa
         "images": int(len(actual)),
         "seconds": round(seconds, 3),
         "device": str(device),
+        "tta_flip": tta,
         # a list, not a mapping: DVC's metrics tables skip lists, so `dvc metrics show` stays readable
         "per_class": [{"class": name, **values} for name, values in scores.items()],
     }

@@ -59,6 +59,8 @@ class TrainParams:
     warmup: float = 0.2  # fraction of steps spent warming up (onecycle/cosine)
     label_smoothing: float = 0.0
     grad_clip: float = 0.0  # max gradient norm; 0 = off
+    patience: int = 0  # stop after this many epochs without a better validation accuracy; 0 = off
+    resume: bool = True  # after an interruption (Ctrl-C, kill), continue after the last completed epoch
     translate: int = 2  # random shift in pixels on the device; 0 = off
     flip: bool = True  # random horizontal flip (off for digits)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -70,6 +72,7 @@ class TrainParams:
 class EvaluateParams:
     batch_size: int = 1000  # inference only: large batches are fastest
     device: str = "auto"
+    tta_flip: bool = False  # average the logits of each image and its mirror (where flips are label-safe)
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,10 @@ and augments it there. Writes models/model.pt, metrics/train.json and plots/trai
 
 from __future__ import annotations
 
-import copy
 import csv
 import dataclasses
+import hashlib
+import json
 import logging
 import math
 import sys
@@ -130,9 +131,42 @@ def write_history(path: str | Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
+def fingerprint(p: TrainParams, meta, n_train: int) -> str:
+    """What a resume state must have been made with: every param but `resume`, and the data's shape."""
+    params = {k: v for k, v in dataclasses.asdict(p).items() if k != "resume"}
+    blob = json.dumps([params, meta.dataset, list(meta.shape), meta.classes, n_train], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def save_state(path: Path, state: dict) -> None:
+    """The last completed epoch: model, optimizer, schedule and RNG states, history (atomic)."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_state(path: Path, expected: str) -> dict | None:
+    """The resume state if it belongs to this run; None if there is none or it is from other params."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        ok = isinstance(state, dict) and "fingerprint" in state and "epoch" in state
+    except Exception as e:  # torch raises several types for a damaged file
+        raise CnnpipeError(f"resume state {path} is corrupt ({str(e).splitlines()[0][:100]}); "
+                           "delete it to start over") from e
+    if not ok:
+        raise CnnpipeError(f"resume state {path} is not a cnnpipe training state; delete it to start over")
+    if state["fingerprint"] != expected:
+        log.warning("ignoring %s: it was made with other params or data", path)
+        return None
+    return state
+
+
 def train(p: TrainParams, prepared: str | Path = "data/prepared", model_path: str | Path = "models/model.pt",
-          metrics_path: str | Path = "metrics/train.json",
-          history_path: str | Path = "plots/train_history.csv") -> dict:
+          metrics_path: str | Path = "metrics/train.json", history_path: str | Path = "plots/train_history.csv",
+          state_path: str | Path | None = None) -> dict:
+    """Train, validate every epoch, keep the best epoch. The last completed epoch is kept in `state_path`
+    (default: beside the checkpoint, `.model.pt.resume`) until the run finishes."""
     device = resolve_device(p.device)
     set_threads(p.threads)
     seed_everything(p.seed)
@@ -155,13 +189,26 @@ def train(p: TrainParams, prepared: str | Path = "data/prepared", model_path: st
     scheduler = make_schedule(optimizer, p, p.epochs * steps_per_epoch)
     generator = torch.Generator(device=device).manual_seed(p.seed)
 
+    state_path = Path(state_path) if state_path else Path(model_path).with_name(f".{Path(model_path).name}.resume")
+    key = fingerprint(p, meta, len(y_np))
     history: list[dict] = []
     best: dict | None = None
     best_state = None
+    images, elapsed, first = 0, 0.0, 1
+    state = load_state(state_path, key) if p.resume else None
+    if state is not None:  # continue after the last completed epoch, exactly as if never stopped
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        history, best, best_state = state["history"], state["best"], state["best_state"]
+        images, elapsed, first = state["images"], state["seconds"], state["epoch"] + 1
+        log.info("resuming after epoch %d from %s", state["epoch"], state_path)
     interactive = sys.stderr.isatty()  # a bar on a terminal; plain per-epoch lines in CI, DVC, Prefect
-    start = time.perf_counter()
-    images = 0
-    for epoch in range(1, p.epochs + 1):
+    start = time.perf_counter() - elapsed
+    stopped_early = False
+    for epoch in range(first, p.epochs + 1):
         t0 = time.perf_counter()
         bar = tqdm(total=steps_per_epoch * p.batch_size, unit="img", desc=f"epoch {epoch}/{p.epochs}",
                    leave=False, disable=None) if interactive else None
@@ -180,7 +227,18 @@ def train(p: TrainParams, prepared: str | Path = "data/prepared", model_path: st
                  epoch, p.epochs, tr_loss, tr_acc, va_loss, va_acc, seen / seconds, seconds)
         if best is None or va_acc > best["val_acc"]:
             best = row
-            best_state = copy.deepcopy(model.state_dict())
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if p.resume:
+            save_state(state_path, {
+                "fingerprint": key, "epoch": epoch, "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "history": history,
+                "best": best, "best_state": best_state, "images": images,
+                "seconds": time.perf_counter() - start})
+        if p.patience > 0 and epoch - best["epoch"] >= p.patience:
+            log.info("early stop: no better validation accuracy for %d epochs", p.patience)
+            stopped_early = True
+            break
     seconds = time.perf_counter() - start
 
     model.load_state_dict(best_state)
@@ -194,6 +252,8 @@ def train(p: TrainParams, prepared: str | Path = "data/prepared", model_path: st
         "val_loss": best["val_loss"],
         "val_acc": best["val_acc"],
         "epochs": p.epochs,
+        "epochs_run": len(history),
+        "stopped_early": stopped_early,
         "seconds": round(seconds, 2),
         "images_per_second": round(images / seconds, 1),
         "device": str(device),
@@ -201,4 +261,5 @@ def train(p: TrainParams, prepared: str | Path = "data/prepared", model_path: st
         "threads": torch.get_num_threads(),
     }
     write_json(metrics_path, metrics)
+    state_path.unlink(missing_ok=True)  # finished: the next run starts fresh
     return metrics

@@ -70,3 +70,21 @@ def test_evaluate_refuses_other_dataset(tmp_path, prepared, trained):
         evaluate(EvaluateParams(), prepared, trained, tmp_path / "e.json", tmp_path / "c.csv")
 
 
+
+
+def test_tta_flip_only_where_flips_are_label_safe(tmp_path, prepared, trained):
+    plain = evaluate(EvaluateParams(device="cpu"), prepared, trained, tmp_path / "a.json", tmp_path / "a.csv")
+    digits = evaluate(EvaluateParams(device="cpu", tta_flip=True), prepared, trained, tmp_path / "b.json",
+                      tmp_path / "b.csv")
+    assert not plain["tta_flip"] and not digits["tta_flip"]  # the tiny set is digits: no flips
+    assert digits["loss"] == plain["loss"]
+    meta = json.loads((prepared / "meta.json").read_text())
+    (prepared / "meta.json").write_text(json.dumps(meta | {"flip": True}))
+    # the checkpoint carries its own flip flag: evaluate follows the model's dataset, not the folder's
+    import torch
+
+    state = torch.load(trained, weights_only=True)
+    torch.save(state | {"flip": True}, trained)
+    flipped = evaluate(EvaluateParams(device="cpu", tta_flip=True), prepared, trained, tmp_path / "c.json",
+                       tmp_path / "c.csv")
+    assert flipped["tta_flip"] and flipped["loss"] != plain["loss"]

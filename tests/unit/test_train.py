@@ -1,6 +1,7 @@
 import csv
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,3 +90,59 @@ def test_augmentations_keep_shape_and_content():
     flipped = random_flip(x, torch.Generator().manual_seed(1))
     for i in range(2):
         assert torch.equal(flipped[i], x[i]) or torch.equal(flipped[i], x[i].flip(-1))
+
+
+def test_early_stopping(tmp_path, prepared):
+    p = dataclasses.replace(TINY, epochs=30, patience=2, lr=0.0)  # lr 0: nothing ever improves
+    metrics = run(tmp_path, prepared, p)
+    assert metrics["stopped_early"] and metrics["epochs_run"] == 3 and metrics["best_epoch"] == 1
+
+
+def test_resume_after_sigint_matches_an_uninterrupted_run(tmp_path, prepared):
+    """A real Ctrl-C (SIGINT) mid-run, then the same command: it continues after the last completed epoch
+    and ends with exactly the metrics of a run that was never interrupted."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from cnnpipe.params import defaults
+
+    p = dataclasses.replace(TINY, epochs=25, batch_size=16)
+    reference = run(tmp_path / "ref", prepared, dataclasses.replace(p, resume=False))
+
+    work = tmp_path / "work"
+    shutil.copytree(prepared, work / "data/prepared")
+    params = defaults() | {"train": dataclasses.asdict(p)}
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    cli = [str(Path(sys.executable).parent / "cnnpipe"), "train"]
+    state = work / "models/.model.pt.resume"
+    proc = subprocess.Popen(cli, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not state.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)  # a few epochs in
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out
+    assert state.exists() and not (work / "models/model.pt").exists()
+
+    proc = subprocess.run(cli, cwd=work, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "resuming after epoch" in proc.stderr
+    resumed_from = int(proc.stderr.split("resuming after epoch ")[1].split()[0])
+    assert 1 <= resumed_from < 25
+    metrics = json.loads((work / "metrics/train.json").read_text())
+    assert metrics["val_loss"] == reference["val_loss"] and metrics["val_acc"] == reference["val_acc"]
+    assert metrics["epochs_run"] == 25 and not state.exists()
+
+
+def test_corrupt_resume_state(tmp_path, prepared):
+    state = tmp_path / ".model.pt.resume"
+    state.write_bytes(b"not a state")
+    with pytest.raises(CnnpipeError, match=r"resume state .* is corrupt.*delete it to start over"):
+        run(tmp_path, prepared, TINY)
+    run(tmp_path, prepared, dataclasses.replace(TINY, epochs=1, resume=False))  # resume off: ignored
