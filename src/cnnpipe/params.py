@@ -72,7 +72,7 @@ class TrainParams:
 class EvaluateParams:
     batch_size: int = 1000  # inference only: large batches are fastest
     device: str = "auto"
-    tta_flip: bool = False  # average the logits of each image and its mirror (where flips are label-safe)
+    tta_flip: bool = True  # average the logits of each image and its mirror (where flips are label-safe)
 
 
 @dataclass(frozen=True)
