@@ -8,7 +8,6 @@ Pillow in a process pool into the same uint8 N×C×H×W arrays the built-in data
 from __future__ import annotations
 
 import os
-import shutil
 import tarfile
 import zipfile
 from collections.abc import Iterable
@@ -136,11 +135,6 @@ def archive_root(dest: Path) -> Path:
     """The folder that holds the data: dest itself, or its single top-level folder."""
     entries = [p for p in dest.iterdir() if not p.name.startswith(".") and p.name != "__MACOSX"]
     return entries[0] if len(entries) == 1 and entries[0].is_dir() else dest
-
-
-def copy_tree(src: Path, dst: Path) -> None:
-    shutil.copytree(src, dst, dirs_exist_ok=True, symlinks=False,
-                    ignore=shutil.ignore_patterns(".*"))
 
 
 # --- decoding ------------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.predictor import InputError, Predictor
 
@@ -35,8 +37,6 @@ def predict_files(predictor: Predictor, files: list[Path], k: int, resize: bool 
             good.append((f, predictor.preprocess([f.read_bytes()], resize)[0]))
         except (OSError, InputError) as e:
             results[f] = str(e) if isinstance(e, InputError) else f"cannot read ({e.strerror or e})"
-    import numpy as np
-
     for i in range(0, len(good), BATCH):
         chunk = good[i: i + BATCH]
         tops = predictor.top_k(predictor.logits(np.stack([x for _, x in chunk])), k)
