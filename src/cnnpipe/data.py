@@ -58,22 +58,40 @@ def stats_tensors(meta: Meta, device: torch.device) -> tuple[torch.Tensor, torch
     return mean, std
 
 
+def draw_augment(n: int, pad: int, flip: bool, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """The random choices for a batch of n images: shifts in [0, 2·pad] and flip flags. Drawn for the
+    whole global batch on every rank, so a torchrun job augments exactly as one process would."""
+    g, dev = generator, generator.device
+    out = {}
+    if pad > 0:
+        out["dy"] = torch.randint(0, 2 * pad + 1, (n,), generator=g, device=dev)
+        out["dx"] = torch.randint(0, 2 * pad + 1, (n,), generator=g, device=dev)
+    if flip:
+        out["flip"] = torch.rand(n, generator=g, device=dev) < 0.5
+    return out
+
+
+def augment(x: torch.Tensor, pad: int, choices: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Apply drawn choices to x (N×C×H×W): a zero-filled shift, one gather per batch, then the flips."""
+    if "dy" in choices:
+        n, c, h, w = x.shape
+        xp = F.pad(x, (pad, pad, pad, pad))  # N×C×(H+2p)×(W+2p)
+        dy, dx = choices["dy"].to(x.device), choices["dx"].to(x.device)
+        rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # N×1×H×1
+        cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # N×1×1×W
+        batch = torch.arange(n, device=x.device)[:, None, None, None]
+        chan = torch.arange(c, device=x.device)[None, :, None, None]
+        x = xp[batch, chan, rows, cols]
+    if "flip" in choices:
+        x = torch.where(choices["flip"].to(x.device)[:, None, None, None], x.flip(3), x)
+    return x
+
+
 def random_translate(x: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
-    """Shift each image by up to `pad` pixels in each direction (zero fill), one gather per batch."""
-    if pad <= 0:
-        return x
-    n, c, h, w = x.shape
-    xp = F.pad(x, (pad, pad, pad, pad))  # N×C×(H+2p)×(W+2p)
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=generator.device).to(x.device)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=generator.device).to(x.device)
-    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # N×1×H×1
-    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # N×1×1×W
-    batch = torch.arange(n, device=x.device)[:, None, None, None]
-    chan = torch.arange(c, device=x.device)[None, :, None, None]
-    return xp[batch, chan, rows, cols]
+    """Shift each image by up to `pad` pixels in each direction (zero fill)."""
+    return augment(x, pad, draw_augment(len(x), pad, False, generator))
 
 
 def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Mirror a random half of the batch left-right."""
-    mask = torch.rand(x.shape[0], generator=generator, device=generator.device).to(x.device) < 0.5
-    return torch.where(mask[:, None, None, None], x.flip(3), x)
+    return augment(x, 0, draw_augment(len(x), 0, True, generator))

@@ -1,7 +1,8 @@
 """The model zoo. Every model is built for the dataset's (C, H, W) and number of classes.
 
 lenet, simplecnn, cifarnet and cnn are the seed tutorials' architectures, sized to any input;
-bncnn is our default: a batch-norm CNN that beats them on Fashion-MNIST at a few times LeNet's cost.
+bncnn is our default: a batch-norm CNN that beats them on Fashion-MNIST at a few times LeNet's cost;
+airnet is an airbench-style residual net for 32×32 colour images (GPU-sized).
 """
 
 from __future__ import annotations
@@ -32,13 +33,15 @@ class Classifier(nn.Module):
 
 def lenet(in_shape: Shape, num_classes: int) -> nn.Module:
     """Seed 000: LeNet with 20/50 channels and a 500-unit hidden layer."""
+    # The seed applies ReLU then pools; pooling first is the same function (ReLU is monotonic) with ReLU on a
+    # quarter of the values: measured 5,273 against 4,255 training images/s at batch 100 on 2 CPU cores.
     c = in_shape[0]
     features = nn.Sequential(
-        nn.Conv2d(c, 20, 5), nn.ReLU(), nn.MaxPool2d(2),  # 28 -> 24 -> 12
-        nn.Conv2d(20, 50, 5), nn.ReLU(), nn.MaxPool2d(2),  # 12 -> 8 -> 4
+        nn.Conv2d(c, 20, 5), nn.MaxPool2d(2), nn.ReLU(inplace=True),  # 28 -> 24 -> 12
+        nn.Conv2d(20, 50, 5), nn.MaxPool2d(2), nn.ReLU(inplace=True),  # 12 -> 8 -> 4
     )
     return Classifier(features, lambda n: nn.Sequential(
-        nn.Linear(n, 500), nn.ReLU(), nn.Linear(500, num_classes)), in_shape)
+        nn.Linear(n, 500), nn.ReLU(inplace=True), nn.Linear(500, num_classes)), in_shape)
 
 
 def simplecnn(in_shape: Shape, num_classes: int) -> nn.Module:
@@ -91,12 +94,44 @@ def bncnn(in_shape: Shape, num_classes: int) -> nn.Module:
     return Classifier(features, lambda n: nn.Sequential(nn.Dropout(0.25), nn.Linear(n, num_classes)), in_shape)
 
 
+class ConvGroup(nn.Module):
+    """airbench's block: conv, pool, BN, GELU, then conv, BN, GELU with a residual connection around it."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+        self.pool = nn.MaxPool2d(2)
+        self.norm1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.norm2 = nn.BatchNorm2d(cout)
+        self.act = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # N×cin×H×W -> N×cout×H/2×W/2
+        x = self.act(self.norm1(self.pool(self.conv1(x))))
+        return x + self.act(self.norm2(self.conv2(x)))
+
+
+def airnet(in_shape: Shape, num_classes: int) -> nn.Module:
+    """airbench94's network for 32×32 colour images (widths 64/256/256, ~0.4 GMAC at 32×32) with residual
+    connections as in airbench96; a learned 3×3 stem replaces the data-dependent whitening layer."""
+    c = in_shape[0]
+    features = nn.Sequential(
+        nn.Conv2d(c, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.GELU(),
+        ConvGroup(32, 64),  # 32 -> 16
+        ConvGroup(64, 256),  # 16 -> 8
+        ConvGroup(256, 256),  # 8 -> 4
+        nn.AdaptiveMaxPool2d(1),
+    )
+    return Classifier(features, lambda n: nn.Linear(n, num_classes, bias=False), in_shape)
+
+
 MODELS: dict[str, Callable[[Shape, int], nn.Module]] = {
     "lenet": lenet,
     "simplecnn": simplecnn,
     "cifarnet": cifarnet,
     "cnn": cnn,
     "bncnn": bncnn,
+    "airnet": airnet,
 }
 
 

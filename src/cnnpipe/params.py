@@ -48,7 +48,7 @@ class SplitParams:
 
 @dataclass(frozen=True)
 class TrainParams:
-    model: str = "bncnn"  # lenet | simplecnn | cifarnet | cnn | bncnn
+    model: str = "bncnn"  # lenet | simplecnn | cifarnet | cnn | bncnn | airnet
     epochs: int = 12
     batch_size: int = 128
     optimizer: Literal["sgd", "adam", "adamw"] = "adamw"
@@ -63,7 +63,10 @@ class TrainParams:
     resume: bool = True  # after an interruption (Ctrl-C, kill), continue after the last completed epoch
     translate: int = 2  # random shift in pixels on the device; 0 = off
     flip: bool = True  # random horizontal flip (off for digits)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: each process its local rank's GPU)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 (else fp16) on GPU, fp32 on CPU
+    compile: bool = False  # torch.compile the training step: faster GPU steps after a one-off compile
+    deterministic: bool = False  # GPU: deterministic kernels, no cudnn autotuning (CPU is deterministic anyway)
     seed: int = 0
     threads: int = 0  # CPU threads; 0 = torch's default
 

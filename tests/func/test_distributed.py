@@ -1,0 +1,69 @@
+"""The train stage under torchrun: 2 CPU processes with gloo, each on its shard of every batch, give the
+same model and metrics as one process (up to float summation order), and only rank 0 writes."""
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from cnnpipe.checkpoint import load_checkpoint
+from cnnpipe.params import TrainParams, defaults
+
+BIN = Path(sys.executable).parent
+# LeNet has no BatchNorm, whose per-process batch statistics would (by design) differ from one process's.
+P = TrainParams(model="lenet", epochs=3, batch_size=50, lr=0.003, translate=1, flip=False, device="cpu")
+
+
+def workdir(root: Path, prepared: Path, p: TrainParams) -> Path:
+    shutil.copytree(prepared, root / "data/prepared")
+    (root / "params.yaml").write_text(yaml.safe_dump(defaults() | {"train": dataclasses.asdict(p)}))
+    return root
+
+
+def train_in(cwd: Path, *launcher: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([*launcher, str(BIN / "cnnpipe"), "train"], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes_match_one(tmp_path, prepared):
+    single = workdir(tmp_path / "single", prepared, P)
+    ddp = workdir(tmp_path / "ddp", prepared, P)
+    one = train_in(single)
+    assert one.returncode == 0, one.stderr
+    two = train_in(ddp, str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "--no-python")
+    assert two.returncode == 0, two.stderr
+
+    m1 = json.loads((single / "metrics/train.json").read_text())
+    m2 = json.loads((ddp / "metrics/train.json").read_text())
+    assert m1["processes"] == 1 and m2["processes"] == 2
+    for key in ("val_loss", "val_acc", "best_epoch", "epochs_run"):
+        assert m2[key] == pytest.approx(m1[key], abs=1e-3), key
+    h1 = (single / "plots/train_history.csv").read_text().splitlines()
+    h2 = (ddp / "plots/train_history.csv").read_text().splitlines()
+    assert len(h1) == len(h2) == P.epochs + 1
+    a, _ = load_checkpoint(single / "models/model.pt")
+    b, _ = load_checkpoint(ddp / "models/model.pt")
+    for (name, wa), wb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.allclose(wa, wb, atol=1e-4), name
+    # rank 0 alone wrote: one checkpoint, no leftover resume state or temp files, one log per epoch
+    assert sorted(p.name for p in (ddp / "models").iterdir()) == ["model.pt"]
+    assert sorted(p.name for p in (ddp / "metrics").iterdir()) == ["train.json"]
+    assert two.stderr.count(f"epoch {P.epochs}/{P.epochs}") == 1
+    assert "torchrun: 2 processes (gloo), each 25 images of every 50-image batch" in two.stderr
+
+
+def test_batch_must_split_over_processes(tmp_path, prepared):
+    d = workdir(tmp_path, prepared, dataclasses.replace(P, batch_size=51))
+    proc = train_in(d, str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "--no-python")
+    assert proc.returncode != 0
+    assert "train.batch_size 51 does not split over 2 processes; use a multiple of 2" in proc.stderr
+    assert not (d / "models").exists() or not any((d / "models").iterdir())
