@@ -256,10 +256,11 @@ def train(p: TrainParams, prepared: str | Path = "data/prepared", model_path: st
     if p.batch_size % d.world:
         raise CnnpipeError(f"train.batch_size {p.batch_size} does not split over {d.world} processes; "
                            f"use a multiple of {d.world}")
+    model_path = Path(model_path)
+    state_path = Path(state_path) if state_path else model_path.with_name(f".{model_path.name}.resume")
     init_process_group(d, device)
     try:
-        return _train(p, Path(prepared), Path(model_path), Path(metrics_path), Path(history_path),
-                      Path(state_path) if state_path else Path(model_path).with_name(f".{Path(model_path).name}.resume"),
+        return _train(p, Path(prepared), model_path, Path(metrics_path), Path(history_path), state_path,
                       device, d, on_epoch)
     finally:
         if d.world > 1 and dist.is_initialized():
