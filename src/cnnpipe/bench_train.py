@@ -1,25 +1,36 @@
-"""`cnnpipe bench train`: training throughput of the seed 000 loop and of our engine, side by side.
+"""`cnnpipe bench train`: the seed 000 training loop and our engine side by side, and time to accuracy.
 
-(a) the seed loop: a Dataset that converts each image with PIL + ToTensor + Normalize in Python, a
-    DataLoader (batch 100, shuffled), LeNet, Adam; (b) our engine's hot path: the same model and batch size on
-    uint8 data resident on the device, normalized there per batch, channels_last. Both run the same number of
-    optimizer steps on the prepared Fashion-MNIST train split, interleaved `repeats` times; medians and the
-    ratio are reported. Prints a table and writes JSON.
+(a) the seed loop, as seed 000 writes it: a Dataset that converts each image with PIL + Resize + ToTensor +
+    Normalize in Python, a shuffled DataLoader (batch 100), its LeNet module (ReLU then pool), Adam at 1e-5;
+(b) our engine (cnnpipe.train's own batch and step code): the same architecture, optimizer and batch size on
+    uint8 data resident on the device. A third row runs our engine's data path on the seed's LeNet module as
+    it is (NCHW), to show what our LeNet (pool before ReLU, the same function; channels_last) adds.
+    All run the same number of optimizer steps on the prepared train split, interleaved `repeats` times;
+    medians and ratios are reported;
+(c) time to accuracy: the train stage's own `train()` on a config (params.yaml's train section, with
+    overrides), scoring the test set after every epoch as the evaluate stage does; that scoring is not
+    counted as training time;
+(d) with --synthetic-cifar instead: the config's training throughput on random CIFAR-shaped data, beside
+    airbench94's A100 figure. Prints tables and writes JSON.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from cnnpipe.data import load_meta, load_split, normalize, stats_tensors, to_device
+from cnnpipe.data import load_meta, load_split, stats_tensors, to_device
 from cnnpipe.fsutil import write_json
-from cnnpipe.models import build_model
+from cnnpipe.params import TrainParams
+from cnnpipe.runtime import Dist, resolve_device
 
 
 class SeedDataset(torch.utils.data.Dataset):
@@ -41,10 +52,27 @@ class SeedDataset(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.x[i, 0], mode="L")), int(self.y[i])
 
 
+class SeedLeNet(nn.Module):
+    """Seed 000's LeNet module, as written there."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 20, 5, 1)
+        self.conv2 = nn.Conv2d(20, 50, 5, 1)
+        self.fully1 = nn.Linear(4 * 4 * 50, 500)
+        self.fully2 = nn.Linear(500, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2, 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2, 2)
+        x = x.view(-1, 4 * 4 * 50)
+        return self.fully2(F.relu(self.fully1(x)))
+
+
 def seed_loop(x: np.ndarray, y: np.ndarray, steps: int, batch: int, seed: int) -> float:
     """Images/s of the seed 000 training loop over `steps` batches (after 5 warm-up batches)."""
     torch.manual_seed(seed)
-    model = build_model("lenet", (1, 28, 28), 10)
+    model = SeedLeNet()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
     loader = torch.utils.data.DataLoader(SeedDataset(x, y), batch_size=batch, shuffle=True)
     it = iter(loader)
@@ -60,12 +88,22 @@ def seed_loop(x: np.ndarray, y: np.ndarray, steps: int, batch: int, seed: int) -
     return steps * batch / (time.perf_counter() - t0)
 
 
-def engine_loop(x: torch.Tensor, y: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, steps: int, batch: int,
-                seed: int) -> float:
-    """Images/s of our hot path: device-resident uint8 data, per-batch normalize, channels_last."""
+def engine_loop(x: torch.Tensor, y: torch.Tensor, meta, steps: int, batch: int, seed: int,
+                seed_module: bool = False) -> float:
+    """Images/s of cnnpipe.train's hot path (next_batch + Engine.step) with the seed's model, optimizer, lr and
+    batch size, no augmentation (the seed has none)."""
+    from cnnpipe.train import build_engine, next_batch
+
     torch.manual_seed(seed)
-    model = build_model("lenet", (1, 28, 28), 10).to(x.device, memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
+    p = TrainParams(model="lenet", batch_size=batch, optimizer="adam", lr=1e-5, weight_decay=0.0,
+                    schedule="constant", translate=0, flip=False, epochs=1)
+    engine = build_engine(p, meta, len(x) // batch, x.device, Dist())
+    if seed_module:
+        engine.net = engine.model = SeedLeNet().to(x.device)  # its view() needs contiguous (NCHW) tensors
+        engine.channels_last = False
+        engine.optimizer = torch.optim.Adam(engine.net.parameters(), lr=1e-5, fused=True)
+    engine.model.train()
+    mean, std = stats_tensors(meta, x.device)
     g = torch.Generator(device=x.device).manual_seed(seed)
     perm = torch.randperm(len(x), generator=g, device=x.device)
     t0 = None
@@ -74,42 +112,136 @@ def engine_loop(x: torch.Tensor, y: torch.Tensor, mean: torch.Tensor, std: torch
             if x.is_cuda:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-        idx = perm[(step * batch) % (len(x) - batch):][:batch]
-        xb = normalize(x[idx], mean, std).contiguous(memory_format=torch.channels_last)
-        loss = F.cross_entropy(model(xb), y[idx])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        start = (step * batch) % (len(x) - batch)
+        engine.step(*next_batch(engine, x, y, mean, std, perm[start: start + batch], False, g))
     if x.is_cuda:
         torch.cuda.synchronize()
     return steps * batch / (time.perf_counter() - t0)
 
 
-def bench_train(prepared: Path, out: Path, steps: int, repeats: int, batch: int, device: str) -> dict:
-    from cnnpipe.runtime import resolve_device
-
-    dev = resolve_device(device)
+def throughput(prepared: Path, steps: int, repeats: int, batch: int, device: torch.device) -> dict:
+    """Parts (a) and (b)."""
     meta = load_meta(prepared)
     x_np, y_np = load_split(prepared, "train")
-    x, y = to_device(x_np, y_np, dev)
-    mean, std = stats_tensors(meta, dev)
-    seed_rates, engine_rates = [], []
-    for r in range(repeats):  # interleaved: machine noise hits both alike
-        seed_rates.append(seed_loop(x_np, y_np, steps, batch, r))
-        engine_rates.append(engine_loop(x, y, mean, std, steps, batch, r))
-    result = {
-        "model": "lenet", "batch": batch, "steps": steps, "repeats": repeats, "device": str(dev),
-        "threads": torch.get_num_threads(),
-        "seed_loop_images_per_s": [round(v, 1) for v in seed_rates],
-        "engine_images_per_s": [round(v, 1) for v in engine_rates],
-        "seed_loop_median": round(statistics.median(seed_rates), 1),
-        "engine_median": round(statistics.median(engine_rates), 1),
-    }
+    x, y = to_device(x_np, y_np, device)
+    rates: dict[str, list[float]] = {"seed_loop": [], "engine": [], "engine_seed_module": []}
+    for r in range(repeats):  # interleaved: machine noise hits all alike
+        rates["seed_loop"].append(seed_loop(x_np, y_np, steps, batch, r))
+        rates["engine"].append(engine_loop(x, y, meta, steps, batch, r))
+        rates["engine_seed_module"].append(engine_loop(x, y, meta, steps, batch, r, seed_module=True))
+    result = {"model": "lenet", "batch": batch, "steps": steps, "repeats": repeats, "device": str(device),
+              "threads": torch.get_num_threads()}
+    for name, values in rates.items():
+        result[f"{name}_images_per_s"] = [round(v, 1) for v in values]
+        result[f"{name}_median"] = round(statistics.median(values), 1)
     result["ratio_of_medians"] = round(result["engine_median"] / result["seed_loop_median"], 2)
-    write_json(out, result)
-    print(f"{'loop':<34}{'images/s (median)':>20}   each run")
-    print(f"{'seed 000 (DataLoader + transforms)':<34}{result['seed_loop_median']:>20.1f}   "
-          f"{result['seed_loop_images_per_s']}")
-    print(f"{'cnnpipe engine (device-resident)':<34}{result['engine_median']:>20.1f}   {result['engine_images_per_s']}")
-    print(f"ratio: {result['ratio_of_medians']}x")
+    result["ratio_seed_module"] = round(result["engine_seed_module_median"] / result["seed_loop_median"], 2)
+    return result
+
+
+def time_to_accuracy(prepared: Path, p: TrainParams, tta_flip: bool, targets: list[float]) -> dict:
+    """Part (c): train with `p`, score the test set after each epoch; the training seconds at which each
+    target test accuracy was first reached."""
+    from cnnpipe.evaluate import test_logits
+    from cnnpipe.train import train
+
+    device = resolve_device(p.device)
+    meta = load_meta(prepared)
+    tx, ty = to_device(*load_split(prepared, "test"), device)
+    mean, std = stats_tensors(meta, device)
+    tta = tta_flip and meta.flip
+    rows: list[dict] = []
+
+    def score(row: dict, model: nn.Module) -> None:
+        acc = (test_logits(model, tx, mean, std, 1000, tta).argmax(1) == ty).float().mean().item()
+        rows.append({"epoch": row["epoch"], "train_seconds": row["train_seconds"], "val_acc": row["val_acc"],
+                     "test_acc": round(acc, 5)})
+        print(f"  epoch {row['epoch']:>3}  {row['train_seconds']:>8.1f} s  val {row['val_acc']:.4f}  test {acc:.4f}",
+              flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="cnnpipe-bench-") as tmp:
+        metrics = train(p, prepared, Path(tmp) / "model.pt", Path(tmp) / "train.json", Path(tmp) / "history.csv",
+                        on_epoch=score)
+    reached = {f"{t:.2f}": next((r["train_seconds"] for r in rows if r["test_acc"] >= t), None) for t in targets}
+    return {"train_params": dataclasses.asdict(p), "tta_flip": tta, "device": metrics["device"],
+            "precision": metrics["precision"], "epochs": rows, "seconds_to_test_acc": reached,
+            "final_test_acc": rows[-1]["test_acc"], "train_seconds": rows[-1]["train_seconds"],
+            "images_per_second": metrics["images_per_second"]}
+
+
+AIRBENCH94_A100 = 50_000 * 9.9 / 3.83  # images/s: airbench94's README, 9.9 epochs in 3.83 s on one A100
+
+
+def synthetic_throughput(p: TrainParams, n: int = 50_000, shape: tuple[int, int, int] = (3, 32, 32)) -> dict:
+    """Part (d): training throughput of the config on CIFAR-shaped random data (no registry here ships
+    CIFAR-10), through the train stage's own `train()`. Steady state = the median epoch after the first
+    (which carries cudnn autotuning and any torch.compile); each epoch also scores 1,000 validation images."""
+    from cnnpipe.fsutil import write_json as _write_json
+    from cnnpipe.train import train
+
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory(prefix="cnnpipe-bench-") as tmp:
+        d = Path(tmp)
+        for split, size in (("train", n), ("val", 1000)):
+            np.save(d / f"{split}_x.npy", rng.integers(0, 256, (size, *shape), dtype=np.uint8))
+            np.save(d / f"{split}_y.npy", rng.integers(0, 10, size, dtype=np.uint8))
+        _write_json(d / "meta.json", {"dataset": "synthetic-cifar10-shape", "classes": [str(i) for i in range(10)],
+                                      "shape": list(shape), "mean": [0.5] * shape[0], "std": [0.25] * shape[0],
+                                      "flip": True})
+        metrics = train(p, d, d / "model.pt", d / "train.json", d / "history.csv")
+        import csv
+
+        rows = list(csv.DictReader((d / "history.csv").open()))
+    seconds = [float(r["seconds"]) for r in rows]
+    per_epoch = n // p.batch_size * p.batch_size
+    steady = statistics.median(seconds[1:]) if len(seconds) > 1 else seconds[0]
+    return {"data": f"random uint8, {n} x {'x'.join(map(str, shape))}", "train_params": dataclasses.asdict(p),
+            "device": metrics["device"], "precision": metrics["precision"], "epoch_seconds": seconds,
+            "total_seconds": metrics["seconds"], "steady_images_per_second": round(per_epoch / steady, 1),
+            "airbench94_a100_images_per_second": round(AIRBENCH94_A100, 1),
+            "ratio_to_airbench94_a100": round(per_epoch / steady / AIRBENCH94_A100, 3)}
+
+
+def print_report(result: dict) -> None:
+    t = result.get("throughput")
+    if t:
+        print(f"{'(a)/(b) loop, LeNet, batch ' + str(t['batch']):<44}{'images/s (median)':>18}   each run")
+        for key, label in [("seed_loop", "seed 000 (DataLoader + transforms)"),
+                           ("engine", "cnnpipe engine"),
+                           ("engine_seed_module", "cnnpipe engine, seed's LeNet module")]:
+            print(f"{label:<44}{t[key + '_median']:>18.1f}   {t[key + '_images_per_s']}")
+        print(f"ratio engine / seed loop: {t['ratio_of_medians']}x "
+              f"(with the seed's LeNet module: {t['ratio_seed_module']}x)")
+    a = result.get("accuracy")
+    if a:
+        print(f"(c) time to test accuracy, {a['train_params']['model']}, {a['train_params']['epochs']} epochs on "
+              f"{a['device']} ({a['precision']}), tta_flip={a['tta_flip']}:")
+        for target, seconds in a["seconds_to_test_acc"].items():
+            print(f"  >= {target}: " + (f"{seconds:.1f} s of training" if seconds is not None else "not reached"))
+        print(f"  final test accuracy {a['final_test_acc']:.4f} after {a['train_seconds']:.1f} s")
+    s = result.get("synthetic")
+    if s:
+        print(f"(d) {s['train_params']['model']} on {s['data']} ({s['device']}, {s['precision']}): "
+              f"{s['steady_images_per_second']:.0f} images/s steady, {s['total_seconds']:.1f} s in all; "
+              f"airbench94 on an A100: {s['airbench94_a100_images_per_second']:.0f} images/s "
+              f"(ratio {s['ratio_to_airbench94_a100']})")
+
+
+def bench_train(prepared: Path, out: Path, steps: int, repeats: int, batch: int, device: str,
+                accuracy: TrainParams | None, tta_flip: bool, targets: list[float],
+                synthetic: TrainParams | None = None) -> dict:
+    result: dict = {}
+    if synthetic is not None:
+        result["synthetic"] = synthetic_throughput(synthetic)
+        write_json(out, result)
+        print_report(result)
+        return result
+    if steps > 0 and repeats > 0:
+        result["throughput"] = throughput(prepared, steps, repeats, batch, resolve_device(device))
+        write_json(out, result)
+        print_report(result)
+    if accuracy is not None:
+        result["accuracy"] = time_to_accuracy(prepared, accuracy, tta_flip, targets)
+        write_json(out, result)
+        print_report({"accuracy": result["accuracy"]})
     return result

@@ -71,8 +71,30 @@ def _example_images(args: argparse.Namespace) -> None:
 def _bench_train(args: argparse.Namespace) -> None:
     from pathlib import Path
 
+    import yaml
+
     from cnnpipe.bench_train import bench_train
-    bench_train(Path(args.prepared), Path(args.out), args.steps, args.repeats, args.batch, args.device)
+    from cnnpipe.errors import CnnpipeError
+    from cnnpipe.params import parse_section, read_yaml
+
+    accuracy, tta = None, False
+    if not args.no_accuracy or args.synthetic_cifar:
+        raw = read_yaml(args.params)
+        section = dict(raw.get("train") or {})
+        for item in args.set:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise CnnpipeError(f"--set {item!r}: expected KEY=VALUE, e.g. --set epochs=4")
+            section[key.removeprefix("train.")] = yaml.safe_load(value)
+        accuracy = parse_section("train", section, f"{args.params} with --set")
+        tta = parse_section("evaluate", raw.get("evaluate"), args.params).tta_flip
+    targets = [float(t) for t in args.targets.split(",") if t]
+    if args.synthetic_cifar:
+        bench_train(Path(args.prepared), Path(args.out), 0, 0, args.batch, args.device, None, tta, targets,
+                    synthetic=accuracy)
+        return
+    bench_train(Path(args.prepared), Path(args.out), args.steps, args.repeats, args.batch, args.device,
+                None if args.no_accuracy else accuracy, tta, targets)
 
 
 STAGES: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
@@ -142,7 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=150, help="timed optimizer steps per run")
     p.add_argument("--repeats", type=int, default=3, help="interleaved runs per loop; medians are reported")
     p.add_argument("--batch", type=int, default=100, help="batch size (the seed's: 100)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="device of the throughput part")
+    p.add_argument("--params", default="params.yaml", help="time to accuracy: the train config to run")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="time to accuracy: override a train param (repeatable), e.g. --set epochs=4")
+    p.add_argument("--targets", default="0.90,0.92,0.93,0.94", help="test accuracies to time, comma-separated")
+    p.add_argument("--no-accuracy", action="store_true", help="skip time to accuracy (c)")
+    p.add_argument("--synthetic-cifar", action="store_true",
+                   help="instead: throughput of the config (with --set) on random 50,000×3×32×32 data (d)")
     p.set_defaults(func=_bench_train)
     return parser
 

@@ -51,6 +51,16 @@ def write_confusion(path: str | Path, actual: np.ndarray, predicted: np.ndarray,
         writer.writerows((classes[a], classes[b]) for a, b in zip(actual, predicted, strict=True))
 
 
+def test_logits(model: torch.nn.Module, x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, batch_size: int,
+                tta_flip: bool) -> torch.Tensor:
+    """Logits for uint8 images on the model's device; with tta_flip, the mean of each image's and its mirror's
+    logits (for datasets where a mirrored image keeps its class)."""
+    logits = predict_logits(model, x, mean, std, batch_size, channels_last=True)
+    if tta_flip:
+        logits = (logits + predict_logits(model, x.flip(3), mean, std, batch_size, channels_last=True)) / 2
+    return logits
+
+
 def evaluate(p: EvaluateParams, prepared: str | Path = "data/prepared", model_path: str | Path = "models/model.pt",
              metrics_path: str | Path = "metrics/eval.json",
              confusion_path: str | Path = "plots/confusion.csv") -> dict:
@@ -67,10 +77,8 @@ def evaluate(p: EvaluateParams, prepared: str | Path = "data/prepared", model_pa
     mean, std = stats_tensors(meta, device)
     model = model.to(memory_format=torch.channels_last)
     t0 = time.perf_counter()
-    logits = predict_logits(model, x, mean, std, p.batch_size, channels_last=True)
     tta = p.tta_flip and meta.flip
-    if tta:  # mirror images predict the same class: average both views' logits
-        logits = (logits + predict_logits(model, x.flip(3), mean, std, p.batch_size, channels_last=True)) / 2
+    logits = test_logits(model, x, mean, std, p.batch_size, tta)
     seconds = time.perf_counter() - t0
     loss = F.cross_entropy(logits, y).item()
     actual = y.cpu().numpy()

@@ -145,6 +145,18 @@ def build_engine(p: TrainParams, meta, steps_per_epoch: int, device: torch.devic
     return Engine(net, model, optimizer, scheduler, scaler, amp, device, p, d)
 
 
+def next_batch(engine: Engine, x: torch.Tensor, y: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+               batch: torch.Tensor, flip: bool, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's shard of a global batch (indices into x): gathered, normalized, augmented, on the device."""
+    p, d = engine.p, engine.d
+    idx = batch[d.rank::d.world]
+    choices = {k: v[d.rank::d.world] for k, v in draw_augment(len(batch), p.translate, flip, generator).items()}
+    xb = augment(normalize(x[idx], mean, std), p.translate, choices)  # B/world × C×H×W float
+    if engine.channels_last:
+        xb = xb.contiguous(memory_format=torch.channels_last)
+    return xb, y[idx]
+
+
 def train_epoch(engine: Engine, x: torch.Tensor, y: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
                 flip: bool, generator: torch.Generator, bar: tqdm | None) -> tuple[float, float, int]:
     """One pass over a fresh permutation; returns (mean loss, accuracy, images seen by all ranks).
@@ -156,12 +168,8 @@ def train_epoch(engine: Engine, x: torch.Tensor, y: torch.Tensor, mean: torch.Te
     loss_sum = torch.zeros((), device=x.device)
     correct = torch.zeros((), device=x.device, dtype=torch.long)
     for s in range(steps):
-        idx = perm[s * p.batch_size: (s + 1) * p.batch_size][d.rank::d.world]
-        choices = {k: v[d.rank::d.world] for k, v in draw_augment(p.batch_size, p.translate, flip, generator).items()}
-        xb = augment(normalize(x[idx], mean, std), p.translate, choices)  # B/world × C×H×W float
-        if engine.channels_last:
-            xb = xb.contiguous(memory_format=torch.channels_last)
-        yb = y[idx]
+        xb, yb = next_batch(engine, x, y, mean, std, perm[s * p.batch_size: (s + 1) * p.batch_size], flip,
+                            generator)
         loss, logits = engine.step(xb, yb)
         loss_sum += loss * len(yb)
         correct += (logits.argmax(1) == yb).sum()

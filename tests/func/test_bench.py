@@ -11,14 +11,41 @@ CLI = str(Path(sys.executable).parent / "cnnpipe")
 
 
 def test_bench_train_tiny(tmp_path, prepared):
+    import yaml
+
+    from cnnpipe.params import defaults
+
+    params = defaults()
+    params["train"].update(model="lenet", batch_size=25, device="cpu", lr=0.01)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     out = tmp_path / "train.json"
     proc = subprocess.run([CLI, "bench", "train", "--prepared", str(prepared), "--out", str(out), "--steps", "3",
-                           "--repeats", "2", "--batch", "20", "--device", "cpu"], capture_output=True, text=True)
+                           "--repeats", "2", "--batch", "20", "--device", "cpu", "--params",
+                           str(tmp_path / "params.yaml"), "--set", "epochs=3", "--set", "train.translate=0",
+                           "--targets", "0.2,1.01"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
-    assert len(result["seed_loop_images_per_s"]) == 2 and result["seed_loop_median"] > 0
-    assert result["ratio_of_medians"] == round(result["engine_median"] / result["seed_loop_median"], 2)
-    assert "ratio:" in proc.stdout
+    t = result["throughput"]
+    assert len(t["seed_loop_images_per_s"]) == 2 and t["seed_loop_median"] > 0
+    assert t["ratio_of_medians"] == round(t["engine_median"] / t["seed_loop_median"], 2)
+    assert "ratio engine / seed loop:" in proc.stdout
+    a = result["accuracy"]
+    assert a["train_params"]["epochs"] == 3 and a["train_params"]["translate"] == 0
+    assert [r["epoch"] for r in a["epochs"]] == [1, 2, 3]
+    seconds = [r["train_seconds"] for r in a["epochs"]]
+    assert seconds == sorted(seconds) and seconds[0] > 0
+    first = next(r["train_seconds"] for r in a["epochs"] if r["test_acc"] >= 0.2)
+    assert a["seconds_to_test_acc"] == {"0.20": first, "1.01": None}
+    assert a["final_test_acc"] == a["epochs"][-1]["test_acc"] and "not reached" in proc.stdout
+
+
+def test_bench_train_bad_override(tmp_path, prepared):
+    proc = subprocess.run([CLI, "bench", "train", "--prepared", str(prepared), "--out", str(tmp_path / "o.json"),
+                           "--steps", "0", "--set", "epochs=many"], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode != 0
+    assert "train.epochs must be int, got 'many'" in proc.stderr
+    assert not (tmp_path / "o.json").exists()
 
 
 def test_bench_serve_tiny(tmp_path, onnx_model):

@@ -146,3 +146,17 @@ def test_corrupt_resume_state(tmp_path, prepared):
     with pytest.raises(CnnpipeError, match=r"resume state .* is corrupt.*delete it to start over"):
         run(tmp_path, prepared, TINY)
     run(tmp_path, prepared, dataclasses.replace(TINY, epochs=1, resume=False))  # resume off: ignored
+
+
+def test_precision_on_cpu(tmp_path, prepared):
+    with pytest.raises(CnnpipeError, match="train.precision fp16 needs a CUDA GPU; use fp32 or bf16"):
+        run(tmp_path, prepared, dataclasses.replace(TINY, precision="fp16"))
+    assert not any(tmp_path.glob("model.pt*")) and not (tmp_path / "train.json").exists()
+    metrics = run(tmp_path, prepared, dataclasses.replace(TINY, precision="bf16", epochs=2))
+    assert metrics["precision"] == "bfloat16" and metrics["val_acc"] >= 0.5
+    assert run(tmp_path, prepared, dataclasses.replace(TINY, epochs=1))["precision"] == "float32"  # auto
+
+
+def test_airnet_trains_on_cpu(tmp_path, prepared):
+    metrics = run(tmp_path, prepared, dataclasses.replace(TINY, model="airnet", epochs=1, lr=0.003))
+    assert metrics["model"] == "airnet" and 0 <= metrics["val_acc"] <= 1
