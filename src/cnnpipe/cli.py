@@ -91,7 +91,7 @@ def _bench_train(args: argparse.Namespace) -> None:
     targets = [float(t) for t in args.targets.split(",") if t]
     if args.synthetic_cifar:
         bench_train(Path(args.prepared), Path(args.out), 0, 0, args.batch, args.device, None, tta, targets,
-                    synthetic=accuracy)
+                    synthetic=accuracy, synthetic_images=args.synthetic_images)
         return
     bench_train(Path(args.prepared), Path(args.out), args.steps, args.repeats, args.batch, args.device,
                 None if args.no_accuracy else accuracy, tta, targets)
@@ -171,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", default="0.90,0.92,0.93,0.94", help="test accuracies to time, comma-separated")
     p.add_argument("--no-accuracy", action="store_true", help="skip time to accuracy (c)")
     p.add_argument("--synthetic-cifar", action="store_true",
-                   help="instead: throughput of the config (with --set) on random 50,000×3×32×32 data (d)")
+                   help="instead: throughput of the config (with --set) on random CIFAR-shaped data (d)")
+    p.add_argument("--synthetic-images", type=int, default=50_000, help="training images of (d); CIFAR-10 has 50,000")
     p.set_defaults(func=_bench_train)
     return parser
 

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from cnnpipe.bench_train import AIRBENCH94_A100
+
 CLI = str(Path(sys.executable).parent / "cnnpipe")
 
 
@@ -37,6 +39,20 @@ def test_bench_train_tiny(tmp_path, prepared):
     first = next(r["train_seconds"] for r in a["epochs"] if r["test_acc"] >= 0.2)
     assert a["seconds_to_test_acc"] == {"0.20": first, "1.01": None}
     assert a["final_test_acc"] == a["epochs"][-1]["test_acc"] and "not reached" in proc.stdout
+
+
+def test_bench_train_synthetic_cifar_shape(tmp_path):
+    out = tmp_path / "syn.json"
+    proc = subprocess.run([CLI, "bench", "train", "--synthetic-cifar", "--synthetic-images", "600", "--out", str(out),
+                           "--set", "model=airnet", "--set", "epochs=2", "--set", "batch_size=100",
+                           "--set", "device=cpu"], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0, proc.stderr
+    s = json.loads(out.read_text())["synthetic"]
+    assert s["data"] == "random uint8, 600 x 3x32x32" and len(s["epoch_seconds"]) == 2
+    assert s["steady_images_per_second"] == round(600 / s["epoch_seconds"][1], 1)
+    assert abs(s["ratio_to_airbench94_a100"] - s["steady_images_per_second"] / AIRBENCH94_A100) < 0.001
+    assert "airbench94 on an A100" in proc.stdout
 
 
 def test_bench_train_bad_override(tmp_path, prepared):
