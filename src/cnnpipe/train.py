@@ -176,7 +176,7 @@ def train_epoch(engine: Engine, x: torch.Tensor, y: torch.Tensor, mean: torch.Te
         if bar is not None:
             bar.update(len(yb) * d.world)
             if s % 20 == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}")
+                bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{correct.item() / ((s + 1) * len(yb)):.3f}")
     totals = torch.stack([loss_sum, correct.to(loss_sum.dtype)])
     if d.world > 1:
         dist.all_reduce(totals)

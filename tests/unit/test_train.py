@@ -160,3 +160,48 @@ def test_precision_on_cpu(tmp_path, prepared):
 def test_airnet_trains_on_cpu(tmp_path, prepared):
     metrics = run(tmp_path, prepared, dataclasses.replace(TINY, model="airnet", epochs=1, lr=0.003))
     assert metrics["model"] == "airnet" and 0 <= metrics["val_acc"] <= 1
+
+
+def test_progress_bar_on_a_terminal_log_lines_elsewhere(tmp_path, prepared):
+    """On a terminal: a bar per epoch with loss, accuracy and images/s; piped (CI, DVC, Prefect): log lines."""
+    import fcntl
+    import os
+    import pty
+    import shutil
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    import yaml
+
+    from cnnpipe.params import defaults
+
+    shutil.copytree(prepared, tmp_path / "work/data/prepared")
+    params = defaults() | {"train": dataclasses.asdict(dataclasses.replace(TINY, epochs=2, batch_size=16))}
+    (tmp_path / "work/params.yaml").write_text(yaml.safe_dump(params))
+    cli = [str(Path(sys.executable).parent / "cnnpipe"), "train"]
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # 120 columns (a new pty has 0)
+    proc = subprocess.Popen(cli, cwd=tmp_path / "work", stdout=subprocess.DEVNULL, stderr=slave)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    assert proc.wait(timeout=120) == 0
+    os.close(master)
+    tty = b"".join(chunks).decode(errors="replace")
+    assert "epoch 1/2" in tty and "loss=" in tty and "acc=" in tty and "img/s" in tty
+
+    piped = subprocess.run(cli, cwd=tmp_path / "work", capture_output=True, text=True, timeout=120)
+    assert piped.returncode == 0
+    assert "acc=" not in piped.stderr and "\r" not in piped.stderr
+    assert [line.split("INFO ")[1].split("  ")[0] for line in piped.stderr.splitlines()
+            if "INFO epoch" in line] == ["epoch 1/2", "epoch 2/2"]
