@@ -80,6 +80,18 @@ def ran(output: str) -> list[str]:
     return re.findall(r"Running stage '([\w-]+)'", output)
 
 
+def train_workdir(root: Path, prepared: Path, train_params) -> Path:
+    """A folder where `cnnpipe train` runs as the stage does: data/prepared and a params.yaml with these
+    train params (every other section at its default)."""
+    import dataclasses
+
+    from cnnpipe.params import defaults
+
+    shutil.copytree(prepared, root / "data/prepared")
+    (root / "params.yaml").write_text(yaml.safe_dump(defaults() | {"train": dataclasses.asdict(train_params)}))
+    return root
+
+
 def set_params(repo: Path, **sections) -> None:
     path = repo / "params.yaml"
     params = yaml.safe_load(path.read_text())

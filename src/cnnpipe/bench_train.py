@@ -170,30 +170,28 @@ def time_to_accuracy(prepared: Path, p: TrainParams, tta_flip: bool, targets: li
             "images_per_second": metrics["images_per_second"]}
 
 
-AIRBENCH94_A100 = 50_000 * 9.9 / 3.83  # images/s: airbench94's README, 9.9 epochs in 3.83 s on one A100
+# images/s: 9.9 epochs of CIFAR-10 in 3.83 s on one A100 (airbench94.py in KellerJordan/cifar10-airbench's README)
+AIRBENCH94_A100 = 50_000 * 9.9 / 3.83
 
 
 def synthetic_throughput(p: TrainParams, n: int = 50_000, shape: tuple[int, int, int] = (3, 32, 32)) -> dict:
     """Part (d): training throughput of the config on CIFAR-shaped random data (no registry here ships
     CIFAR-10), through the train stage's own `train()`. Steady state = the median epoch after the first
     (which carries cudnn autotuning and any torch.compile); each epoch also scores 1,000 validation images."""
-    from cnnpipe.fsutil import write_json as _write_json
     from cnnpipe.train import train
 
     rng = np.random.default_rng(0)
+    seconds: list[float] = []
     with tempfile.TemporaryDirectory(prefix="cnnpipe-bench-") as tmp:
         d = Path(tmp)
         for split, size in (("train", n), ("val", 1000)):
             np.save(d / f"{split}_x.npy", rng.integers(0, 256, (size, *shape), dtype=np.uint8))
             np.save(d / f"{split}_y.npy", rng.integers(0, 10, size, dtype=np.uint8))
-        _write_json(d / "meta.json", {"dataset": "synthetic-cifar10-shape", "classes": [str(i) for i in range(10)],
-                                      "shape": list(shape), "mean": [0.5] * shape[0], "std": [0.25] * shape[0],
-                                      "flip": True})
-        metrics = train(p, d, d / "model.pt", d / "train.json", d / "history.csv")
-        import csv
-
-        rows = list(csv.DictReader((d / "history.csv").open()))
-    seconds = [float(r["seconds"]) for r in rows]
+        write_json(d / "meta.json", {"dataset": "synthetic-cifar10-shape", "classes": [str(i) for i in range(10)],
+                                     "shape": list(shape), "mean": [0.5] * shape[0], "std": [0.25] * shape[0],
+                                     "flip": True})
+        metrics = train(p, d, d / "model.pt", d / "train.json", d / "history.csv",
+                        on_epoch=lambda row, model: seconds.append(row["seconds"]))
     per_epoch = n // p.batch_size * p.batch_size
     steady = statistics.median(seconds[1:]) if len(seconds) > 1 else seconds[0]
     return {"data": f"random uint8, {n} x {'x'.join(map(str, shape))}", "train_params": dataclasses.asdict(p),
@@ -228,15 +226,18 @@ def print_report(result: dict) -> None:
               f"(ratio {s['ratio_to_airbench94_a100']})")
 
 
+def bench_synthetic(p: TrainParams, images: int, out: Path) -> dict:
+    """(d) alone: writes and prints the synthetic CIFAR-shaped throughput."""
+    result = {"synthetic": synthetic_throughput(p, images)}
+    write_json(out, result)
+    print_report(result)
+    return result
+
+
 def bench_train(prepared: Path, out: Path, steps: int, repeats: int, batch: int, device: str,
-                accuracy: TrainParams | None, tta_flip: bool, targets: list[float],
-                synthetic: TrainParams | None = None, synthetic_images: int = 50_000) -> dict:
+                accuracy: TrainParams | None, tta_flip: bool, targets: list[float]) -> dict:
+    """(a) and (b) when steps and repeats are positive, then (c) when `accuracy` is a config."""
     result: dict = {}
-    if synthetic is not None:
-        result["synthetic"] = synthetic_throughput(synthetic, synthetic_images)
-        write_json(out, result)
-        print_report(result)
-        return result
     if steps > 0 and repeats > 0:
         result["throughput"] = throughput(prepared, steps, repeats, batch, resolve_device(device))
         write_json(out, result)

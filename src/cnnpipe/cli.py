@@ -71,9 +71,8 @@ def _example_images(args: argparse.Namespace) -> None:
 def _bench_train(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    import yaml
-
-    from cnnpipe.bench_train import bench_train
+    from cnnpipe.bench_train import bench_synthetic, bench_train
+    from cnnpipe.dvcops import parse_override
     from cnnpipe.errors import CnnpipeError
     from cnnpipe.params import parse_section, read_yaml
 
@@ -85,13 +84,12 @@ def _bench_train(args: argparse.Namespace) -> None:
             key, sep, value = item.partition("=")
             if not sep:
                 raise CnnpipeError(f"--set {item!r}: expected KEY=VALUE, e.g. --set epochs=4")
-            section[key.removeprefix("train.")] = yaml.safe_load(value)
+            section[key.removeprefix("train.")] = parse_override(value)
         accuracy = parse_section("train", section, f"{args.params} with --set")
         tta = parse_section("evaluate", raw.get("evaluate"), args.params).tta_flip
     targets = [float(t) for t in args.targets.split(",") if t]
     if args.synthetic_cifar:
-        bench_train(Path(args.prepared), Path(args.out), 0, 0, args.batch, args.device, None, tta, targets,
-                    synthetic=accuracy, synthetic_images=args.synthetic_images)
+        bench_synthetic(accuracy, args.synthetic_images, Path(args.out))
         return
     bench_train(Path(args.prepared), Path(args.out), args.steps, args.repeats, args.batch, args.device,
                 None if args.no_accuracy else accuracy, tta, targets)

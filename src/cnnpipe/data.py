@@ -85,13 +85,3 @@ def augment(x: torch.Tensor, pad: int, choices: dict[str, torch.Tensor]) -> torc
     if "flip" in choices:
         x = torch.where(choices["flip"].to(x.device)[:, None, None, None], x.flip(3), x)
     return x
-
-
-def random_translate(x: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
-    """Shift each image by up to `pad` pixels in each direction (zero fill)."""
-    return augment(x, pad, draw_augment(len(x), pad, False, generator))
-
-
-def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Mirror a random half of the batch left-right."""
-    return augment(x, 0, draw_augment(len(x), 0, True, generator))

@@ -4,17 +4,16 @@ same model and metrics as one process (up to float summation order), and only ra
 import dataclasses
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from helpers import train_workdir
 
 from cnnpipe.checkpoint import load_checkpoint
-from cnnpipe.params import TrainParams, defaults
+from cnnpipe.params import TrainParams
 
 BIN = Path(sys.executable).parent
 # LeNet has no BatchNorm, whose per-process batch statistics would (by design) differ from one process's.
@@ -22,12 +21,6 @@ BIN = Path(sys.executable).parent
 # near-zero gradients into full-size steps; SGD keeps them at rounding size.
 P = TrainParams(model="lenet", epochs=3, batch_size=50, optimizer="sgd", lr=0.05, translate=1, flip=False,
                 device="cpu")
-
-
-def workdir(root: Path, prepared: Path, p: TrainParams) -> Path:
-    shutil.copytree(prepared, root / "data/prepared")
-    (root / "params.yaml").write_text(yaml.safe_dump(defaults() | {"train": dataclasses.asdict(p)}))
-    return root
 
 
 def train_in(cwd: Path, *launcher: str) -> subprocess.CompletedProcess:
@@ -38,8 +31,8 @@ def train_in(cwd: Path, *launcher: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_torchrun_two_cpu_processes_match_one(tmp_path, prepared):
-    single = workdir(tmp_path / "single", prepared, P)
-    ddp = workdir(tmp_path / "ddp", prepared, P)
+    single = train_workdir(tmp_path / "single", prepared, P)
+    ddp = train_workdir(tmp_path / "ddp", prepared, P)
     one = train_in(single)
     assert one.returncode == 0, one.stderr
     two = train_in(ddp, str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "--no-python")
@@ -65,7 +58,7 @@ def test_torchrun_two_cpu_processes_match_one(tmp_path, prepared):
 
 
 def test_batch_must_split_over_processes(tmp_path, prepared):
-    d = workdir(tmp_path, prepared, dataclasses.replace(P, batch_size=51))
+    d = train_workdir(tmp_path, prepared, dataclasses.replace(P, batch_size=51))
     proc = train_in(d, str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "--no-python")
     assert proc.returncode != 0
     assert "train.batch_size 51 does not split over 2 processes; use a multiple of 2" in proc.stderr

@@ -5,9 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import train_workdir
 
 from cnnpipe.checkpoint import load_checkpoint
-from cnnpipe.data import random_flip, random_translate
+from cnnpipe.data import augment, draw_augment
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.params import TrainParams
 from cnnpipe.train import train
@@ -84,10 +85,10 @@ def test_checkpoint_refuses_code(tmp_path):
 def test_augmentations_keep_shape_and_content():
     g = torch.Generator().manual_seed(0)
     x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).view(2, 1, 4, 4)
-    shifted = random_translate(x, 1, g)
+    shifted = augment(x, 1, draw_augment(len(x), 1, False, g))
     assert shifted.shape == x.shape
-    assert torch.equal(random_translate(x, 0, g), x)
-    flipped = random_flip(x, torch.Generator().manual_seed(1))
+    assert torch.equal(augment(x, 0, draw_augment(len(x), 0, False, g)), x)
+    flipped = augment(x, 0, draw_augment(len(x), 0, True, torch.Generator().manual_seed(1)))
     for i in range(2):
         assert torch.equal(flipped[i], x[i]) or torch.equal(flipped[i], x[i].flip(-1))
 
@@ -101,23 +102,15 @@ def test_early_stopping(tmp_path, prepared):
 def test_resume_after_sigint_matches_an_uninterrupted_run(tmp_path, prepared):
     """A real Ctrl-C (SIGINT) mid-run, then the same command: it continues after the last completed epoch
     and ends with exactly the metrics of a run that was never interrupted."""
-    import shutil
     import signal
     import subprocess
     import sys
     import time
 
-    import yaml
-
-    from cnnpipe.params import defaults
-
     p = dataclasses.replace(TINY, epochs=25, batch_size=16)
     reference = run(tmp_path / "ref", prepared, dataclasses.replace(p, resume=False))
 
-    work = tmp_path / "work"
-    shutil.copytree(prepared, work / "data/prepared")
-    params = defaults() | {"train": dataclasses.asdict(p)}
-    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    work = train_workdir(tmp_path / "work", prepared, p)
     cli = [str(Path(sys.executable).parent / "cnnpipe"), "train"]
     state = work / "models/.model.pt.resume"
     proc = subprocess.Popen(cli, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -167,19 +160,12 @@ def test_progress_bar_on_a_terminal_log_lines_elsewhere(tmp_path, prepared):
     import fcntl
     import os
     import pty
-    import shutil
     import struct
     import subprocess
     import sys
     import termios
 
-    import yaml
-
-    from cnnpipe.params import defaults
-
-    shutil.copytree(prepared, tmp_path / "work/data/prepared")
-    params = defaults() | {"train": dataclasses.asdict(dataclasses.replace(TINY, epochs=2, batch_size=16))}
-    (tmp_path / "work/params.yaml").write_text(yaml.safe_dump(params))
+    train_workdir(tmp_path / "work", prepared, dataclasses.replace(TINY, epochs=2, batch_size=16))
     cli = [str(Path(sys.executable).parent / "cnnpipe"), "train"]
 
     master, slave = pty.openpty()
