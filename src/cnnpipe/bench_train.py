@@ -1,9 +1,10 @@
 """`cnnpipe bench train`: the seed 000 training loop and our engine side by side, and time to accuracy.
 
-(a) the seed loop, as seed 000 writes it: a Dataset that converts each image with PIL + Resize + ToTensor +
-    Normalize in Python, a shuffled DataLoader (batch 100), its LeNet module (ReLU then pool), Adam at 1e-5;
-(b) our engine (cnnpipe.train's own batch and step code): the same architecture, optimizer and batch size on
-    uint8 data resident on the device. A third row runs our engine's data path on the seed's LeNet module as
+(a) the seed loop, as seed 000 writes it: torchvision's MNIST dataset class over our train split, converting
+    each image with PIL + Resize + ToTensor + Normalize in Python, a shuffled DataLoader (batch 100), its LeNet
+    module (ReLU then pool), Adam at 1e-5, and its per-batch loss/accuracy bookkeeping, on the same device;
+(b) our engine (cnnpipe.train's own epoch loop, `train_epoch`): the same architecture, optimizer and batch
+    size on uint8 data resident on the device. A third row runs our engine's data path on the seed's LeNet module as
     it is (NCHW), to show what our LeNet (pool before ReLU, the same function; channels_last) adds.
     All run the same number of optimizer steps on the prepared train split, interleaved `repeats` times;
     medians and ratios are reported;
@@ -28,28 +29,26 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnpipe.data import load_meta, load_split, stats_tensors, to_device
+from cnnpipe.errors import CnnpipeError
+from cnnpipe.formats import write_idx
 from cnnpipe.fsutil import write_json
 from cnnpipe.params import TrainParams
 from cnnpipe.runtime import Dist, resolve_device
 
 
-class SeedDataset(torch.utils.data.Dataset):
-    """What torchvision's MNIST dataset does per sample: PIL image, then the seed's transforms."""
+def seed_dataset(x: np.ndarray, y: np.ndarray, root: Path):
+    """Seed 000's dataset: torchvision's own MNIST class and the seed's transforms, over our train split
+    (written as the uncompressed IDX files the class reads; it needs a t10k pair too, so a 1-image one)."""
+    from torchvision import datasets, transforms
 
-    def __init__(self, x: np.ndarray, y: np.ndarray):
-        from torchvision import transforms
-
-        self.x, self.y = x, y
-        self.transform = transforms.Compose([transforms.Resize((28, 28)), transforms.ToTensor(),
-                                             transforms.Normalize((0.5,), (0.5,))])
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def __getitem__(self, i: int):
-        from PIL import Image
-
-        return self.transform(Image.fromarray(self.x[i, 0], mode="L")), int(self.y[i])
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for prefix, (images, labels) in {"train": (x[:, 0], y), "t10k": (x[:1, 0], y[:1])}.items():
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", images, compress=False)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels, compress=False)
+    transform1 = transforms.Compose([transforms.Resize((28, 28)), transforms.ToTensor(),
+                                     transforms.Normalize((0.5,), (0.5,))])
+    return datasets.MNIST(root=str(root), train=True, download=False, transform=transform1)
 
 
 class SeedLeNet(nn.Module):
@@ -69,54 +68,56 @@ class SeedLeNet(nn.Module):
         return self.fully2(F.relu(self.fully1(x)))
 
 
-def seed_loop(x: np.ndarray, y: np.ndarray, steps: int, batch: int, seed: int) -> float:
-    """Images/s of the seed 000 training loop over `steps` batches (after 5 warm-up batches)."""
+def seed_loop(training_dataset, steps: int, batch: int, seed: int, device: torch.device) -> float:
+    """Images/s of seed 000's training loop, its per-batch bookkeeping included, over `steps` batches
+    (after 5 warm-up batches)."""
     torch.manual_seed(seed)
-    model = SeedLeNet()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
-    loader = torch.utils.data.DataLoader(SeedDataset(x, y), batch_size=batch, shuffle=True)
-    it = iter(loader)
-    t0 = None
-    for step in range(steps + 5):
+    model = SeedLeNet().to(device)
+    criteron = nn.CrossEntropyLoss()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.00001)
+    training_loader = torch.utils.data.DataLoader(dataset=training_dataset, batch_size=batch, shuffle=True)
+    loss, correct, t0 = 0.0, 0.0, time.perf_counter()
+    for step, (inputs, labels) in enumerate(training_loader):
         if step == 5:
             t0 = time.perf_counter()
-        inputs, labels = next(it)
-        loss = F.cross_entropy(model(inputs), labels)
+        elif step == steps + 5:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            break
+        inputs = inputs.to(device)
+        labels = labels.to(device)
+        outputs = model(inputs)
+        loss1 = criteron(outputs, labels)
         optimizer.zero_grad()
-        loss.backward()
+        loss1.backward()
         optimizer.step()
+        _, preds = torch.max(outputs, 1)
+        loss += loss1.item()
+        correct += torch.sum(preds == labels.data)
     return steps * batch / (time.perf_counter() - t0)
 
 
 def engine_loop(x: torch.Tensor, y: torch.Tensor, meta, steps: int, batch: int, seed: int,
                 seed_module: bool = False) -> float:
-    """Images/s of cnnpipe.train's hot path (next_batch + Engine.step) with the seed's model, optimizer, lr and
-    batch size, no augmentation (the seed has none)."""
-    from cnnpipe.train import build_engine, next_batch
+    """Images/s of cnnpipe.train's own epoch loop (train_epoch: batches, steps and its loss/accuracy
+    bookkeeping) with the seed's model, optimizer, lr and batch size, no augmentation (the seed has none),
+    over `steps` batches after a 5-batch warm-up epoch."""
+    from cnnpipe.train import build_engine, train_epoch
 
     torch.manual_seed(seed)
     p = TrainParams(model="lenet", batch_size=batch, optimizer="adam", lr=1e-5, weight_decay=0.0,
                     schedule="constant", translate=0, flip=False, epochs=1)
-    engine = build_engine(p, meta, len(x) // batch, x.device, Dist())
+    engine = build_engine(p, meta, steps, x.device, Dist())
     if seed_module:
         engine.net = engine.model = SeedLeNet().to(x.device)  # its view() needs contiguous (NCHW) tensors
         engine.channels_last = False
         engine.optimizer = torch.optim.Adam(engine.net.parameters(), lr=1e-5, fused=True)
         engine.scheduler = torch.optim.lr_scheduler.LambdaLR(engine.optimizer, lambda step: 1.0)
-    engine.model.train()
     mean, std = stats_tensors(meta, x.device)
     g = torch.Generator(device=x.device).manual_seed(seed)
-    perm = torch.randperm(len(x), generator=g, device=x.device)
-    t0 = None
-    for step in range(steps + 5):
-        if step == 5:
-            if x.is_cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-        start = (step * batch) % (len(x) - batch)
-        engine.step(*next_batch(engine, x, y, mean, std, perm[start: start + batch], False, g))
-    if x.is_cuda:
-        torch.cuda.synchronize()
+    train_epoch(engine, x[:5 * batch], y[:5 * batch], mean, std, False, g, None)  # ends in .item(): synced
+    t0 = time.perf_counter()
+    train_epoch(engine, x[:steps * batch], y[:steps * batch], mean, std, False, g, None)
     return steps * batch / (time.perf_counter() - t0)
 
 
@@ -124,12 +125,17 @@ def throughput(prepared: Path, steps: int, repeats: int, batch: int, device: tor
     """Parts (a) and (b)."""
     meta = load_meta(prepared)
     x_np, y_np = load_split(prepared, "train")
+    if (steps + 5) * batch > len(y_np):
+        raise CnnpipeError(f"--steps {steps} at --batch {batch} needs {(steps + 5) * batch} training images "
+                           f"(5 warm-up batches included) and the split has {len(y_np)}; lower --steps")
     x, y = to_device(x_np, y_np, device)
     rates: dict[str, list[float]] = {"seed_loop": [], "engine": [], "engine_seed_module": []}
-    for r in range(repeats):  # interleaved: machine noise hits all alike
-        rates["seed_loop"].append(seed_loop(x_np, y_np, steps, batch, r))
-        rates["engine"].append(engine_loop(x, y, meta, steps, batch, r))
-        rates["engine_seed_module"].append(engine_loop(x, y, meta, steps, batch, r, seed_module=True))
+    with tempfile.TemporaryDirectory(prefix="cnnpipe-bench-") as tmp:
+        dataset = seed_dataset(x_np, y_np, Path(tmp))
+        for r in range(repeats):  # interleaved: machine noise hits all alike
+            rates["seed_loop"].append(seed_loop(dataset, steps, batch, r, device))
+            rates["engine"].append(engine_loop(x, y, meta, steps, batch, r))
+            rates["engine_seed_module"].append(engine_loop(x, y, meta, steps, batch, r, seed_module=True))
     result = {"model": "lenet", "batch": batch, "steps": steps, "repeats": repeats, "device": str(device),
               "threads": torch.get_num_threads()}
     for name, values in rates.items():

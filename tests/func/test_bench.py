@@ -64,6 +64,18 @@ def test_bench_train_bad_override(tmp_path, prepared):
     assert not (tmp_path / "o.json").exists()
 
 
+def test_bench_train_too_many_steps(tmp_path, prepared):
+    """350 training images hold 17 batches of 20: 13 timed + 5 warm-up is one too many."""
+    out = tmp_path / "o.json"
+    proc = subprocess.run([CLI, "bench", "train", "--prepared", str(prepared), "--out", str(out), "--steps", "13",
+                           "--batch", "20", "--device", "cpu", "--no-accuracy"], capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "cnnpipe bench: error: --steps 13 at --batch 20 needs 360 training images (5 warm-up batches included) and the split "
+        "has 350; lower --steps")
+    assert not out.exists()
+
+
 def test_bench_serve_tiny(tmp_path, onnx_model):
     out = tmp_path / "serve.json"
     d = onnx_model.parent
