@@ -1,5 +1,6 @@
 """The train stage under torchrun: 2 CPU processes with gloo, each on its shard of every batch, give the
-same model and metrics as one process (up to float summation order), and only rank 0 writes."""
+same model and metrics as one process (up to float summation order), and only rank 0 writes; the same on
+two "nodes" (two torchrun launchers, each in its own folder, meeting at a static rendezvous on loopback)."""
 
 import dataclasses
 import json
@@ -12,6 +13,7 @@ import pytest
 import torch
 from helpers import train_workdir
 
+from cnnpipe.bench_serve import free_port
 from cnnpipe.checkpoint import load_checkpoint
 from cnnpipe.params import TrainParams
 
@@ -29,15 +31,7 @@ def train_in(cwd: Path, *launcher: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.slow
-def test_torchrun_two_cpu_processes_match_one(tmp_path, prepared):
-    single = train_workdir(tmp_path / "single", prepared, P)
-    ddp = train_workdir(tmp_path / "ddp", prepared, P)
-    one = train_in(single)
-    assert one.returncode == 0, one.stderr
-    two = train_in(ddp, str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "--no-python")
-    assert two.returncode == 0, two.stderr
-
+def assert_same_model(single: Path, ddp: Path) -> None:
     m1 = json.loads((single / "metrics/train.json").read_text())
     m2 = json.loads((ddp / "metrics/train.json").read_text())
     assert m1["processes"] == 1 and m2["processes"] == 2
@@ -50,11 +44,41 @@ def test_torchrun_two_cpu_processes_match_one(tmp_path, prepared):
     b, _ = load_checkpoint(ddp / "models/model.pt")
     for (name, wa), wb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.allclose(wa, wb, atol=1e-4), name
-    # rank 0 alone wrote: one checkpoint, no leftover resume state or temp files, one log per epoch
+    # rank 0 alone wrote: one checkpoint, no leftover resume state or temp files
     assert sorted(p.name for p in (ddp / "models").iterdir()) == ["model.pt"]
     assert sorted(p.name for p in (ddp / "metrics").iterdir()) == ["train.json"]
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes_match_one(tmp_path, prepared):
+    single = train_workdir(tmp_path / "single", prepared, P)
+    ddp = train_workdir(tmp_path / "ddp", prepared, P)
+    one = train_in(single)
+    assert one.returncode == 0, one.stderr
+    two = train_in(ddp, str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "--no-python")
+    assert two.returncode == 0, two.stderr
+    assert_same_model(single, ddp)
     assert two.stderr.count(f"epoch {P.epochs}/{P.epochs}") == 1
     assert "torchrun: 2 processes (gloo), each 25 images of every 50-image batch" in two.stderr
+
+    # two nodes of one process each: rank 1 has LOCAL_RANK 0 too, and must still write nothing
+    nodes = [train_workdir(tmp_path / f"node{i}", prepared, P) for i in range(2)]
+    port = str(free_port())
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([str(BIN / "torchrun"), "--nnodes", "2", "--node_rank", str(i), "--nproc_per_node", "1",
+                               "--master_addr", "127.0.0.1", "--master_port", port, "--no-python",
+                               str(BIN / "cnnpipe"), "train"], cwd=node, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i, node in enumerate(nodes)]
+    try:
+        outs = [proc.communicate(timeout=300) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    assert [proc.returncode for proc in procs] == [0, 0], [err for _, err in outs]
+    assert_same_model(single, nodes[0])
+    assert not (nodes[1] / "metrics").exists() and not any((nodes[1] / "models").glob("*"))
+    assert outs[0][1].count(f"epoch {P.epochs}/{P.epochs}") == 1
+    assert f"epoch {P.epochs}/{P.epochs}" not in outs[1][1]
 
 
 def test_batch_must_split_over_processes(tmp_path, prepared):
