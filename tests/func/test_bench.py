@@ -71,8 +71,8 @@ def test_bench_train_too_many_steps(tmp_path, prepared):
                            "--batch", "20", "--device", "cpu", "--no-accuracy"], capture_output=True, text=True)
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1] == (
-        "cnnpipe bench: error: --steps 13 at --batch 20 needs 360 training images (5 warm-up batches included) and the split "
-        "has 350; lower --steps")
+        "cnnpipe bench: error: --steps 13 at --batch 20 needs 360 training images (5 warm-up batches included) "
+        "and the split has 350; lower --steps")
     assert not out.exists()
 
 

@@ -9,9 +9,10 @@ import shutil
 import tarfile
 import zipfile
 
+import httpx
 import onnx
 import pytest
-from helpers import commit, dvc, make_repo, md5_of, ran, set_params
+from helpers import commit, dvc, make_repo, md5_of, ran, set_params, start_server, stop
 
 from cnnpipe.download import download
 from cnnpipe.errors import CnnpipeError
@@ -73,6 +74,19 @@ def test_csv_end_to_end(tmp_path):
     export(ExportParams(check_images=8), tmp_path / "prep", tmp_path / "model.pt", tmp_path / "m.onnx",
            tmp_path / "export.json")
     assert m["images"] == 7 and onnx_classes(tmp_path / "m.onnx") == list(SHAPES)
+
+    proc, url = start_server(tmp_path / "m.onnx")  # the real service reports and answers with those classes
+    try:
+        meta = httpx.get(url + "/metadata").json()
+        assert meta["classes"] == list(SHAPES) and meta["input_shape"] == [3, 16, 16]
+        image = next((tmp_path / "csvset").rglob("*.jpg"))  # 24×24: the service resizes it
+        r = httpx.post(url + "/predict?k=3", files=[("files", (image.name, image.read_bytes(), "image/jpeg"))])
+        assert r.status_code == 200, r.text
+        top = r.json()["predictions"][0]
+        assert len(top) == 3 and all(p["label"] == SHAPES[p["index"]] for p in top)
+        assert [p["probability"] for p in top] == sorted((p["probability"] for p in top), reverse=True)
+    finally:
+        stop(proc)
 
 
 def run_both(tmp_path, params: DownloadParams, sp: SplitParams = SMALL):
