@@ -102,7 +102,7 @@ def engine_loop(x: torch.Tensor, y: torch.Tensor, meta, steps: int, batch: int, 
     """Images/s of cnnpipe.train's own epoch loop (train_epoch: batches, steps and its loss/accuracy
     bookkeeping) with the seed's model, optimizer, lr and batch size, no augmentation (the seed has none),
     over `steps` batches after a 5-batch warm-up epoch."""
-    from cnnpipe.train import build_engine, train_epoch
+    from cnnpipe.train import build_engine, make_optimizer, make_schedule, train_epoch
 
     torch.manual_seed(seed)
     p = TrainParams(model="lenet", batch_size=batch, optimizer="adam", lr=1e-5, weight_decay=0.0,
@@ -111,8 +111,8 @@ def engine_loop(x: torch.Tensor, y: torch.Tensor, meta, steps: int, batch: int, 
     if seed_module:
         engine.net = engine.model = SeedLeNet().to(x.device)  # its view() needs contiguous (NCHW) tensors
         engine.channels_last = False
-        engine.optimizer = torch.optim.Adam(engine.net.parameters(), lr=1e-5, fused=True)
-        engine.scheduler = torch.optim.lr_scheduler.LambdaLR(engine.optimizer, lambda step: 1.0)
+        engine.optimizer = make_optimizer(engine.net, p)
+        engine.scheduler = make_schedule(engine.optimizer, p, steps)
     mean, std = stats_tensors(meta, x.device)
     g = torch.Generator(device=x.device).manual_seed(seed)
     train_epoch(engine, x[:5 * batch], y[:5 * batch], mean, std, False, g, None)  # ends in .item(): synced

@@ -25,10 +25,12 @@ P = TrainParams(model="lenet", epochs=3, batch_size=50, optimizer="sgd", lr=0.05
                 device="cpu")
 
 
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+TRAIN = [str(BIN / "cnnpipe"), "train"]
+
+
 def train_in(cwd: Path, *launcher: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([*launcher, str(BIN / "cnnpipe"), "train"], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run([*launcher, *TRAIN], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300)
 
 
 def assert_same_model(single: Path, ddp: Path) -> None:
@@ -64,11 +66,10 @@ def test_torchrun_two_cpu_processes_match_one(tmp_path, prepared):
     # two nodes of one process each: rank 1 has LOCAL_RANK 0 too, and must still write nothing
     nodes = [train_workdir(tmp_path / f"node{i}", prepared, P) for i in range(2)]
     port = str(free_port())
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     procs = [subprocess.Popen([str(BIN / "torchrun"), "--nnodes", "2", "--node_rank", str(i), "--nproc_per_node", "1",
-                               "--master_addr", "127.0.0.1", "--master_port", port, "--no-python",
-                               str(BIN / "cnnpipe"), "train"], cwd=node, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i, node in enumerate(nodes)]
+                               "--master_addr", "127.0.0.1", "--master_port", port, "--no-python", *TRAIN],
+                              cwd=node, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i, node in enumerate(nodes)]
     try:
         outs = [proc.communicate(timeout=300) for proc in procs]
     finally:
