@@ -149,7 +149,7 @@ def throughput(prepared: Path, steps: int, repeats: int, batch: int, device: tor
 def time_to_accuracy(prepared: Path, p: TrainParams, tta_flip: bool, targets: list[float]) -> dict:
     """Part (c): train with `p`, score the test set after each epoch; the training seconds at which each
     target test accuracy was first reached."""
-    from cnnpipe.evaluate import test_logits
+    from cnnpipe.inference import tta_logits
     from cnnpipe.train import train
 
     device = resolve_device(p.device)
@@ -160,7 +160,7 @@ def time_to_accuracy(prepared: Path, p: TrainParams, tta_flip: bool, targets: li
     rows: list[dict] = []
 
     def score(row: dict, model: nn.Module) -> None:
-        acc = (test_logits(model, tx, mean, std, 1000, tta).argmax(1) == ty).float().mean().item()
+        acc = (tta_logits(model, tx, mean, std, 1000, tta).argmax(1) == ty).float().mean().item()
         rows.append({"epoch": row["epoch"], "train_seconds": row["train_seconds"], "val_acc": row["val_acc"],
                      "test_acc": round(acc, 5)})
         print(f"  epoch {row['epoch']:>3}  {row['train_seconds']:>8.1f} s  val {row['val_acc']:.4f}  test {acc:.4f}",

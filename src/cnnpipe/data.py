@@ -22,6 +22,7 @@ class Meta:
     mean: list[float]  # per channel, 0-1 scale
     std: list[float]
     flip: bool  # is a horizontal flip label-preserving for this dataset?
+    sizes: dict[str, int] | None = None  # images per split (train, val, test), as written by the split stage
 
 
 def load_meta(prepared: str | Path) -> Meta:
@@ -29,7 +30,7 @@ def load_meta(prepared: str | Path) -> Meta:
     if not path.is_file():
         raise CnnpipeError(f"{path}: not found; run the split stage first (dvc repro split)")
     m = json.loads(path.read_text())
-    return Meta(m["dataset"], m["classes"], tuple(m["shape"]), m["mean"], m["std"], m["flip"])
+    return Meta(m["dataset"], m["classes"], tuple(m["shape"]), m["mean"], m["std"], m["flip"], m.get("sizes"))
 
 
 def load_split(prepared: str | Path, name: str, mmap: bool = False) -> tuple[np.ndarray, np.ndarray]:

@@ -1,7 +1,8 @@
 """Stage 4, evaluate: the trained model on the untouched test split.
 
-Writes metrics/eval.json (accuracy, loss, per-class precision/recall/F1) and plots/confusion.csv,
-one {actual, predicted} row per test image: DVC's confusion-matrix plot format.
+Writes metrics/eval.json (accuracy, loss, macro and worst-class F1), metrics/eval.info.json (dataset, device,
+TTA), plots/per_class.csv (precision, recall, F1 per class) and plots/confusion.csv, one {actual, predicted} row
+per test image: DVC's confusion-matrix plot format.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ import torch.nn.functional as F
 from cnnpipe.checkpoint import load_checkpoint, meta_of
 from cnnpipe.data import load_meta, load_split, stats_tensors, to_device
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.fsutil import atomic_path, write_json
+from cnnpipe.fsutil import atomic_path, write_metrics
+from cnnpipe.inference import tta_logits
 from cnnpipe.params import EvaluateParams
 from cnnpipe.runtime import resolve_device
-from cnnpipe.train import predict_logits
 
 log = logging.getLogger(__name__)
 
@@ -51,19 +52,18 @@ def write_confusion(path: str | Path, actual: np.ndarray, predicted: np.ndarray,
         writer.writerows((classes[a], classes[b]) for a, b in zip(actual, predicted, strict=True))
 
 
-def test_logits(model: torch.nn.Module, x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, batch_size: int,
-                tta_flip: bool) -> torch.Tensor:
-    """Logits for uint8 images on the model's device; with tta_flip, the mean of each image's and its mirror's
-    logits (for datasets where a mirrored image keeps its class)."""
-    logits = predict_logits(model, x, mean, std, batch_size, channels_last=True)
-    if tta_flip:
-        logits = (logits + predict_logits(model, x.flip(3), mean, std, batch_size, channels_last=True)) / 2
-    return logits
+def write_per_class(path: str | Path, scores: dict[str, dict[str, float]]) -> None:
+    """One row per class (precision, recall, F1, support): a table `dvc plots` draws as bars."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["class", "precision", "recall", "f1", "support"])
+        writer.writerows([name, v["precision"], v["recall"], v["f1"], v["support"]] for name, v in scores.items())
 
 
 def evaluate(p: EvaluateParams, prepared: str | Path = "data/prepared", model_path: str | Path = "models/model.pt",
              metrics_path: str | Path = "metrics/eval.json",
-             confusion_path: str | Path = "plots/confusion.csv") -> dict:
+             confusion_path: str | Path = "plots/confusion.csv",
+             per_class_path: str | Path = "plots/per_class.csv") -> dict:
     device = resolve_device(p.device)
     model, state = load_checkpoint(model_path, device)
     meta = meta_of(state)
@@ -78,7 +78,7 @@ def evaluate(p: EvaluateParams, prepared: str | Path = "data/prepared", model_pa
     model = model.to(memory_format=torch.channels_last)
     t0 = time.perf_counter()
     tta = p.tta_flip and meta.flip
-    logits = test_logits(model, x, mean, std, p.batch_size, tta)
+    logits = tta_logits(model, x, mean, std, p.batch_size, tta)
     seconds = time.perf_counter() - t0
     loss = F.cross_entropy(logits, y).item()
     actual = y.cpu().numpy()
@@ -90,14 +90,11 @@ def evaluate(p: EvaluateParams, prepared: str | Path = "data/prepared", model_pa
         "loss": round(loss, 5),
         "macro_f1": round(float(np.mean([s["f1"] for s in scores.values()])), 5),
         "min_f1": min(s["f1"] for s in scores.values()),  # the worst class
-        "images": int(len(actual)),
         "seconds": round(seconds, 3),
-        "device": str(device),
-        "tta_flip": tta,
-        # a list, not a mapping: DVC's metrics tables skip lists, so `dvc metrics show` stays readable
-        "per_class": [{"class": name, **values} for name, values in scores.items()],
     }
+    info = {"dataset": meta.dataset, "images": int(len(actual)), "device": str(device), "tta_flip": tta}
     write_confusion(confusion_path, actual, predicted, meta.classes)
-    write_json(metrics_path, metrics)
+    write_per_class(per_class_path, scores)
+    write_metrics(metrics_path, metrics, info)
     log.info("test accuracy %.4f  loss %.4f  on %d images", metrics["accuracy"], loss, len(actual))
-    return metrics
+    return metrics | info | {"per_class": scores}

@@ -55,6 +55,21 @@ def write_json(path: str | Path, data: Any) -> Path:
     return Path(path)
 
 
+def info_path(metrics_path: str | Path) -> Path:
+    """Where a stage's provenance goes: beside its metrics file (metrics/train.json -> metrics/train.info.json)."""
+    path = Path(metrics_path)
+    return path.with_name(f"{path.stem}.info.json")
+
+
+def write_metrics(metrics_path: str | Path, metrics: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
+    """Measurements a change can move go to `metrics_path` (numbers only, what `dvc metrics diff` compares);
+    provenance (device, versions, hashes, names) goes to its info file, an output that is not a metric.
+    Returns both in one dict, for callers."""
+    write_json(info_path(metrics_path), info)
+    write_json(metrics_path, metrics)
+    return metrics | info
+
+
 def file_digest(path: str | Path, algorithm: str) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, algorithm).hexdigest()

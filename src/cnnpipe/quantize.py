@@ -18,8 +18,7 @@ import onnx
 
 from cnnpipe.data import load_meta, load_split
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.export import INPUT_NAME
-from cnnpipe.fsutil import atomic_path, write_json
+from cnnpipe.fsutil import atomic_path, write_metrics
 from cnnpipe.params import QuantizeParams
 from cnnpipe.predictor import normalize_pixels
 
@@ -29,8 +28,8 @@ log = logging.getLogger(__name__)
 class _Calibration:
     """onnxruntime's CalibrationDataReader protocol over normalized validation images."""
 
-    def __init__(self, x: np.ndarray, batch: int = 64):
-        self.batches = iter([{INPUT_NAME: x[i: i + batch]} for i in range(0, len(x), batch)])
+    def __init__(self, input_name: str, x: np.ndarray, batch: int = 64):
+        self.batches = iter([{input_name: x[i: i + batch]} for i in range(0, len(x), batch)])
 
     def get_next(self):
         return next(self.batches, None)
@@ -42,7 +41,8 @@ def quantize_file(src: Path, dst: Path, calibration: np.ndarray, per_channel: bo
     with tempfile.TemporaryDirectory() as tmp:
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-        quantize_static(str(pre), str(dst), _Calibration(calibration), quant_format=QuantFormat.QDQ,
+        input_name = onnx.load(pre, load_external_data=False).graph.input[0].name
+        quantize_static(str(pre), str(dst), _Calibration(input_name, calibration), quant_format=QuantFormat.QDQ,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=per_channel,
                         reduce_range=reduce_range)
     # quantization drops custom metadata: carry the server's metadata over
@@ -60,12 +60,13 @@ def measure(path: Path, x: np.ndarray, y: np.ndarray, latency_runs: int) -> dict
     from cnnpipe.predictor import session_options
 
     session = ort.InferenceSession(str(path), sess_options=session_options(), providers=["CPUExecutionProvider"])
-    pred = np.concatenate([session.run(None, {INPUT_NAME: x[i: i + 1000]})[0].argmax(1)
+    name = session.get_inputs()[0].name
+    pred = np.concatenate([session.run(None, {name: x[i: i + 1000]})[0].argmax(1)
                            for i in range(0, len(x), 1000)])
     times = []
     for i in range(latency_runs + 10):
         t0 = time.perf_counter()
-        session.run(None, {INPUT_NAME: x[i % len(x): i % len(x) + 1]})
+        session.run(None, {name: x[i % len(x): i % len(x) + 1]})
         if i >= 10:  # warm-up runs are not counted
             times.append((time.perf_counter() - t0) * 1000)
     return {
@@ -76,14 +77,18 @@ def measure(path: Path, x: np.ndarray, y: np.ndarray, latency_runs: int) -> dict
     }
 
 
+def ort_version() -> str:
+    import onnxruntime as ort
+
+    return ort.__version__
+
+
 def quantize(p: QuantizeParams, prepared: str | Path = "data/prepared", onnx_path: str | Path = "models/model.onnx",
              int8_path: str | Path = "models/model.int8.onnx",
              metrics_path: str | Path = "metrics/quantize.json") -> dict:
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise CnnpipeError(f"{onnx_path}: not found; run the export stage first (dvc repro export)")
-    if p.calibration_images < 1:
-        raise CnnpipeError(f"quantize.calibration_images must be at least 1, got {p.calibration_images}")
     meta = load_meta(prepared)
     vx, _ = load_split(prepared, "val", mmap=True)
     tx, ty = load_split(prepared, "test")
@@ -93,17 +98,18 @@ def quantize(p: QuantizeParams, prepared: str | Path = "data/prepared", onnx_pat
         quantize_file(onnx_path, tmp, calibration, p.per_channel, p.reduce_range)
         int8 = measure(tmp, x_test, ty, p.latency_runs)
     fp32 = measure(onnx_path, x_test, ty, p.latency_runs)
+    int8["size_bytes"] = Path(int8_path).stat().st_size
     metrics = {
         "fp32": fp32,
-        "int8": int8 | {"size_bytes": Path(int8_path).stat().st_size},
+        "int8": int8,
         "accuracy_drop": round(fp32["accuracy"] - int8["accuracy"], 5),
-        "size_ratio": round(fp32["size_bytes"] / Path(int8_path).stat().st_size, 3),
+        "size_ratio": round(fp32["size_bytes"] / int8["size_bytes"], 3),
         "latency_ratio_p50": round(fp32["latency_ms_p50"] / int8["latency_ms_p50"], 3),
-        "calibration_images": int(len(calibration)),
-        "test_images": int(len(ty)),
     }
-    write_json(metrics_path, metrics)
+    info = {"calibration_images": int(len(calibration)), "test_images": int(len(ty)),
+            "latency_runs": p.latency_runs, "onnxruntime": ort_version()}
+    write_metrics(metrics_path, metrics, info)
     log.info("int8: accuracy %.4f (fp32 %.4f), %d bytes (fp32 %d), batch-1 p50 %.3f ms (fp32 %.3f ms)",
-             int8["accuracy"], fp32["accuracy"], metrics["int8"]["size_bytes"], fp32["size_bytes"],
+             int8["accuracy"], fp32["accuracy"], int8["size_bytes"], fp32["size_bytes"],
              int8["latency_ms_p50"], fp32["latency_ms_p50"])
-    return metrics
+    return metrics | info

@@ -2,7 +2,8 @@
 
 Writes data/prepared/{train,val,test}_{x,y}.npy (N×C×H×W uint8 images, N uint8 labels: np.load can
 memory-map them), data/prepared/meta.json (classes, shape, normalization from the train split) and
-metrics/split.json (counts per class per split). The official test set is kept as it is.
+metrics/split.json (images per split) and metrics/split.info.json (dataset, counts per class per split).
+The official test set is kept as it is.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from cnnpipe import custom
 from cnnpipe.datasets import get_dataset
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.formats import CIFAR_TEST, CIFAR_TRAIN, read_cifar_tar, read_idx
-from cnnpipe.fsutil import atomic_dir, write_json
+from cnnpipe.fsutil import atomic_dir, write_json, write_metrics
 from cnnpipe.params import SplitParams
 
 log = logging.getLogger(__name__)
@@ -142,9 +143,6 @@ def custom_source(raw_dir: Path, manifest: dict, p: SplitParams) -> Source:
     """Decode the user's images (a process pool), skipping unreadable ones up to split.max_bad_fraction."""
     kind = manifest["dataset"]
     root = raw_dir / manifest["root"] if manifest["in_raw"] else Path(manifest["root"])
-    if p.channels not in (1, 3) or p.image_size < 1:
-        raise CnnpipeError(f"split.channels must be 1 or 3 and split.image_size positive; got {p.channels}, "
-                           f"{p.image_size}")
     items: list[tuple[str, str, str]] = []  # (file, label, part)
     unsupported: list[str] = []
     if kind == "imagefolder":
@@ -173,7 +171,7 @@ def custom_source(raw_dir: Path, manifest: dict, p: SplitParams) -> Source:
     paths = np.array([f for f, _, _ in kept], dtype=object)
     shape = (p.channels, p.image_size, p.image_size)
     test = (images[is_test], y[is_test]) if is_test.any() else None
-    return Source(kind, classes, shape, True, (images[~is_test], y[~is_test]), test,
+    return Source(kind, classes, shape, p.flip, (images[~is_test], y[~is_test]), test,
                   paths=list(paths[~is_test]), test_paths=list(paths[is_test]), skipped=skipped,
                   decode_images_per_second=round(rate, 1))
 
@@ -220,13 +218,14 @@ def split(params: SplitParams, raw_dir: str | Path = "data/raw", out_dir: str | 
         if src.paths is not None:
             write_manifest(tmp / "manifest.csv", paths, arrays, src.classes, src.skipped or {})
     counts = {s: np.bincount(arrays[s][1], minlength=k) for s in SPLITS}
-    # per class as a list: DVC's metrics tables skip lists, so `dvc metrics show` stays readable
     per_class = [{"class": name, **{s: int(counts[s][c]) for s in SPLITS}} for c, name in enumerate(src.classes)]
-    metrics = {"dataset": dataset, "sizes": meta["sizes"], "per_class": per_class}
+    metrics: dict = {"sizes": meta["sizes"]}
+    info: dict = {"dataset": dataset, "per_class": per_class}
     if src.skipped is not None:
-        metrics["skipped"] = {"count": len(src.skipped), "files": sorted(src.skipped)[:100]}
+        metrics["skipped"] = len(src.skipped)
         metrics["decode_images_per_second"] = src.decode_images_per_second
-    write_json(metrics_path, metrics)
+        info["skipped_files"] = sorted(src.skipped)[:100]
+    write_metrics(metrics_path, metrics, info)
     log.info("split %s: %s", dataset, meta["sizes"])
     return Path(out_dir)
 

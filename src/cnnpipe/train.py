@@ -3,12 +3,12 @@
 Data lives on the device as uint8 for the whole run; each step gathers a batch by index, normalizes and
 augments it there, in autocast (bf16/fp16) on GPUs. Under torchrun every process holds the data, takes its
 shard of each global batch and DistributedDataParallel averages the gradients; only rank 0 writes.
-Writes models/model.pt, metrics/train.json and plots/train_history.csv.
+Writes models/model.pt, metrics/train.json (accuracy, loss, speed), metrics/train.info.json (device, precision,
+versions) and plots/train_history.csv.
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -30,7 +30,8 @@ from tqdm import tqdm
 from cnnpipe.checkpoint import save_checkpoint
 from cnnpipe.data import augment, draw_augment, load_meta, load_split, normalize, stats_tensors, to_device
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.fsutil import atomic_path, write_json
+from cnnpipe.fsutil import atomic_path, write_metrics
+from cnnpipe.inference import autocast, predict_logits
 from cnnpipe.models import build_model
 from cnnpipe.params import TrainParams
 from cnnpipe.runtime import (
@@ -47,7 +48,7 @@ from cnnpipe.runtime import (
 log = logging.getLogger(__name__)
 
 HISTORY_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
-STATE_FORMAT = 2  # bump when the resume state's layout changes: older states are then ignored
+STATE_FORMAT = 3  # bump when the resume state's layout changes: older states are then ignored
 
 
 def make_optimizer(model: nn.Module, p: TrainParams) -> torch.optim.Optimizer:
@@ -76,25 +77,6 @@ def make_schedule(optimizer: torch.optim.Optimizer, p: TrainParams, total_steps:
         return 1.0 - t if p.schedule == "onecycle" else 0.5 * (1 + math.cos(math.pi * t))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def autocast(device: torch.device, amp: torch.dtype | None):
-    return torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
-
-
-@torch.no_grad()
-def predict_logits(model: nn.Module, x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
-                   batch_size: int, channels_last: bool = False, amp: torch.dtype | None = None) -> torch.Tensor:
-    """Logits (fp32) for uint8 images already on the model's device, in batches."""
-    model.eval()
-    out = []
-    for i in range(0, len(x), batch_size):
-        xb = normalize(x[i: i + batch_size], mean, std)
-        if channels_last:
-            xb = xb.contiguous(memory_format=torch.channels_last)
-        with autocast(x.device, amp):
-            out.append(model(xb).float())
-    return torch.cat(out) if out else torch.empty(0)
 
 
 @dataclass
@@ -202,11 +184,31 @@ def write_history(path: str | Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def fingerprint(p: TrainParams, meta, n_train: int) -> str:
-    """What a resume state must have been made with: every param but `resume`, and the data's shape."""
+def fingerprint(p: TrainParams, meta, n_train: int, world: int) -> str:
+    """What a resume state must have been made with: every param but `resume`, the data's shape and the number
+    of processes (each has its own random streams)."""
     params = {k: v for k, v in dataclasses.asdict(p).items() if k != "resume"}
-    blob = json.dumps([STATE_FORMAT, params, meta.dataset, list(meta.shape), meta.classes, n_train], sort_keys=True)
+    blob = json.dumps([STATE_FORMAT, params, meta.dataset, list(meta.shape), meta.classes, n_train, world],
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def rng_states(device: torch.device, d: Dist) -> list[dict[str, torch.Tensor]]:
+    """Every rank's global random streams (CPU, and CUDA on a GPU: dropout draws from them), by rank."""
+    mine = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        mine["cuda"] = torch.cuda.get_rng_state(device)
+    if d.world == 1:
+        return [mine]
+    states: list = [None] * d.world
+    dist.all_gather_object(states, mine)
+    return states
+
+
+def restore_rng(states: list[dict[str, torch.Tensor]], device: torch.device, d: Dist) -> None:
+    torch.set_rng_state(states[d.rank]["cpu"])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(states[d.rank]["cuda"], device)
 
 
 def save_state(path: Path, state: dict) -> None:
@@ -251,6 +253,18 @@ def shared_state(path: Path, expected: str, d: Dist) -> dict | None:
     return state
 
 
+def check_fits(p: TrainParams, meta) -> None:
+    """Params that must fit the data: checked from meta.json before the arrays are loaded."""
+    n = (meta.sizes or {}).get("train")
+    if n is not None and p.batch_size > n:
+        raise CnnpipeError(f"train.batch_size {p.batch_size} does not fit the {n} training images; "
+                           f"set train.batch_size to at most {n}")
+    _, h, w = meta.shape
+    if p.translate >= min(h, w):
+        raise CnnpipeError(f"train.translate {p.translate} shifts {h}×{w} images out of the frame; "
+                           f"set train.translate below {min(h, w)}")
+
+
 def train(p: TrainParams, prepared: str | Path = "data/prepared", model_path: str | Path = "models/model.pt",
           metrics_path: str | Path = "metrics/train.json", history_path: str | Path = "plots/train_history.csv",
           state_path: str | Path | None = None,
@@ -283,12 +297,9 @@ def _train(p: TrainParams, prepared: Path, model_path: Path, metrics_path: Path,
     if not d.main:
         logging.getLogger("cnnpipe").setLevel(logging.WARNING)
     meta = load_meta(prepared)
+    check_fits(p, meta)
     x_np, y_np = load_split(prepared, "train")
-    if p.batch_size < 1 or p.batch_size > len(y_np):
-        raise CnnpipeError(
-            f"train.batch_size {p.batch_size} does not fit the {len(y_np)} training images; "
-            "set train.batch_size between 1 and the train split size"
-        )
+    check_fits(p, dataclasses.replace(meta, sizes={"train": len(y_np)}))
     steps_per_epoch = len(y_np) // p.batch_size
     engine = build_engine(p, meta, steps_per_epoch, device, d)
     x, y = to_device(x_np, y_np, device)
@@ -300,7 +311,7 @@ def _train(p: TrainParams, prepared: Path, model_path: Path, metrics_path: Path,
     if d.world > 1:
         log.info("torchrun: %d processes (%s), each %d images of every %d-image batch", d.world,
                  dist.get_backend(), p.batch_size // d.world, p.batch_size)
-    key = fingerprint(p, meta, len(y_np))
+    key = fingerprint(p, meta, len(y_np), d.world)
     history: list[dict] = []
     best: dict | None = None
     best_state = None
@@ -312,10 +323,7 @@ def _train(p: TrainParams, prepared: Path, model_path: Path, metrics_path: Path,
         engine.scheduler.load_state_dict(state["scheduler"])
         engine.scaler.load_state_dict(state["scaler"])
         generator.set_state(state["generator"])
-        if d.world == 1:
-            torch.set_rng_state(state["torch_rng"])
-        else:
-            torch.manual_seed(p.seed * 1000 + d.rank + 7919 * state["epoch"])
+        restore_rng(state["rng"], device, d)
         history, best, best_state = state["history"], state["best"], state["best_state"]
         images, elapsed, first = state["images"], state["seconds"], state["epoch"] + 1
         log.info("resuming after epoch %d from %s", state["epoch"], state_path)
@@ -341,13 +349,15 @@ def _train(p: TrainParams, prepared: Path, model_path: Path, metrics_path: Path,
         if best is None or va_acc > best["val_acc"]:
             best = row
             best_state = {k: v.detach().clone() for k, v in engine.net.state_dict().items()}
-        if p.resume and d.main:
-            save_state(state_path, {
-                "fingerprint": key, "epoch": epoch, "model": engine.net.state_dict(),
-                "optimizer": engine.optimizer.state_dict(), "scheduler": engine.scheduler.state_dict(),
-                "scaler": engine.scaler.state_dict(), "generator": generator.get_state(),
-                "torch_rng": torch.get_rng_state(), "history": history, "best": best, "best_state": best_state,
-                "images": images, "seconds": time.perf_counter() - start})
+        if p.resume:
+            rng = rng_states(device, d)  # a collective: every rank takes part
+            if d.main:
+                save_state(state_path, {
+                    "fingerprint": key, "epoch": epoch, "model": engine.net.state_dict(),
+                    "optimizer": engine.optimizer.state_dict(), "scheduler": engine.scheduler.state_dict(),
+                    "scaler": engine.scaler.state_dict(), "generator": generator.get_state(), "rng": rng,
+                    "history": history, "best": best, "best_state": best_state,
+                    "images": images, "seconds": time.perf_counter() - start})
         if on_epoch is not None:
             t1 = time.perf_counter()
             on_epoch(dict(row, train_seconds=round(t1 - start, 2)), engine.net)
@@ -360,16 +370,18 @@ def _train(p: TrainParams, prepared: Path, model_path: Path, metrics_path: Path,
 
     engine.net.load_state_dict(best_state)
     metrics = {
-        "model": p.model,
-        "dataset": meta.dataset,
-        "best_epoch": best["epoch"],
-        "val_loss": best["val_loss"],
         "val_acc": best["val_acc"],
-        "epochs": p.epochs,
+        "val_loss": best["val_loss"],
+        "best_epoch": best["epoch"],
         "epochs_run": len(history),
-        "stopped_early": stopped_early,
         "seconds": round(seconds, 2),
         "images_per_second": round(images / seconds, 1),
+    }
+    info = {
+        "model": p.model,
+        "dataset": meta.dataset,
+        "epochs": p.epochs,
+        "stopped_early": stopped_early,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "processes": d.world,
         "precision": str(engine.amp).removeprefix("torch.") if engine.amp else "float32",
@@ -381,6 +393,6 @@ def _train(p: TrainParams, prepared: Path, model_path: Path, metrics_path: Path,
         save_checkpoint(model_path, engine.net, p.model, meta,
                         {"epoch": best["epoch"], "val_acc": best["val_acc"], "train_params": dataclasses.asdict(p)})
         write_history(history_path, history)
-        write_json(metrics_path, metrics)
+        write_metrics(metrics_path, metrics, info)
         state_path.unlink(missing_ok=True)  # finished: the next run starts fresh
-    return metrics
+    return metrics | info

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
-import json
 import signal
 import subprocess
 import sys
@@ -16,9 +16,11 @@ import numpy as np
 import pytest
 from helpers import make_images, start_server, stop
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from cnnpipe.predictor import Predictor
 
 CLI = str(Path(sys.executable).parent / "cnnpipe")
-
 
 
 @pytest.fixture(scope="module")
@@ -28,32 +30,64 @@ def server(onnx_model):
     stop(proc)
 
 
+@pytest.fixture(scope="module")
+def local(onnx_model) -> Predictor:
+    """The same model in this process: what the service should answer."""
+    return Predictor(onnx_model, threads=1)
+
+
+def metrics(url: str) -> dict[tuple[str, frozenset], float]:
+    """Every sample of /metrics: (name, labels) -> value."""
+    text = httpx.get(url + "/metrics").text
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def delta(before: dict, after: dict, name: str, **labels: str) -> float:
+    key = (name, frozenset(labels.items()))
+    return after.get(key, 0.0) - before.get(key, 0.0)
+
+
+def assert_same_top_k(got: list, expected: list) -> None:
+    """Labels and order exactly; probabilities up to float noise between batch sizes."""
+    assert [[(p["index"], p["label"]) for p in row] for row in got] == \
+        [[(p["index"], p["label"]) for p in row] for row in expected]
+    assert [p["probability"] for row in got for p in row] == pytest.approx(
+        [p["probability"] for row in expected for p in row], abs=1e-4)
+
+
 def png(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(array.astype(np.uint8)).save(buf, format="PNG")
     return buf.getvalue()
 
 
-def test_health_ready_metadata(server):
+def test_health_ready_metadata(server, onnx_model):
     assert httpx.get(server + "/healthz").json() == {"status": "ok"}
     assert httpx.get(server + "/readyz").json() == {"status": "ready"}
     meta = httpx.get(server + "/metadata").json()
     assert meta["classes"] == [str(d) for d in range(10)] and meta["input_shape"] == [1, 28, 28]
-    assert len(meta["sha256"]) == 64 and meta["opset"] == 18 and meta["providers"] == ["CPUExecutionProvider"]
-    assert set(meta["normalization"]) == {"mean", "std"}
+    assert meta["sha256"] == hashlib.sha256(onnx_model.read_bytes()).hexdigest()
+    assert meta["opset"] == 18 and meta["providers"] == ["CPUExecutionProvider"]
+    train_x = np.load(onnx_model.parent / "prepared" / "train_x.npy")  # normalization: the train split's
+    assert meta["normalization"]["mean"] == pytest.approx([train_x.mean(dtype=np.float64) / 255], rel=1e-6)
+    assert meta["normalization"]["std"] == pytest.approx([train_x.std(dtype=np.float64) / 255], rel=1e-6)
+    assert meta["max_images"] == 4
 
 
-def test_predict_multipart_json_and_raw(server):
+def test_predict_multipart_json_and_raw(server, local, onnx_model):
     x, y = make_images(3, 10, (1, 28, 28), seed=21)
+    expected = local.predict(list(x[:, 0]), k=2)
     files = [("files", (f"{i}.png", png(x[i, 0]), "image/png")) for i in range(3)]
     r = httpx.post(server + "/predict?k=2", files=files)
     assert r.status_code == 200, r.text
+    assert r.json()["model_sha256"] == hashlib.sha256(onnx_model.read_bytes()).hexdigest()
     preds = r.json()["predictions"]
-    assert len(preds) == 3 and all(len(p) == 2 for p in preds)
+    assert_same_top_k(preds, expected)
     by_json = httpx.post(server + "/predict?k=2", json=[x[i, 0].tolist() for i in range(3)]).json()["predictions"]
-    assert [p[0]["label"] for p in by_json] == [p[0]["label"] for p in preds]
-    raw = httpx.post(server + "/predict", content=png(x[0, 0]), headers={"content-type": "image/png"})
-    assert raw.json()["predictions"][0][0]["label"] == preds[0][0]["label"]
+    assert_same_top_k(by_json, expected)
+    raw = httpx.post(server + "/predict", content=png(x[1, 0]), headers={"content-type": "image/png"})
+    assert_same_top_k(raw.json()["predictions"], local.predict(x[1, 0], k=5))  # default k: 5
     assert sum(p[0]["index"] == label for p, label in zip(preds, y, strict=True)) >= 2
 
 
@@ -80,7 +114,7 @@ def test_bad_requests_get_4xx_json(server, kwargs, status, message):
 def test_truncated_png_and_bad_k(server):
     data = png(np.zeros((28, 28)))
     r = httpx.post(server + "/predict", content=data[:40], headers={"content-type": "image/png"})
-    assert r.status_code == 422
+    assert r.status_code == 422 and "not a readable image" in r.json()["error"]
     r = httpx.post(server + "/predict?k=11", content=data, headers={"content-type": "image/png"})
     assert r.status_code == 422 and "k must be" in r.json()["error"]
 
@@ -91,7 +125,7 @@ def test_chunked_body_over_limit(server):
             yield b"x" * 10_000
 
     r = httpx.post(server + "/predict", content=chunks(), headers={"content-type": "image/png"})
-    assert r.status_code == 413
+    assert r.status_code == 413 and "200000-byte limit" in r.json()["error"]
 
 
 def test_unknown_route_and_method(server):
@@ -101,32 +135,73 @@ def test_unknown_route_and_method(server):
     assert r.status_code == 405 and "error" in r.json()
 
 
-def test_concurrent_requests_are_batched_and_counted(server):
-    x, _ = make_images(1, 10, (1, 28, 28), seed=1)
-    body = json.dumps([x[0, 0].tolist()])
-    errors = []
+def concurrent_predictions(url: str, images: np.ndarray, rounds: int) -> list[list]:
+    """One thread per image, released together, each posting its image alone `rounds` times in a row;
+    returns each thread's (status, predictions) per request."""
+    barrier = threading.Barrier(len(images))
+    results: list[list] = [[] for _ in images]
 
-    def client():
-        with httpx.Client() as c:
-            for _ in range(10):
-                r = c.post(server + "/predict", content=body, headers={"content-type": "application/json"})
-                if r.status_code != 200:
-                    errors.append(r.status_code)
+    def client(i: int) -> None:
+        body = [images[i].tolist()]
+        with httpx.Client(timeout=30) as c:
+            barrier.wait()
+            for _ in range(rounds):
+                r = c.post(url + "/predict?k=3", json=body)
+                results[i].append((r.status_code, r.json().get("predictions")))
 
-    threads = [threading.Thread(target=client) for _ in range(16)]
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(images))]
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
-    assert errors == []
-    text = httpx.get(server + "/metrics").text
-    batches = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
-               if line.startswith("cnnpipe_batch_size_") and not line.startswith("#")}
-    runs = batches["cnnpipe_batch_size_count"]
-    images = batches["cnnpipe_batch_size_sum"]
-    assert images > runs  # some onnxruntime runs served more than one request
-    assert 'cnnpipe_requests_total{method="POST",route="/predict",status="200"}' in text
-    assert 'status="422"' in text and "cnnpipe_request_seconds_bucket" in text
+        t.join(60)
+    return results
+
+
+@pytest.mark.parametrize("max_batch", [64, 1])
+def test_concurrent_requests_are_batched_and_counted(onnx_model, local, max_batch):
+    """Concurrent one-image requests share onnxruntime runs, each gets its own image's answer, and the
+    counters add up; with --max-batch 1 every image has a run of its own."""
+    clients, rounds = 8, 3
+    x, _ = make_images(clients, 10, (1, 28, 28), seed=1)
+    expected = local.predict(list(x[:, 0]), k=3)
+    proc, url = start_server(onnx_model, "--max-batch", str(max_batch), "--max-wait-ms", "50")
+    try:
+        before = metrics(url)
+        results = concurrent_predictions(url, x[:, 0], rounds)
+        after = metrics(url)
+    finally:
+        stop(proc)
+    for i, got in enumerate(results):
+        assert [status for status, _ in got] == [200] * rounds
+        for _, predictions in got:
+            assert_same_top_k(predictions, [expected[i]])
+    n = clients * rounds
+    runs = delta(before, after, "cnnpipe_batch_size_count")
+    assert delta(before, after, "cnnpipe_batch_size_sum") == n
+    assert delta(before, after, "cnnpipe_images_total") == n
+    assert delta(before, after, "cnnpipe_requests_total", route="/predict", method="POST", status="200") == n
+    assert delta(before, after, "cnnpipe_request_seconds_count", route="/predict") == n
+    if max_batch == 1:
+        assert runs == n
+    else:
+        assert runs < n  # some runs served several requests
+
+
+def test_metrics_count_requests_by_route_and_status(server):
+    before = metrics(server)
+    assert httpx.post(server + "/predict?k=0", content=png(np.zeros((28, 28))),
+                      headers={"content-type": "image/png"}).status_code == 422
+    assert httpx.post(server + "/predict", content=b"x" * 300_000,
+                      headers={"content-type": "image/png"}).status_code == 413
+    assert httpx.get(server + "/nope").status_code == 404
+    after = metrics(server)
+    assert delta(before, after, "cnnpipe_requests_total", route="/predict", method="POST", status="422") == 1
+    assert delta(before, after, "cnnpipe_requests_total", route="/predict", method="POST", status="413") == 1
+    assert delta(before, after, "cnnpipe_requests_total", route="unmatched", method="GET", status="404") == 1
+    assert delta(before, after, "cnnpipe_requests_total", route="/predict", method="POST", status="200") == 0
+    assert delta(before, after, "cnnpipe_request_seconds_count", route="/predict") == 2
+    assert delta(before, after, "cnnpipe_images_total") == 0
+    assert delta(before, after, "cnnpipe_batch_size_count") == 0
 
 
 def test_graceful_shutdown_finishes_in_flight(onnx_model):
@@ -136,13 +211,16 @@ def test_graceful_shutdown_finishes_in_flight(onnx_model):
 
         def slow_request():
             result["r"] = httpx.post(url + "/predict", json=[np.zeros((28, 28)).tolist()], timeout=30)
+            result["answered"] = time.monotonic()
 
         t = threading.Thread(target=slow_request)
         t.start()
         time.sleep(0.1)  # the request now waits in the batcher (300 ms window)
+        signalled = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         t.join(30)
         assert result["r"].status_code == 200
+        assert result["answered"] > signalled  # it was still in flight when the signal came
         # uvicorn re-raises the SIGTERM it handled once shutdown is complete
         assert proc.wait(30) in (0, -signal.SIGTERM)
     finally:

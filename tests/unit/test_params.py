@@ -66,3 +66,48 @@ def test_nested_types_checked():
     raw["sources"] = ["official", 3]
     with pytest.raises(CnnpipeError, match=r"download\.sources must be"):
         parse_section("download", raw)
+
+
+def test_params_yaml_holds_the_code_defaults():
+    """One source of truth: the committed params.yaml and the dataclass defaults are the same values."""
+    assert yaml.safe_load((ROOT / "params.yaml").read_text()) == defaults()
+
+
+def test_enum_params_name_what_exists():
+    import typing
+
+    from cnnpipe import custom
+    from cnnpipe.datasets import DATASETS
+    from cnnpipe.models import MODELS
+    from cnnpipe.params import Dataset, Model
+
+    assert set(typing.get_args(Model)) == set(MODELS)
+    assert set(typing.get_args(Dataset)) == set(DATASETS) | set(custom.KINDS)
+
+
+@pytest.mark.parametrize("section, key, value, message", [
+    ("train", "epochs", 0, r"train\.epochs is 0, out of range; set train\.epochs to a whole number from 1 to 100000"),
+    ("train", "lr", -0.1, r"train\.lr is -0\.1, out of range; set train\.lr to a number above 0 and at most 10$"),
+    ("train", "patience", -1, r"set train\.patience to a whole number at least 0 \(0 = off\)$"),
+    ("train", "seed", 2**32, r"train\.seed is 4294967296, out of range"),
+    ("train", "device", "gpu", r"train\.device is 'gpu', not a known value; set train\.device to auto, cpu, cuda"),
+    ("evaluate", "batch_size", 0, r"evaluate\.batch_size is 0, out of range"),
+    ("quantize", "latency_runs", 0, r"quantize\.latency_runs is 0, out of range"),
+    ("download", "retries", 0, r"download\.retries is 0, out of range"),
+    ("split", "val_size", 1.5, r"split\.val_size is 1\.5, out of range; set split\.val_size to a count of at least 1 "
+                               r"or a fraction between 0 and 1"),
+    ("split", "channels", 2, r"split\.channels must be 1 \| 3, got 2"),
+    ("split", "channels", True, r"split\.channels must be 1 \| 3, got True"),
+])
+def test_out_of_range_values_name_key_value_and_range(section, key, value, message):
+    with pytest.raises(CnnpipeError, match=message):
+        parse_section(section, defaults()[section] | {key: value})
+
+
+@pytest.mark.parametrize("section, key, value", [
+    ("train", "epochs", 1), ("train", "lr", 10), ("train", "momentum", 0.0), ("train", "device", "cuda:1"),
+    ("train", "seed", 2**32 - 1), ("split", "val_size", 0.5), ("split", "val_size", 1), ("split", "channels", 1),
+    ("train", "patience", 0), ("download", "timeout", 0.5),
+])
+def test_edges_of_the_ranges_are_accepted(section, key, value):
+    assert getattr(parse_section(section, defaults()[section] | {key: value}), key) == value

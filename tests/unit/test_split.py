@@ -59,8 +59,10 @@ def test_split_stage_on_mnist_format(tmp_path, mnist_mirror):
     meta = json.loads((tmp_path / "prep" / "meta.json").read_text())
     assert meta["sizes"] == {"train": 350, "val": 50, "test": 100}
     assert meta["flip"] is False and len(meta["mean"]) == 1 and 0 < meta["std"][0] < 1
-    rows = json.loads((tmp_path / "split.json").read_text())["per_class"]
-    assert [r["class"] for r in rows] == [str(c) for c in range(10)]
+    assert json.loads((tmp_path / "split.json").read_text()) == {"sizes": {"train": 350, "val": 50, "test": 100}}
+    info = json.loads((tmp_path / "split.info.json").read_text())
+    rows = info["per_class"]
+    assert info["dataset"] == "mnist" and [r["class"] for r in rows] == [str(c) for c in range(10)]
     assert all(r["val"] == 5 for r in rows) and sum(r["test"] for r in rows) == 100
 
 
@@ -92,3 +94,27 @@ def test_corrupt_raw_file_reported(tmp_path, mnist_mirror):
     with pytest.raises(CnnpipeError, match="train-labels-idx1-ubyte.gz: IDX element type"):
         split(SplitParams(), tmp_path / "raw", tmp_path / "prep", tmp_path / "split.json")
     assert not (tmp_path / "prep").exists()
+
+
+def test_flips_of_own_images_are_the_users_call(tmp_path):
+    """Own images: flips keep labels only where split.flip says so (default off); a built-in dataset keeps its
+    known setting whatever split.flip says."""
+    from cnnpipe.examples import make_example_images
+
+    make_example_images(tmp_path / "own", per_class=12, size=8)
+    download(DownloadParams(dataset="imagefolder", sources=[str(tmp_path / "own")]), tmp_path / "raw")
+    flips = {}
+    for flip in (False, True):
+        split(SplitParams(val_size=6, image_size=8, flip=flip, workers=1), tmp_path / "raw",
+              tmp_path / f"prep-{flip}", tmp_path / f"split-{flip}.json")
+        flips[flip] = json.loads((tmp_path / f"prep-{flip}" / "meta.json").read_text())["flip"]
+    assert flips == {False: False, True: True}
+    assert SplitParams().flip is False
+
+    mirror = tmp_path / "mirror"
+    md5 = write_cifar_archive(mirror / "cifar-10-binary.tar.gz", per_batch=20)
+    download(DownloadParams(dataset="cifar10", sources=[str(mirror)], md5={"cifar-10-binary.tar.gz": md5}),
+             tmp_path / "raw-cifar")
+    split(SplitParams(val_size=20, flip=False), tmp_path / "raw-cifar", tmp_path / "prep-cifar",
+          tmp_path / "split-cifar.json")
+    assert json.loads((tmp_path / "prep-cifar" / "meta.json").read_text())["flip"] is True
