@@ -202,7 +202,7 @@ def synthetic_throughput(p: TrainParams, n: int = 50_000, shape: tuple[int, int,
     steady = statistics.median(seconds[1:]) if len(seconds) > 1 else seconds[0]
     return {"data": f"random uint8, {n} x {'x'.join(map(str, shape))}", "train_params": dataclasses.asdict(p),
             "device": metrics["device"], "precision": metrics["precision"], "epoch_seconds": seconds,
-            "total_seconds": metrics["seconds"], "steady_images_per_second": round(per_epoch / steady, 1),
+            "total_seconds": metrics["sec"], "steady_images_per_second": round(per_epoch / steady, 1),
             "airbench94_a100_images_per_second": round(AIRBENCH94_A100, 1),
             "ratio_to_airbench94_a100": round(per_epoch / steady / AIRBENCH94_A100, 3)}
 

@@ -1,6 +1,6 @@
 """Stage 4, evaluate: the trained model on the untouched test split.
 
-Writes metrics/eval.json (accuracy, loss, macro and worst-class F1), metrics/eval.info.json (dataset, device,
+Writes metrics/eval.json (accuracy, loss, macro and worst-class F1, seconds), metrics/eval.info.json (dataset, device,
 TTA), plots/per_class.csv (precision, recall, F1 per class) and plots/confusion.csv, one {actual, predicted} row
 per test image: DVC's confusion-matrix plot format.
 """
@@ -86,15 +86,15 @@ def evaluate(p: EvaluateParams, prepared: str | Path = "data/prepared", model_pa
     cm = confusion_matrix(actual, predicted, len(meta.classes))
     scores = per_class_scores(cm, meta.classes)
     metrics = {
-        "accuracy": round(float((actual == predicted).mean()), 5),
+        "acc": round(float((actual == predicted).mean()), 5),
         "loss": round(loss, 5),
-        "macro_f1": round(float(np.mean([s["f1"] for s in scores.values()])), 5),
+        "f1": round(float(np.mean([s["f1"] for s in scores.values()])), 5),  # macro average over classes
         "min_f1": min(s["f1"] for s in scores.values()),  # the worst class
-        "seconds": round(seconds, 3),
+        "sec": round(seconds, 3),
     }
     info = {"dataset": meta.dataset, "images": int(len(actual)), "device": str(device), "tta_flip": tta}
     write_confusion(confusion_path, actual, predicted, meta.classes)
     write_per_class(per_class_path, scores)
     write_metrics(metrics_path, metrics, info)
-    log.info("test accuracy %.4f  loss %.4f  on %d images", metrics["accuracy"], loss, len(actual))
+    log.info("test accuracy %.4f  loss %.4f  on %d images", metrics["acc"], loss, len(actual))
     return metrics | info | {"per_class": scores}

@@ -93,16 +93,9 @@ def export(p: ExportParams, prepared: str | Path = "data/prepared", model_path: 
                 f"ONNX output differs from PyTorch by {result['max_abs_diff']:.2e} (> export.atol {p.atol}); "
                 "try another export.opset or raise export.atol"
             )
-    metrics = {
-        "size_bytes": onnx_path.stat().st_size,
-        "max_abs_diff": result["max_abs_diff"],
-        "argmax_agreement": result["argmax_agreement"],
-        "onnx_accuracy": result["onnx_accuracy"],
-        "torch_accuracy": result["torch_accuracy"],
-    }
-    info = {"opset": p.opset, "sha256": file_digest(onnx_path, "sha256"), "check_images": result["check_images"],
-            "onnxruntime": result["onnxruntime"], "providers": result["providers"]}
+    metrics = {"bytes": onnx_path.stat().st_size, "agree": result.pop("argmax_agreement")}
+    info = {"opset": p.opset, "sha256": file_digest(onnx_path, "sha256"), **result}
     write_metrics(metrics_path, metrics, info)
     log.info("exported %s (%d bytes): max |onnx - torch| %.2e, argmax agreement %.4f",
-             onnx_path, metrics["size_bytes"], result["max_abs_diff"], result["argmax_agreement"])
+             onnx_path, metrics["bytes"], result["max_abs_diff"], metrics["agree"])
     return metrics | info

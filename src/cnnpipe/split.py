@@ -219,11 +219,11 @@ def split(params: SplitParams, raw_dir: str | Path = "data/raw", out_dir: str | 
             write_manifest(tmp / "manifest.csv", paths, arrays, src.classes, src.skipped or {})
     counts = {s: np.bincount(arrays[s][1], minlength=k) for s in SPLITS}
     per_class = [{"class": name, **{s: int(counts[s][c]) for s in SPLITS}} for c, name in enumerate(src.classes)]
-    metrics: dict = {"sizes": meta["sizes"]}
+    metrics: dict = dict(meta["sizes"])  # images per split
     info: dict = {"dataset": dataset, "per_class": per_class}
     if src.skipped is not None:
         metrics["skipped"] = len(src.skipped)
-        metrics["decode_images_per_second"] = src.decode_images_per_second
+        info["decode_images_per_second"] = src.decode_images_per_second
         info["skipped_files"] = sorted(src.skipped)[:100]
     write_metrics(metrics_path, metrics, info)
     log.info("split %s: %s", dataset, meta["sizes"])

@@ -369,19 +369,19 @@ def _train(p: TrainParams, prepared: Path, model_path: Path, metrics_path: Path,
     seconds = time.perf_counter() - start
 
     engine.net.load_state_dict(best_state)
-    metrics = {
+    metrics = {  # short names: `dvc metrics show` puts every stage's metrics side by side (see dvc.yaml)
         "val_acc": best["val_acc"],
         "val_loss": best["val_loss"],
-        "best_epoch": best["epoch"],
-        "epochs_run": len(history),
-        "seconds": round(seconds, 2),
-        "images_per_second": round(images / seconds, 1),
+        "epoch": best["epoch"],  # the best epoch: the one saved
+        "sec": round(seconds, 2),
     }
     info = {
         "model": p.model,
         "dataset": meta.dataset,
         "epochs": p.epochs,
+        "epochs_run": len(history),
         "stopped_early": stopped_early,
+        "images_per_second": round(images / seconds, 1),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "processes": d.world,
         "precision": str(engine.amp).removeprefix("torch.") if engine.amp else "float32",

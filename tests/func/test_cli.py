@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +31,7 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, pattern: str) -> No
     assert proc.returncode == 1, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if "error:" in line]
     assert len(lines) == 1, proc.stderr
-    assert pytest.importorskip("re").search(pattern, lines[0]), lines[0]
+    assert re.search(pattern, lines[0]), lines[0]
     assert "Traceback" not in proc.stderr
 
 
@@ -76,9 +77,9 @@ def test_truncated_idx_in_split(cwd, tmp_path):
 
 
 @pytest.mark.parametrize("stage, section, values, pattern", [
-    ("download", "download", {"dataset": "imagenet"}, r"unknown dataset 'imagenet'"),
+    ("download", "download", {"dataset": "imagenet"}, r"download\.dataset must be .*'mnist'.*, got 'imagenet'"),
     ("train", "train", {"epochs": "many"}, r"train\.epochs must be int, got 'many'"),
-    ("train", "train", {"model": "vgg"}, r"unknown model 'vgg'"),
+    ("train", "train", {"model": "vgg"}, r"train\.model must be .*'lenet'.*, got 'vgg'"),
     ("split", "split", {"val_size": 10**9}, r"split sizes do not fit"),
 ])
 def test_bad_params(cwd, tmp_path, stage, section, values, pattern):

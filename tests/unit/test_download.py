@@ -1,9 +1,12 @@
 import gzip
+import hashlib
 import json
+import types
 
 import pytest
 from helpers import IDX_FILES, md5_of
 
+from cnnpipe import download as download_module
 from cnnpipe.download import download
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.params import DownloadParams
@@ -19,24 +22,40 @@ def test_download_from_mirror_dir_writes_files_and_manifest(tmp_path, mnist_mirr
     manifest = json.loads(download(params([tmp_path / "nowhere", mirror], md5), out).read_text())
     assert manifest["dataset"] == "mnist"
     assert [f["name"] for f in manifest["files"]] == list(IDX_FILES)
+    assert sorted(p.name for p in (out / "mnist").iterdir()) == sorted(IDX_FILES)
     for f in manifest["files"]:
-        path = out / "mnist" / f["name"]
-        assert path.stat().st_size == f["size"] and md5_of(path) == f["md5"]
-        assert len(f["sha256"]) == 64
+        data = (mirror / f["name"]).read_bytes()
+        assert (out / "mnist" / f["name"]).read_bytes() == data
+        assert f["size"] == len(data) and f["md5"] == hashlib.md5(data).hexdigest()
+        assert f["sha256"] == hashlib.sha256(data).hexdigest()
 
 
 def test_file_url_source(tmp_path, mnist_mirror):
     mirror, md5 = mnist_mirror
     download(params([mirror.as_uri()], md5), tmp_path / "raw")
-    assert (tmp_path / "raw" / "mnist" / IDX_FILES[0]).is_file()
+    for name in IDX_FILES:
+        assert (tmp_path / "raw" / "mnist" / name).read_bytes() == (mirror / name).read_bytes()
 
 
-def test_http_source_retries_transient_errors(tmp_path, mnist_mirror, http_server):
+def test_http_source_retries_transient_errors(tmp_path, mnist_mirror, http_server, monkeypatch):
     mirror, md5 = mnist_mirror
+    sleeps: list[float] = []
+    monkeypatch.setattr(download_module, "time", types.SimpleNamespace(sleep=sleeps.append))
     url, requests = http_server(mirror, fail_first={IDX_FILES[1]: 2})
     download(params([url], md5, retries=3), tmp_path / "raw")
     assert requests.count(IDX_FILES[1]) == 3  # two 503s, then the file
+    assert [requests.count(name) for name in IDX_FILES if name != IDX_FILES[1]] == [1, 1, 1]
+    assert sleeps == [1, 2]  # backing off between attempts
     assert md5_of(tmp_path / "raw" / "mnist" / IDX_FILES[1]) == md5[IDX_FILES[1]]
+
+
+def test_transient_errors_past_the_retries_try_the_next_source(tmp_path, mnist_mirror, http_server, monkeypatch):
+    mirror, md5 = mnist_mirror
+    monkeypatch.setattr(download_module, "time", types.SimpleNamespace(sleep=lambda s: None))
+    url, requests = http_server(mirror, fail_first={IDX_FILES[0]: 5})
+    download(params([url, mirror], md5, retries=2), tmp_path / "raw")
+    assert requests.count(IDX_FILES[0]) == 2  # then the mirror directory
+    assert (tmp_path / "raw" / "mnist" / IDX_FILES[0]).read_bytes() == (mirror / IDX_FILES[0]).read_bytes()
 
 
 def test_recompressed_mirror_accepted_by_content_checksum(tmp_path):

@@ -2,7 +2,7 @@ import gzip
 
 import numpy as np
 import pytest
-from helpers import write_cifar_archive
+from helpers import make_images, write_cifar_archive
 
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.formats import (
@@ -19,9 +19,14 @@ from cnnpipe.formats import (
 
 @pytest.mark.parametrize("compress", [True, False])
 def test_idx_round_trip(tmp_path, compress):
-    images = np.random.default_rng(0).integers(0, 256, size=(7, 28, 28), dtype=np.uint8)
+    images = np.random.default_rng(0).integers(0, 256, size=(7, 28, 30), dtype=np.uint8)
     write_idx(tmp_path / "x", images, compress=compress)
     assert np.array_equal(read_idx(tmp_path / "x"), images)
+    raw = (tmp_path / "x").read_bytes()
+    assert (raw[:2] == b"\x1f\x8b") == compress
+    data = gzip.decompress(raw) if compress else raw
+    header = bytes([0, 0, 8, 3]) + (7).to_bytes(4, "big") + (28).to_bytes(4, "big") + (30).to_bytes(4, "big")
+    assert data == header + images.tobytes()
 
 
 def test_idx_labels_are_one_dimensional(tmp_path):
@@ -56,10 +61,12 @@ def test_idx_truncated_gzip_names_file_and_fix(tmp_path):
 
 def test_cifar_records():
     labels = np.array([3, 9], np.uint8)
-    pixels = np.arange(2 * 3072, dtype=np.uint32).astype(np.uint8).reshape(2, 3072)
+    pixels = np.random.default_rng(0).integers(0, 256, size=(2, 3072), dtype=np.uint8)
     x, y = parse_cifar_records(np.concatenate([labels[:, None], pixels], 1).tobytes())
     assert x.shape == (2, 3, 32, 32) and y.tolist() == [3, 9]
-    assert np.array_equal(x[1].reshape(-1), pixels[1])  # R plane, then G, then B
+    for i in range(2):
+        for c in range(3):  # R plane, then G, then B; each row-major
+            assert np.array_equal(x[i, c], pixels[i, c * 1024: (c + 1) * 1024].reshape(32, 32))
 
 
 @pytest.mark.parametrize("size", [0, CIFAR_RECORD - 1, CIFAR_RECORD + 1])
@@ -76,9 +83,14 @@ def test_cifar_rejects_bad_label():
 def test_cifar_tar_reads_batches_without_extracting(tmp_path):
     archive = tmp_path / "cifar-10-binary.tar.gz"
     write_cifar_archive(archive, per_batch=4)
+    written = [make_images(4, 10, (3, 32, 32), seed) for seed in range(6)]  # as the helper writes batch i
     x, y = read_cifar_tar(archive, CIFAR_TRAIN)
-    assert x.shape == (20, 3, 32, 32) and y.shape == (20,)
-    assert read_cifar_tar(archive, CIFAR_TEST)[0].shape == (4, 3, 32, 32)
+    assert np.array_equal(x, np.concatenate([w[0] for w in written[:5]]))
+    assert np.array_equal(y, np.concatenate([w[1] for w in written[:5]]))
+    tx, ty = read_cifar_tar(archive, CIFAR_TEST)
+    assert np.array_equal(tx, written[5][0]) and np.array_equal(ty, written[5][1])
+    x2, _ = read_cifar_tar(archive, (CIFAR_TRAIN[1], CIFAR_TRAIN[0]))  # in the order asked for
+    assert np.array_equal(x2, np.concatenate([written[1][0], written[0][0]]))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cifar-10-binary.tar.gz"]
 
 

@@ -1,3 +1,4 @@
+import hashlib
 import io
 import json
 import subprocess
@@ -23,10 +24,14 @@ def png(array: np.ndarray, mode: str = "L") -> bytes:
     return buf.getvalue()
 
 
-def test_metadata_from_onnx(predictor):
+def test_metadata_from_onnx(predictor, onnx_model):
     info = predictor.info
     assert info.classes == [str(d) for d in range(10)] and info.input_shape == (1, 28, 28)
-    assert info.opset == 18 and len(info.sha256) == 64 and info.model == "bncnn"
+    assert info.opset == 18 and info.model == "bncnn"
+    assert info.sha256 == hashlib.sha256(onnx_model.read_bytes()).hexdigest()
+    train_x = np.load(onnx_model.parent / "prepared" / "train_x.npy")  # normalization: the train split's
+    assert info.mean == pytest.approx([train_x.mean(dtype=np.float64) / 255], rel=1e-6)
+    assert info.std == pytest.approx([train_x.std(dtype=np.float64) / 255], rel=1e-6)
     assert predictor.providers == ["CPUExecutionProvider"]
 
 
@@ -36,18 +41,36 @@ def test_predicts_generated_classes(predictor):
     assert len(top) == 40 and all(len(t) == 3 for t in top)
     accuracy = np.mean([t[0]["index"] == label for t, label in zip(top, y, strict=True)])
     assert accuracy >= 0.8
-    probs = [p["probability"] for p in top[0]]
-    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
+
+
+def test_top_k_is_the_softmax_of_the_logits(predictor):
+    x, _ = make_images(4, 10, (1, 28, 28), seed=8)
+    logits = predictor.logits(predictor.preprocess(list(x[:, 0]))).astype(np.float64)
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    top = predictor.top_k(logits.astype(np.float32), k=3)
+    for row, p in zip(top, probs, strict=True):
+        order = np.argsort(-p)[:3]
+        assert [t["index"] for t in row] == order.tolist()
+        assert [t["label"] for t in row] == [predictor.info.classes[j] for j in order]
+        assert [t["probability"] for t in row] == pytest.approx(p[order].tolist(), abs=2e-6)
+    assert len(predictor.top_k(logits, k=99)[0]) == 10  # k is capped at the number of classes
 
 
 def test_numpy_pil_and_bytes_agree(predictor):
-    x, _ = make_images(1, 10, (1, 28, 28), seed=3)
-    img = x[0, 0]
-    a = predictor.predict(img)[0]
-    b = predictor.predict(Image.fromarray(img))[0]
-    c = predictor.predict(png(img))[0]
-    d = predictor.predict(img[:, :, None])[0]  # H×W×1
-    assert a == b == c == d
+    x, _ = make_images(3, 10, (1, 28, 28), seed=3)
+    forms = {
+        "numpy": list(x[:, 0]),
+        "PIL": [Image.fromarray(img) for img in x[:, 0]],
+        "PNG bytes": [png(img) for img in x[:, 0]],
+        "H×W×1": [img[:, :, None] for img in x[:, 0]],
+        "N×C×H×W batch": x,
+    }
+    results = {name: predictor.predict(images) for name, images in forms.items()}
+    for name, result in results.items():
+        assert result == results["numpy"], name
+    rows = results["numpy"]
+    assert rows[0] != rows[1] != rows[2] != rows[0]  # three images, three different answers
 
 
 def test_rgb_and_resized_inputs_are_converted(predictor):
@@ -56,8 +79,24 @@ def test_rgb_and_resized_inputs_are_converted(predictor):
     assert predictor.predict(rgb)[0][0]["index"] == predictor.predict(x[0, 0])[0][0]["index"]
     big = np.asarray(Image.fromarray(x[0, 0]).resize((56, 56), Image.Resampling.NEAREST))
     assert predictor.predict(png(big))[0][0]["index"] == predictor.predict(x[0, 0])[0][0]["index"]
+    assert predictor.predict(big)[0][0]["index"] == predictor.predict(x[0, 0])[0][0]["index"]
     with pytest.raises(InputError, match="56×56, the model takes 28×28"):
         predictor.predict(png(big), resize=False)
+    with pytest.raises(InputError, match="56×56, the model takes 28×28"):
+        predictor.predict(big, resize=False)
+
+
+def test_colour_arrays_get_pil_luma(predictor):
+    """An H×W×3 array becomes grayscale as PIL's "L" conversion does (up to PIL's rounding)."""
+    rng = np.random.default_rng(0)
+    colour = np.zeros((28, 28, 3), np.uint8)
+    colour[..., 0] = rng.integers(0, 256, (28, 28))  # the three channels differ: weights matter
+    colour[:14, :, 1] = 255
+    colour[:, :14, 2] = 200
+    from_array = predictor.preprocess([colour])
+    from_pil = predictor.preprocess([Image.fromarray(colour, "RGB")])
+    one_level = 1 / (255 * predictor.info.std[0])  # one pixel level, normalized
+    assert np.abs(from_array - from_pil).max() <= one_level
 
 
 @pytest.mark.parametrize("image, message", [
@@ -94,8 +133,8 @@ def test_predictor_does_not_import_torch(onnx_model):
     assert out.stdout.strip() == "False"
 
 
-def test_predict_cli(onnx_model, tmp_path):
-    x, y = make_images(3, 10, (1, 28, 28), seed=11)
+def test_predict_cli(onnx_model, predictor, tmp_path):
+    x, _ = make_images(3, 10, (1, 28, 28), seed=11)
     for i in range(3):
         (tmp_path / f"img{i}.png").write_bytes(png(x[i, 0]))
     (tmp_path / "broken.png").write_bytes(b"\x89PNG broken")
@@ -105,6 +144,11 @@ def test_predict_cli(onnx_model, tmp_path):
     assert "skipped" in proc.stderr and "broken.png" in proc.stderr
     rows = json.loads(proc.stdout)
     assert [r["path"].rsplit("/", 1)[1] for r in rows] == ["img0.png", "img1.png", "img2.png"]
-    assert all(len(r["top_k"]) == 2 for r in rows)
+    expected = predictor.predict([png(x[i, 0]) for i in range(3)], k=2)
+    for row, want in zip(rows, expected, strict=True):
+        assert [t["index"] for t in row["top_k"]] == [t["index"] for t in want]
+        assert [t["probability"] for t in row["top_k"]] == pytest.approx([t["probability"] for t in want], abs=1e-4)
     table = subprocess.run(cli[:-1] + [str(tmp_path / "img0.png")], capture_output=True, text=True)
-    assert table.returncode == 0 and "img0.png" in table.stdout and "top-2" in table.stdout
+    assert table.returncode == 0 and "top-2" in table.stdout
+    line = next(line for line in table.stdout.splitlines() if "img0.png" in line)
+    assert line.split()[1:3] == [expected[0][0]["label"], f"{expected[0][0]['probability']:.3f}"]
