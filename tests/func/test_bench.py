@@ -16,6 +16,7 @@ from cnnpipe.bench_train import AIRBENCH94_A100
 CLI = str(Path(sys.executable).parent / "cnnpipe")
 
 
+@pytest.mark.slow
 def test_bench_train_tiny(tmp_path, prepared):
     import yaml
 
@@ -48,6 +49,7 @@ def test_bench_train_tiny(tmp_path, prepared):
     assert a["final_test_acc"] == a["epochs"][-1]["test_acc"] and "not reached" in proc.stdout
 
 
+@pytest.mark.slow
 def test_bench_train_synthetic_cifar_shape(tmp_path):
     out = tmp_path / "syn.json"
     proc = subprocess.run([CLI, "bench", "train", "--synthetic-cifar", "--synthetic-images", "200", "--out", str(out),
@@ -85,6 +87,7 @@ def test_bench_train_too_many_steps(tmp_path, prepared):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_bench_serve_tiny(tmp_path, onnx_model):
     out = tmp_path / "serve.json"
     d = onnx_model.parent

@@ -103,4 +103,4 @@ def test_deploy_schedule_and_worker_run(prefect_server, tmp_path):
     runs = api(url, "/flow_runs/filter", {"deployments": {"id": {"any_": [deployment["id"]]}}})
     manual = [r for r in runs if r["state_type"] != "SCHEDULED"]
     assert manual and manual[0]["state_type"] == "COMPLETED", output[-3000:]
-    assert json.loads((repo / "metrics/eval.json").read_text())["images"] == 100
+    assert json.loads((repo / "metrics/eval.info.json").read_text())["images"] == 100

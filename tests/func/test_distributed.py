@@ -36,8 +36,10 @@ def train_in(cwd: Path, *launcher: str) -> subprocess.CompletedProcess:
 def assert_same_model(single: Path, ddp: Path) -> None:
     m1 = json.loads((single / "metrics/train.json").read_text())
     m2 = json.loads((ddp / "metrics/train.json").read_text())
-    assert m1["processes"] == 1 and m2["processes"] == 2
-    for key in ("val_loss", "val_acc", "best_epoch", "epochs_run"):
+    info1 = json.loads((single / "metrics/train.info.json").read_text())
+    info2 = json.loads((ddp / "metrics/train.info.json").read_text())
+    assert info1["processes"] == 1 and info2["processes"] == 2 and info1["epochs_run"] == info2["epochs_run"]
+    for key in ("val_loss", "val_acc", "epoch"):
         assert m2[key] == pytest.approx(m1[key], abs=1e-3), key
     h1 = (single / "plots/train_history.csv").read_text().splitlines()
     h2 = (ddp / "plots/train_history.csv").read_text().splitlines()
@@ -48,7 +50,7 @@ def assert_same_model(single: Path, ddp: Path) -> None:
         assert torch.allclose(wa, wb, atol=1e-4), name
     # rank 0 alone wrote: one checkpoint, no leftover resume state or temp files
     assert sorted(p.name for p in (ddp / "models").iterdir()) == ["model.pt"]
-    assert sorted(p.name for p in (ddp / "metrics").iterdir()) == ["train.json"]
+    assert sorted(p.name for p in (ddp / "metrics").iterdir()) == ["train.info.json", "train.json"]
 
 
 @pytest.mark.slow

@@ -51,7 +51,8 @@ def test_flow_runs_then_skips_then_reruns_from_override(harness, repo):
 
     assert train_pipeline(repo=str(repo)) == {s: "ran" for s in ALL}
     table = artifacts("cnnpipe-metrics")
-    assert table and any(row["metric"] == "accuracy" for row in json.loads(table[0].data))
+    eval_acc = json.loads((repo / "metrics/eval.json").read_text())["acc"]
+    assert table and {"file": "metrics/eval.json", "metric": "acc", "value": eval_acc} in json.loads(table[0].data)
     assert artifacts("cnnpipe-metrics-diff")
     commit(repo, "baseline")
 
@@ -60,9 +61,9 @@ def test_flow_runs_then_skips_then_reruns_from_override(harness, repo):
     statuses = train_pipeline(overrides={"train.epochs": 3}, repo=str(repo))
     assert statuses == {"download": "skipped", "split": "skipped", "train": "ran", "evaluate": "ran",
                         "export": "ran", "quantize": "ran"}
-    assert json.loads((repo / "metrics/train.json").read_text())["epochs"] == 3
-    diff = artifacts("cnnpipe-metrics-diff")[0].data
-    assert "epochs" in diff
+    assert json.loads((repo / "metrics/train.info.json").read_text())["epochs_run"] == 3
+    diff = artifacts("cnnpipe-metrics-diff")[0].data  # against the 2-epoch baseline: the training time moved
+    assert "metrics/train.json" in diff and "sec" in diff
 
 
 @pytest.mark.parametrize("overrides, message", [

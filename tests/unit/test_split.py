@@ -59,7 +59,7 @@ def test_split_stage_on_mnist_format(tmp_path, mnist_mirror):
     meta = json.loads((tmp_path / "prep" / "meta.json").read_text())
     assert meta["sizes"] == {"train": 350, "val": 50, "test": 100}
     assert meta["flip"] is False and len(meta["mean"]) == 1 and 0 < meta["std"][0] < 1
-    assert json.loads((tmp_path / "split.json").read_text()) == {"sizes": {"train": 350, "val": 50, "test": 100}}
+    assert json.loads((tmp_path / "split.json").read_text()) == {"train": 350, "val": 50, "test": 100}
     info = json.loads((tmp_path / "split.info.json").read_text())
     rows = info["per_class"]
     assert info["dataset"] == "mnist" and [r["class"] for r in rows] == [str(c) for c in range(10)]

@@ -126,6 +126,7 @@ def test_early_stopping(tmp_path, prepared):
     assert full["epochs_run"] == metrics["epochs_run"] + 1 and not full["stopped_early"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGKILL"])
 def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, prepared, sig):
     """A real Ctrl-C (SIGINT) or kill -9 mid-run, then the same command: it continues after the last completed
@@ -187,6 +188,7 @@ def test_corrupt_resume_state(tmp_path, prepared):
     run(tmp_path, prepared, dataclasses.replace(TINY, epochs=1, resume=False))  # resume off: ignored
 
 
+@pytest.mark.slow
 def test_precision_on_cpu(tmp_path, prepared):
     with pytest.raises(CnnpipeError, match="train.precision fp16 needs a CUDA GPU; use fp32 or bf16"):
         run(tmp_path, prepared, dataclasses.replace(TINY, precision="fp16"))
@@ -196,11 +198,13 @@ def test_precision_on_cpu(tmp_path, prepared):
     assert run(tmp_path, prepared, dataclasses.replace(TINY, epochs=1))["precision"] == "float32"  # auto
 
 
+@pytest.mark.slow
 def test_airnet_trains_on_cpu(tmp_path, prepared):
     metrics = run(tmp_path, prepared, dataclasses.replace(TINY, model="airnet", epochs=3, lr=0.003))
     assert metrics["val_acc"] >= 0.5  # chance is 0.1
 
 
+@pytest.mark.slow
 def test_progress_bar_on_a_terminal_log_lines_elsewhere(tmp_path, prepared):
     """On a terminal: a bar per epoch with loss, accuracy and images/s; piped (CI, DVC, Prefect): log lines."""
     import fcntl
