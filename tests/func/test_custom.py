@@ -74,7 +74,7 @@ def test_csv_end_to_end(tmp_path):
     train(TrainParams(model="simplecnn", epochs=1, batch_size=8, device="cpu"), tmp_path / "prep",
           tmp_path / "model.pt", tmp_path / "train.json", tmp_path / "history.csv")
     m = evaluate(EvaluateParams(device="cpu"), tmp_path / "prep", tmp_path / "model.pt", tmp_path / "eval.json",
-                 tmp_path / "confusion.csv")
+                 tmp_path / "confusion.csv", tmp_path / "per_class.csv")
     export(ExportParams(check_images=8), tmp_path / "prep", tmp_path / "model.pt", tmp_path / "m.onnx",
            tmp_path / "export.json")
     assert m["images"] == 7 and onnx_classes(tmp_path / "m.onnx") == list(SHAPES)

@@ -90,3 +90,38 @@ def test_batch_must_split_over_processes(tmp_path, prepared):
     assert proc.returncode != 0
     assert "train.batch_size 51 does not split over 2 processes; use a multiple of 2" in proc.stderr
     assert not (d / "models").exists() or not any((d / "models").iterdir())
+
+
+@pytest.mark.slow
+def test_torchrun_resume_after_kill_matches_an_uninterrupted_run(tmp_path, prepared):
+    """kill -9 of a 2-process torchrun job, then the same command: it resumes after the last completed epoch
+    and ends with bit-identical weights. Each rank draws its own dropout masks, so each rank's random stream
+    must come back as it was (a re-seeded stream would give other masks and other weights)."""
+    import signal
+    import time
+
+    p = dataclasses.replace(P, model="simplecnn", epochs=8)  # simplecnn has dropout and no BatchNorm
+    launcher = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "--no-python"]
+    ref = train_workdir(tmp_path / "ref", prepared, dataclasses.replace(p, resume=False))
+    assert train_in(ref, *launcher).returncode == 0
+
+    work = train_workdir(tmp_path / "work", prepared, p)
+    state = work / "models/.model.pt.resume"
+    job = subprocess.Popen([*launcher, *TRAIN], cwd=work, env=ENV, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not state.exists() and time.monotonic() < deadline and job.poll() is None:
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGKILL)  # the launcher and both workers at once
+    job.wait(30)
+    saved = torch.load(state, weights_only=True)
+    assert len(saved["rng"]) == 2 and not torch.equal(saved["rng"][0]["cpu"], saved["rng"][1]["cpu"])
+    assert not (work / "models/model.pt").exists()
+
+    resumed = train_in(work, *launcher)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming after epoch {saved['epoch']}" in resumed.stderr and saved["epoch"] < p.epochs
+    a = torch.load(ref / "models/model.pt", weights_only=True)["state_dict"]
+    b = torch.load(work / "models/model.pt", weights_only=True)["state_dict"]
+    for name, tensor in a.items():
+        assert torch.equal(b[name], tensor), name

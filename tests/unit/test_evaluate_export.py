@@ -77,7 +77,7 @@ def test_evaluate_refuses_other_dataset(tmp_path, prepared, trained):
     meta = json.loads((prepared / "meta.json").read_text())
     (prepared / "meta.json").write_text(json.dumps(meta | {"dataset": "fashion-mnist"}))
     with pytest.raises(CnnpipeError, match="trained on mnist.*holds fashion-mnist"):
-        evaluate(EvaluateParams(), prepared, trained, tmp_path / "e.json", tmp_path / "c.csv")
+        evaluate(EvaluateParams(), prepared, trained, tmp_path / "e.json", tmp_path / "c.csv", tmp_path / "p.csv")
 
 
 def test_tta_flip_follows_the_models_dataset(tmp_path, prepared, trained):
