@@ -63,7 +63,8 @@ def engine_latency(onnx_path: Path, int8_path: Path | None, checkpoint: Path, x:
     for batch in (1, 64):
         xb = np.ascontiguousarray(x[:batch])
         tb = torch.from_numpy(xb)
-        calls = {name: (lambda s=s, xb=xb: s.run(None, {s.get_inputs()[0].name: xb})) for name, s in engines.items()}
+        feeds = {name: s.get_inputs()[0].name for name, s in engines.items()}
+        calls = {name: (lambda s=s, xb=xb, feed=feeds[name]: s.run(None, {feed: xb})) for name, s in engines.items()}
 
         def torch_call(tb=tb):
             with torch.inference_mode():

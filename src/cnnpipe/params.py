@@ -1,7 +1,8 @@
 """Typed, validated sections of params.yaml: one dataclass per DVC stage.
 
-Every key must be present in params.yaml (DVC tracks them there), unknown keys are refused,
-and each value is checked against its type, so a typo fails at once with a line naming the key.
+Every key must be present in params.yaml (DVC tracks them there), unknown keys are refused, and each value is
+checked against its type and its allowed range (`param(...)` below) before a stage loads any data, so a typo or
+an out-of-range value fails at once with one line naming the key, the value, what is allowed and the fix.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ class TrainParams:
     grad_clip: float = param(0.0, ge=0, zero="off")  # max gradient norm
     patience: int = param(0, ge=0, zero="off")  # stop after this many epochs without a better val accuracy
     resume: bool = True  # after an interruption (Ctrl-C, kill), continue after the last completed epoch
-    translate: int = param(0, ge=0, le=16, zero="off")  # random shift in pixels on the device
+    translate: int = param(0, ge=0, le=512, zero="off")  # random shift in pixels on the device (< image size)
     flip: bool = True  # random horizontal flip (only where the dataset's flips keep labels)
     device: str = param("auto", pattern=DEVICE)  # auto | cpu | cuda | cuda:N (torchrun: local rank's GPU)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 (else fp16) on GPU, fp32 on CPU
@@ -210,7 +211,7 @@ def allowed(meta: typing.Mapping[str, Any], tp: Any) -> str:
     if meta.get("pattern"):
         return meta["pattern"][1]
     if meta.get("fraction_or_count"):
-        return "a count of at least 1 or a fraction between 0 and 1 (e.g. 5000 or 0.1)"
+        return "a whole count from 1 to 1000000000 or a fraction strictly between 0 and 1 (e.g. 5000 or 0.1)"
     whole = tp is int or (typing.get_origin(tp) in (typing.Union, types.UnionType) and float not in typing.get_args(tp))
     kind = "a whole number" if whole else "a number"
     bounds = {op: str(b) if isinstance(b, int) else f"{b:g}" for op, b in meta.get("bounds", {}).items()}

@@ -222,7 +222,7 @@ def split(params: SplitParams, raw_dir: str | Path = "data/raw", out_dir: str | 
     metrics: dict = dict(meta["sizes"])  # images per split
     info: dict = {"dataset": dataset, "per_class": per_class}
     if src.skipped is not None:
-        metrics["skipped"] = len(src.skipped)
+        info["skipped"] = len(src.skipped)
         info["decode_images_per_second"] = src.decode_images_per_second
         info["skipped_files"] = sorted(src.skipped)[:100]
     write_metrics(metrics_path, metrics, info)

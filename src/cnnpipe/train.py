@@ -184,12 +184,13 @@ def write_history(path: str | Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def fingerprint(p: TrainParams, meta, n_train: int, world: int) -> str:
-    """What a resume state must have been made with: every param but `resume`, the data's shape and the number
-    of processes (each has its own random streams)."""
+def fingerprint(p: TrainParams, meta, n_train: int, world: int, device: torch.device,
+                amp: torch.dtype | None) -> str:
+    """What a resume state must have been made with: every param but `resume`, the data's shape, the number of
+    processes (each has its own random streams), and the device type and precision `auto` resolved to."""
     params = {k: v for k, v in dataclasses.asdict(p).items() if k != "resume"}
-    blob = json.dumps([STATE_FORMAT, params, meta.dataset, list(meta.shape), meta.classes, n_train, world],
-                      sort_keys=True)
+    blob = json.dumps([STATE_FORMAT, params, meta.dataset, list(meta.shape), meta.classes, n_train, world,
+                       device.type, str(amp)], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -311,7 +312,7 @@ def _train(p: TrainParams, prepared: Path, model_path: Path, metrics_path: Path,
     if d.world > 1:
         log.info("torchrun: %d processes (%s), each %d images of every %d-image batch", d.world,
                  dist.get_backend(), p.batch_size // d.world, p.batch_size)
-    key = fingerprint(p, meta, len(y_np), d.world)
+    key = fingerprint(p, meta, len(y_np), d.world, device, engine.amp)
     history: list[dict] = []
     best: dict | None = None
     best_state = None
