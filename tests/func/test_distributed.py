@@ -108,20 +108,51 @@ def test_torchrun_resume_after_kill_matches_an_uninterrupted_run(tmp_path, prepa
     work = train_workdir(tmp_path / "work", prepared, p)
     state = work / "models/.model.pt.resume"
     job = subprocess.Popen([*launcher, *TRAIN], cwd=work, env=ENV, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, start_new_session=True)
+                           stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not state.exists() and time.monotonic() < deadline and job.poll() is None:
         time.sleep(0.05)
-    os.killpg(job.pid, signal.SIGKILL)  # the launcher and both workers at once
+    workers = children(job.pid)  # torchrun starts each worker in a session of its own
+    assert len(workers) == 2
+    for pid in workers:
+        os.kill(pid, signal.SIGKILL)
+    job.kill()
     job.wait(30)
+    while any(alive(pid) for pid in workers):  # gone: nothing can still write into the folder
+        time.sleep(0.05)
     saved = torch.load(state, weights_only=True)
     assert len(saved["rng"]) == 2 and not torch.equal(saved["rng"][0]["cpu"], saved["rng"][1]["cpu"])
     assert not (work / "models/model.pt").exists()
 
     resumed = train_in(work, *launcher)
     assert resumed.returncode == 0, resumed.stderr
-    assert f"resuming after epoch {saved['epoch']}" in resumed.stderr and saved["epoch"] < p.epochs
+    assert f"resuming after epoch {saved['epoch']}" in resumed.stderr and saved["epoch"] < p.epochs, resumed.stderr
     a = torch.load(ref / "models/model.pt", weights_only=True)["state_dict"]
     b = torch.load(work / "models/model.pt", weights_only=True)["state_dict"]
     for name, tensor in a.items():
         assert torch.equal(b[name], tensor), name
+    # the best epoch may come before the kill: every epoch's losses show the later epochs trained identically
+    history = [(d / "plots/train_history.csv").read_text().splitlines() for d in (ref, work)]
+    assert [line.rsplit(",", 1)[0] for line in history[0]] == [line.rsplit(",", 1)[0] for line in history[1]]
+
+
+def children(pid: int) -> list[int]:
+    """Process ids whose parent is `pid` (from /proc)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has exited

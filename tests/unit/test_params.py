@@ -94,8 +94,8 @@ def test_enum_params_name_what_exists():
     ("evaluate", "batch_size", 0, r"evaluate\.batch_size is 0, out of range"),
     ("quantize", "latency_runs", 0, r"quantize\.latency_runs is 0, out of range"),
     ("download", "retries", 0, r"download\.retries is 0, out of range"),
-    ("split", "val_size", 1.5, r"split\.val_size is 1\.5, out of range; set split\.val_size to a count of at least 1 "
-                               r"or a fraction between 0 and 1"),
+    ("split", "val_size", 1.5, r"split\.val_size is 1\.5, out of range; set split\.val_size to a whole count "
+                               r"from 1 to 1000000000 or a fraction strictly between 0 and 1"),
     ("split", "channels", 2, r"split\.channels must be 1 \| 3, got 2"),
     ("split", "channels", True, r"split\.channels must be 1 \| 3, got True"),
 ])
