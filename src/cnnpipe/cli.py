@@ -51,7 +51,8 @@ def _predict(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> None:
     from cnnpipe.server import ServeOptions, serve
     options = ServeOptions(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_body_bytes=args.max_body_bytes,
-                           max_images=args.max_images, resize=not args.no_resize)
+                           max_images=args.max_images, resize=not args.no_resize, max_pixels=args.max_pixels,
+                           body_timeout=args.body_timeout)
     serve(args.model, args.host, args.port, options, threads=args.threads)
 
 
@@ -130,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024, help="larger bodies get 413")
     p.add_argument("--max-images", type=int, default=64, help="images per request")
     p.add_argument("--no-resize", action="store_true", help="refuse images of another size instead of resizing")
+    p.add_argument("--max-pixels", type=int, default=0,
+                   help="pixels an image may declare, checked before decoding (0 = auto: 4096 model-sized images, "
+                        "at least 1,000,000)")
+    p.add_argument("--body-timeout", type=float, default=10.0, help="seconds a request body may take (then 408)")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0 = one per core)")
     p.set_defaults(func=_serve)
 

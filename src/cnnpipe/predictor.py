@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,26 @@ def normalize_pixels(pixels: np.ndarray, mean: Sequence[float], std: Sequence[fl
 
 class InputError(ValueError):
     """An image the model cannot take; the message says why (the server answers 4xx with it)."""
+
+
+def declared_pixels(image: Any) -> int:
+    """Pixels an image says it has, read from its header (encoded bytes) or shape (arrays), without decoding
+    it; 0 when that cannot be told (the decoder then gives the real error)."""
+    from PIL import Image
+
+    if isinstance(image, bytes | bytearray | memoryview):
+        try:
+            with Image.open(io.BytesIO(image)) as im:
+                return im.size[0] * im.size[1]
+        except Image.DecompressionBombError as e:  # Pillow refuses to open far larger images at all
+            found = re.search(r"\((\d+) pixels\)", str(e))
+            return int(found.group(1)) if found else 2 * (Image.MAX_IMAGE_PIXELS or 0) + 1
+        except Exception:  # unreadable or hostile headers: left to the decoder's checks
+            return 0
+    if isinstance(image, Image.Image):
+        return image.size[0] * image.size[1]
+    shape = getattr(image, "shape", ())
+    return int(shape[0] * shape[1]) if len(shape) >= 2 else 0
 
 
 @dataclass(frozen=True)
@@ -127,18 +148,22 @@ class Predictor:
         return self.session.get_providers()
 
     # --- preprocessing -------------------------------------------------------------------------------
-    def to_pixels(self, image: Any, resize: bool = True) -> np.ndarray:
-        """One image -> C×H×W float32 pixels (0-255) of the model's shape."""
+    def to_pixels(self, image: Any, resize: bool = True, max_pixels: int | None = None) -> np.ndarray:
+        """One image -> C×H×W float32 pixels (0-255) of the model's shape. With `max_pixels`, an image whose
+        header or shape declares more pixels is refused before it is decoded."""
         from PIL import Image, UnidentifiedImageError
 
         c, h, w = self.info.input_shape
+        if max_pixels is not None and (n := declared_pixels(image)) > max_pixels:
+            raise InputError(f"image has {n} pixels, over the limit of {max_pixels}; send it downscaled "
+                             f"(the model takes {w}×{h})")
         if isinstance(image, bytes | bytearray | memoryview):
             if len(image) == 0:
                 raise InputError("empty image data")
             try:
                 image = Image.open(io.BytesIO(image))
                 image.load()
-            except (UnidentifiedImageError, OSError, ValueError) as e:
+            except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
                 raise InputError(f"not a readable image ({str(e).splitlines()[0][:120]})") from e
         if isinstance(image, Image.Image):
             image = image.convert("L" if c == 1 else "RGB")
@@ -182,9 +207,9 @@ class Predictor:
             arr = arr[:, :, 0] if c == 1 else arr
         return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
-    def preprocess(self, images: Sequence[Any], resize: bool = True) -> np.ndarray:
+    def preprocess(self, images: Sequence[Any], resize: bool = True, max_pixels: int | None = None) -> np.ndarray:
         """Images -> N×C×H×W float32, normalized as in training."""
-        pixels = np.stack([self.to_pixels(im, resize) for im in images]) if len(images) else np.zeros(
+        pixels = np.stack([self.to_pixels(im, resize, max_pixels) for im in images]) if len(images) else np.zeros(
             (0, *self.info.input_shape), np.float32)
         return normalize_pixels(pixels, self.info.mean, self.info.std)
 

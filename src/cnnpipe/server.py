@@ -1,8 +1,11 @@
 """`cnnpipe serve`: the ONNX model behind HTTP (FastAPI + uvicorn), with dynamic batching.
 
 Routes: POST /predict, GET /healthz, /readyz, /metadata, /metrics (Prometheus text). Concurrent requests
-are gathered into one onnxruntime run (up to max_batch images, waiting at most max_wait_ms), so
-throughput grows with concurrency. Every bad request gets a 4xx with a JSON body saying what was wrong.
+are gathered into one onnxruntime run (at most max_batch images, waiting at most max_wait_ms), so
+throughput grows with concurrency. Every bad request gets a 4xx with a JSON body saying what was wrong;
+hostile ones are bounded: body size and arrival time, pixels declared by an image's header (checked before it
+is decoded; large images decode off the event loop), JSON nesting, images per request. A client that hangs up
+is counted with status 499, not as a server error.
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
-from cnnpipe.predictor import InputError, Predictor
+from cnnpipe.predictor import InputError, Predictor, declared_pixels
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +42,15 @@ class ServeOptions:
     max_images: int = 64  # images per request
     resize: bool = True  # resize images of another size (False: refuse them with 422)
     top_k: int = 5
+    max_pixels: int = 0  # pixels an image may declare; 0 = auto (4096 model-sized images, at least 1 MP)
+    body_timeout: float = 10.0  # seconds a request body may take to arrive (slower: 408)
 
+    def pixel_budget(self, input_shape: tuple[int, int, int]) -> int:
+        return self.max_pixels or max(1_000_000, 4096 * input_shape[1] * input_shape[2])
+
+
+INLINE_PIXELS = 65_536  # images up to this size decode on the event loop; larger ones in a thread
+DISCONNECTED = 499  # nginx's status for a client that closed the connection before the answer
 
 class BadRequest(Exception):
     def __init__(self, status: int, message: str):
@@ -48,7 +60,8 @@ class BadRequest(Exception):
 
 
 class Batcher:
-    """Gathers concurrent requests' images into one onnxruntime run on a single worker thread."""
+    """Gathers concurrent requests' images into one onnxruntime run on a single worker thread; no run holds
+    more than max_batch images (a larger request is split, a request that would overflow waits for the next)."""
 
     def __init__(self, predictor: Predictor, max_batch: int, max_wait_ms: float, batch_sizes: Histogram):
         self.predictor = predictor
@@ -58,6 +71,7 @@ class Batcher:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxruntime")
         self.task: asyncio.Task | None = None
+        self.held: tuple | None = None  # taken from the queue but left for the next run: it would overflow
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._loop())
@@ -69,6 +83,9 @@ class Batcher:
         self.executor.shutdown(wait=True)
 
     async def logits(self, x: np.ndarray) -> np.ndarray:
+        if len(x) > self.max_batch:
+            parts = [x[i: i + self.max_batch] for i in range(0, len(x), self.max_batch)]
+            return np.concatenate(await asyncio.gather(*(self.logits(part) for part in parts)))
         future = asyncio.get_running_loop().create_future()
         await self.queue.put((x, future))
         return await future
@@ -76,8 +93,9 @@ class Batcher:
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            items = [await self.queue.get()]
-            total = len(items[0][0])
+            first, self.held = self.held or await self.queue.get(), None
+            items = [first]
+            total = len(first[0])
             deadline = loop.time() + self.max_wait
             while total < self.max_batch:
                 timeout = deadline - loop.time()
@@ -85,6 +103,9 @@ class Batcher:
                     item = self.queue.get_nowait() if timeout <= 0 else await asyncio.wait_for(
                         self.queue.get(), timeout)
                 except (asyncio.QueueEmpty, TimeoutError):
+                    break
+                if total + len(item[0]) > self.max_batch:
+                    self.held = item  # first in the next run
                     break
                 items.append(item)
                 total += len(item[0])
@@ -123,12 +144,14 @@ ROUTES = ("/predict", "/healthz", "/readyz", "/metadata", "/metrics")
 
 class Guard:
     """Pure ASGI middleware (cheaper than FastAPI's http middleware): refuses bodies over the limit with
-    413 (by Content-Length, or while streaming) and records every request's status and latency."""
+    413 (by Content-Length, or while streaming), bodies that take longer than `body_timeout` seconds to arrive
+    with 408, and records every request's status and latency."""
 
-    def __init__(self, app, max_bytes: int, metrics: Metrics):
+    def __init__(self, app, max_bytes: int, metrics: Metrics, body_timeout: float = 10.0):
         self.app = app
         self.max_bytes = max_bytes
         self.metrics = metrics
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -147,13 +170,20 @@ class Guard:
             length = dict(scope.get("headers") or []).get(b"content-length")
             if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
                 return await _send_json(recording_send, 413, f"request body over the {self.max_bytes}-byte limit")
-            seen = 0
+            seen, complete = 0, False
+            deadline = start + self.body_timeout
 
             async def limited_receive():
-                nonlocal seen
-                message = await receive()
+                nonlocal seen, complete
+                if complete:  # the body is in: later receives wait for a disconnect, without a deadline
+                    return await receive()
+                try:
+                    message = await asyncio.wait_for(receive(), max(deadline - time.perf_counter(), 0))
+                except TimeoutError:
+                    raise BadRequest(408, f"request body not received within {self.body_timeout:g} s") from None
                 if message["type"] == "http.request":
                     seen += len(message.get("body", b""))
+                    complete = not message.get("more_body", False)
                     if seen > self.max_bytes:
                         raise BadRequest(413, f"request body over the {self.max_bytes}-byte limit")
                 return message
@@ -173,7 +203,7 @@ async def _send_json(send, status: int, message: str) -> None:
 
 def parse_k(request: Request, options: ServeOptions, num_classes: int) -> int:
     raw = request.query_params.get("k", str(options.top_k))
-    if not raw.isdigit() or not 1 <= int(raw) <= num_classes:
+    if len(raw) > 6 or not raw.isdigit() or not 1 <= int(raw) <= num_classes:
         raise BadRequest(422, f"k must be an integer from 1 to {num_classes}, got {raw!r}")
     return int(raw)
 
@@ -183,11 +213,14 @@ async def read_images(request: Request, options: ServeOptions) -> list[Any]:
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
         try:
-            form = await request.form(max_files=options.max_images + 1, max_fields=options.max_images + 1)
-        except BadRequest:
+            form = await request.form(max_files=options.max_images, max_fields=options.max_images)
+        except (BadRequest, ClientDisconnect):
             raise
         except Exception as e:
-            raise BadRequest(400, f"malformed multipart body ({str(e)[:120]})") from e
+            detail = str(getattr(e, "detail", e))
+            if detail.startswith("Too many"):  # starlette stops parsing past max_files / max_fields
+                raise BadRequest(413, too_many(f"over {options.max_images}", options)) from e
+            raise BadRequest(400, f"malformed multipart body ({detail[:120]})") from e
         images = [await v.read() for _, v in form.multi_items() if hasattr(v, "read")]
         if not images:
             raise BadRequest(400, "multipart body has no file parts; send images as file uploads")
@@ -197,13 +230,15 @@ async def read_images(request: Request, options: ServeOptions) -> list[Any]:
         raise BadRequest(400, "empty request body; send images (multipart, JSON pixel arrays or image bytes)")
     if ctype == "application/json":
         try:
-            data = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as e:
+            data = orjson.loads(body)  # nesting deeper than 1024 levels is refused by the parser
+        except orjson.JSONDecodeError as e:
             raise BadRequest(400, f"malformed JSON ({str(e)[:120]})") from e
         if isinstance(data, dict):
             data = data.get("instances")
         if not isinstance(data, list) or not data:
             raise BadRequest(422, 'JSON must be a non-empty array of pixel arrays, or {"instances": [...]}')
+        if len(data) > options.max_images:
+            raise BadRequest(413, too_many(str(len(data)), options))
         try:
             return [np.asarray(item, dtype=np.float64) for item in data]
         except (ValueError, TypeError) as e:
@@ -213,10 +248,22 @@ async def read_images(request: Request, options: ServeOptions) -> list[Any]:
     raise BadRequest(415, f"unsupported content type '{ctype}'; use multipart/form-data, application/json or image/*")
 
 
+def too_many(count: str, options: ServeOptions) -> str:
+    return f"{count} images in one request; the limit is {options.max_images}"
+
+
 def create_app(predictor: Predictor, options: ServeOptions = ServeOptions()) -> FastAPI:
     metrics = Metrics()
     batcher = Batcher(predictor, options.max_batch, options.max_wait_ms, metrics.batch_sizes)
+    decoders = ThreadPoolExecutor(thread_name_prefix="decode")  # large images decode here, off the event loop
+    budget = options.pixel_budget(predictor.info.input_shape)
     state = {"ready": False}
+
+    def preprocess(images: list) -> np.ndarray:
+        try:
+            return predictor.preprocess(images, resize=options.resize, max_pixels=budget)
+        except InputError as e:
+            raise BadRequest(422, str(e)) from e
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -231,16 +278,28 @@ def create_app(predictor: Predictor, options: ServeOptions = ServeOptions()) -> 
         yield
         state["ready"] = False
         await batcher.stop()
+        decoders.shutdown(wait=True)
 
     app = FastAPI(title="cnnpipe model server", lifespan=lifespan)
 
     @app.exception_handler(BadRequest)
     async def bad_request(_: Request, e: BadRequest):
-        return JSONResponse({"error": e.message}, status_code=e.status)
+        # a body cut short (too slow, too large) leaves the connection mid-request: close it after the answer
+        headers = {"connection": "close"} if e.status in (408, 413) else None
+        return JSONResponse({"error": e.message}, status_code=e.status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, e: StarletteHTTPException):
         return JSONResponse({"error": str(e.detail)}, status_code=e.status_code)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(_: Request, e: ClientDisconnect):
+        return Response(status_code=DISCONNECTED)  # nobody reads it: recorded in /metrics as 499
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, e: Exception):
+        log.exception("unexpected error")
+        return JSONResponse({"error": f"internal error ({type(e).__name__})"}, status_code=500)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, e: RequestValidationError):
@@ -252,11 +311,11 @@ def create_app(predictor: Predictor, options: ServeOptions = ServeOptions()) -> 
         k = parse_k(request, options, len(predictor.info.classes))
         images = await read_images(request, options)
         if len(images) > options.max_images:
-            raise BadRequest(413, f"{len(images)} images in one request; the limit is {options.max_images}")
-        try:
-            x = predictor.preprocess(images, resize=options.resize)
-        except InputError as e:
-            raise BadRequest(422, str(e)) from e
+            raise BadRequest(413, too_many(str(len(images)), options))
+        if sum(declared_pixels(im) for im in images) <= INLINE_PIXELS:
+            x = preprocess(images)  # small: decoding here is cheaper than a thread hop
+        else:
+            x = await asyncio.get_running_loop().run_in_executor(decoders, preprocess, images)
         logits = await batcher.logits(x)
         metrics.images.inc(len(x))
         # serialized here (orjson comes with Prefect): skips FastAPI's generic encoder on the hot path
@@ -285,7 +344,7 @@ def create_app(predictor: Predictor, options: ServeOptions = ServeOptions()) -> 
     async def prometheus():
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    return Guard(app, options.max_body_bytes, metrics)
+    return Guard(app, options.max_body_bytes, metrics, options.body_timeout)
 
 
 def serve(model_path: str, host: str, port: int, options: ServeOptions, threads: int = 0) -> None:

@@ -1,0 +1,188 @@
+"""`cnnpipe serve` under hostile or odd traffic, as a real uvicorn process on loopback: every case answers
+with the right 4xx and a JSON body (or is counted as the client's doing), and the service keeps serving."""
+
+from __future__ import annotations
+
+import json
+import select
+import socket
+import struct
+import threading
+import time
+import zlib
+
+import httpx
+import numpy as np
+import pytest
+from helpers import make_images, start_server, stop
+from test_serve import assert_same_top_k, delta, metrics, png
+
+from cnnpipe.predictor import Predictor
+
+
+@pytest.fixture(scope="module")
+def server(onnx_model):
+    proc, url = start_server(onnx_model, "--max-images", "4", "--max-body-bytes", "200000", "--max-pixels", "10000",
+                             "--body-timeout", "1")
+    yield url
+    stop(proc)
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header declares width×height grey pixels, followed by a scrap of image data."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 1000))
+
+
+def raw_request(url: str, head: bytes, body_parts: list[bytes], pause: float = 0.0) -> socket.socket:
+    """Send a request by hand: the head, then the body parts `pause` seconds apart; returns the open socket."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    sock.sendall(head)
+    for part in body_parts:
+        time.sleep(pause)
+        sock.sendall(part)
+    return sock
+
+
+def read_response(sock: socket.socket) -> tuple[int, dict]:
+    data = b""
+    while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < content_length(data):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    return int(head.split()[1]), json.loads(body)
+
+
+def content_length(data: bytes) -> int:
+    for line in data.split(b"\r\n\r\n", 1)[0].split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    return 0
+
+
+def test_pixel_budget_is_checked_from_the_header(server):
+    """Refused before decoding: a header declaring 400 megapixels answers at once; the budget (10,000 here)
+    is exact: 100×100 passes, 101×100 does not."""
+    t0 = time.perf_counter()
+    r = httpx.post(server + "/predict", content=png_header_only(20_000, 20_000),
+                   headers={"content-type": "image/png"})
+    assert r.status_code == 422 and "400000000 pixels, over the limit of 10000" in r.json()["error"]
+    assert time.perf_counter() - t0 < 2  # nothing was decoded (400 MB of pixels would take far longer)
+    ok = httpx.post(server + "/predict", content=png(np.zeros((100, 100))), headers={"content-type": "image/png"})
+    assert ok.status_code == 200
+    over = httpx.post(server + "/predict", content=png(np.zeros((100, 101))), headers={"content-type": "image/png"})
+    assert over.status_code == 422 and "10100 pixels" in over.json()["error"]
+    arrays = httpx.post(server + "/predict", json=[np.zeros((101, 100)).tolist()])  # arrays have a budget too
+    assert arrays.status_code == 422 and "10100 pixels" in arrays.json()["error"]
+
+
+@pytest.mark.parametrize("body, status, message", [
+    (b"[" * 100_000 + b"]" * 100_000, 400, "malformed JSON"),  # past the parser's depth limit
+    (b"[" * 200 + b"0" + b"]" * 200, 422, "rectangular array"),  # parsed, but no image has 199 dimensions
+    (b'{"instances": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, "malformed JSON"),
+])
+def test_deeply_nested_json_is_a_4xx(server, body, status, message):
+    r = httpx.post(server + "/predict", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status and message in r.json()["error"]
+
+
+def test_absurd_query_values_are_a_4xx(server):
+    for k in ("9" * 5000, "-1", "1e3", "0x10"):
+        r = httpx.post(server + f"/predict?k={k}", content=png(np.zeros((28, 28))),
+                       headers={"content-type": "image/png"})
+        assert r.status_code == 422 and "k must be an integer from 1 to 10" in r.json()["error"], k
+
+
+def test_too_many_images_is_413_however_many(server):
+    for n in (5, 6, 50):
+        files = [("f", (f"{i}.png", png(np.zeros((28, 28))), "image/png")) for i in range(n)]
+        r = httpx.post(server + "/predict", files=files)
+        assert r.status_code == 413 and "the limit is 4" in r.json()["error"], n
+        r = httpx.post(server + "/predict", json=[np.zeros((28, 28)).tolist()] * n)
+        assert r.status_code == 413 and "the limit is 4" in r.json()["error"], n
+
+
+def test_client_hanging_up_mid_body_is_not_a_server_error(server):
+    before = metrics(server)
+    head = (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 5000\r\n\r\n")
+    raw_request(server, head, [b"\x89PNG" + b"\0" * 100]).close()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        after = metrics(server)
+        if delta(before, after, "cnnpipe_requests_total", route="/predict", method="POST", status="499"):
+            break
+        time.sleep(0.05)
+    assert delta(before, after, "cnnpipe_requests_total", route="/predict", method="POST", status="499") == 1
+    assert delta(before, after, "cnnpipe_requests_total", route="/predict", method="POST", status="500") == 0
+
+
+def test_a_body_that_trickles_in_times_out_with_408(server):
+    """Sent a byte every 0.3 s, the body would take 30 s; the service answers 408 after its 1-second limit,
+    and answers everyone else meanwhile."""
+    head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 100\r\n\r\n"
+    result = {}
+
+    def slow():
+        sock = raw_request(server, head, [])
+        t0 = time.perf_counter()
+        for _ in range(100):
+            if select.select([sock], [], [], 0.3)[0]:  # the answer came
+                break
+            sock.sendall(b"\0")
+        result["status"], result["body"] = read_response(sock)
+        result["closed"] = sock.recv(1) == b""
+        result["seconds"] = time.perf_counter() - t0
+        sock.close()
+
+    thread = threading.Thread(target=slow)
+    thread.start()
+    time.sleep(0.2)
+    health = httpx.get(server + "/healthz", timeout=2)
+    thread.join(30)
+    assert health.status_code == 200
+    assert result["status"] == 408 and "not received within 1 s" in result["body"]["error"]
+    assert result["seconds"] < 5 and result["closed"]
+
+
+def test_max_batch_is_a_true_bound(onnx_model):
+    """With --max-batch 4, concurrent 3-image requests never share a run (3 + 3 > 4), a 7-image request is
+    split into runs of at most 4, and every answer is still its own images' answer."""
+    local = Predictor(onnx_model, threads=1)
+    x, _ = make_images(7, 10, (1, 28, 28), seed=3)
+    expected = local.predict(list(x[:, 0]), k=2)
+    proc, url = start_server(onnx_model, "--max-batch", "4", "--max-images", "8", "--max-wait-ms", "50")
+    try:
+        before = metrics(url)
+        results: dict[int, httpx.Response] = {}
+        barrier = threading.Barrier(6)
+
+        def send(i: int) -> None:
+            barrier.wait()
+            files = [("f", (f"{j}.png", png(x[j, 0]), "image/png")) for j in range(3)]
+            results[i] = httpx.post(url + "/predict?k=2", files=files, timeout=30)
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        big = httpx.post(url + "/predict?k=2", files=[("f", (f"{j}.png", png(x[j, 0]), "image/png"))
+                                                        for j in range(7)], timeout=30)
+        after = metrics(url)
+    finally:
+        stop(proc)
+    for r in results.values():
+        assert r.status_code == 200
+        assert_same_top_k(r.json()["predictions"], expected[:3])
+    assert big.status_code == 200
+    assert_same_top_k(big.json()["predictions"], expected)
+    runs = delta(before, after, "cnnpipe_batch_size_count")
+    assert delta(before, after, "cnnpipe_batch_size_sum") == 6 * 3 + 7
+    assert delta(before, after, "cnnpipe_batch_size_bucket", le="4.0") == runs  # no run above 4 images
+    assert runs >= 6 + 2
