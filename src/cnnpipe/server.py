@@ -1,6 +1,8 @@
 """`cnnpipe serve`: the ONNX model behind HTTP (FastAPI + uvicorn), with dynamic batching.
 
-Routes: POST /predict, GET /healthz, /readyz, /metadata, /metrics (Prometheus text). Concurrent requests
+Routes: POST /predict, GET /healthz, /readyz, /metadata, /metrics (Prometheus text), and the Open Inference
+Protocol's (KServe v2) REST routes under /v2 (health, server and model metadata, readiness, infer; see oip.py),
+so Triton's and KServe's clients work unchanged. Concurrent requests
 are gathered into one onnxruntime run (at most max_batch images, waiting at most max_wait_ms), so
 throughput grows with concurrency. Every bad request gets a 4xx with a JSON body saying what was wrong;
 hostile ones are bounded: body size and arrival time, pixels declared by an image's header (checked before it
@@ -29,6 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from cnnpipe import __version__, oip
 from cnnpipe.predictor import InputError, Predictor, declared_pixels
 
 log = logging.getLogger(__name__)
@@ -142,6 +145,15 @@ class Metrics:
 ROUTES = ("/predict", "/healthz", "/readyz", "/metadata", "/metrics")
 
 
+def route_label(path: str) -> str:
+    """The metrics label of a path: fixed routes as they are, /v2 routes without the model name and version."""
+    if path in ROUTES:
+        return path
+    if path.startswith("/v2/models/"):
+        return "/v2/models/infer" if path.endswith("/infer") else "/v2/models"
+    return path if path in ("/v2", "/v2/health/live", "/v2/health/ready") else "unmatched"
+
+
 class Guard:
     """Pure ASGI middleware (cheaper than FastAPI's http middleware): refuses bodies over the limit with
     413 (by Content-Length, or while streaming), bodies that take longer than `body_timeout` seconds to arrive
@@ -158,7 +170,7 @@ class Guard:
             return await self.app(scope, receive, send)
         start = time.perf_counter()
         status = 500
-        route = scope["path"] if scope["path"] in ROUTES else "unmatched"
+        route = route_label(scope["path"])
 
         async def recording_send(message):
             nonlocal status
@@ -339,6 +351,54 @@ def create_app(predictor: Predictor, options: ServeOptions = ServeOptions()) -> 
                 "input_shape": list(info.input_shape), "normalization": {"mean": info.mean, "std": info.std},
                 "sha256": info.sha256, "opset": info.opset, "providers": predictor.providers,
                 "max_batch": options.max_batch, "max_images": options.max_images}
+
+    # --- Open Inference Protocol (KServe v2, REST) ----------------------------------------------------
+    info = predictor.info
+
+    def oip_model(name: str, version: str | None) -> None:
+        if name != oip.model_name(info) or version not in (None, oip.model_version(info)):
+            raise BadRequest(404, f"no model {name!r}" + (f" version {version!r}" if version else "") +
+                             f"; this server has {oip.model_name(info)!r} version {oip.model_version(info)!r}")
+
+    @app.get("/v2")
+    async def v2_server():
+        return {"name": "cnnpipe", "version": __version__, "extensions": []}
+
+    @app.get("/v2/health/live")
+    async def v2_live():
+        return {"live": True}
+
+    @app.get("/v2/health/ready")
+    async def v2_ready():
+        return JSONResponse({"ready": state["ready"]}, status_code=200 if state["ready"] else 503)
+
+    @app.get("/v2/models/{name}")
+    @app.get("/v2/models/{name}/versions/{version}")
+    async def v2_model(name: str, version: str | None = None):
+        oip_model(name, version)
+        return oip.model_metadata(info)
+
+    @app.get("/v2/models/{name}/ready")
+    @app.get("/v2/models/{name}/versions/{version}/ready")
+    async def v2_model_ready(name: str, version: str | None = None):
+        oip_model(name, version)
+        return JSONResponse({"name": name, "ready": state["ready"]}, status_code=200 if state["ready"] else 503)
+
+    @app.post("/v2/models/{name}/infer")
+    @app.post("/v2/models/{name}/versions/{version}/infer")
+    async def v2_infer(name: str, request: Request, version: str | None = None):
+        oip_model(name, version)
+        try:
+            body = orjson.loads(await request.body())
+        except orjson.JSONDecodeError as e:
+            raise BadRequest(400, f"malformed JSON ({str(e)[:120]})") from e
+        try:
+            parsed = oip.parse_request(body, info, options.max_images)
+        except oip.OipError as e:
+            raise BadRequest(e.status, e.message) from e
+        logits = await batcher.logits(parsed.x)
+        metrics.images.inc(len(parsed.x))
+        return Response(orjson.dumps(oip.response(info, parsed, logits)), media_type="application/json")
 
     @app.get("/metrics")
     async def prometheus():

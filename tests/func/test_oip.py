@@ -1,0 +1,99 @@
+"""The Open Inference Protocol (KServe v2 REST) routes of `cnnpipe serve`, driven by Triton's own HTTP client
+(tritonclient, a client we did not write) and by plain HTTP for the error cases."""
+
+from __future__ import annotations
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.http as triton
+from helpers import make_images, start_server, stop
+
+from cnnpipe.predictor import Predictor, normalize_pixels
+
+
+@pytest.fixture(scope="module")
+def served(onnx_model):
+    proc, url = start_server(onnx_model, "--max-images", "8")
+    yield url, Predictor(onnx_model, threads=1)
+    stop(proc)
+
+
+def client(url: str) -> triton.InferenceServerClient:
+    return triton.InferenceServerClient(url.removeprefix("http://"))
+
+
+def test_triton_client_health_and_metadata(served):
+    url, local = served
+    c = client(url)
+    name, version = local.info.model, local.info.sha256[:12]
+    assert c.is_server_live() and c.is_server_ready()
+    assert c.is_model_ready(name) and c.is_model_ready(name, version)
+    assert not c.is_model_ready("resnet50")
+    meta = c.get_model_metadata(name)
+    assert meta["name"] == "bncnn" and meta["versions"] == [version]
+    assert {i["name"]: (i["datatype"], i["shape"]) for i in meta["inputs"]} == {
+        "input": ("FP32", [-1, 1, 28, 28]), "pixels": ("UINT8", [-1, 1, 28, 28])}
+    assert [o["name"] for o in meta["outputs"]] == ["logits", "probabilities", "label"]
+
+
+@pytest.mark.parametrize("tensor", ["pixels", "input"])
+def test_triton_client_infer_matches_predict(served, tensor):
+    """The same images through tritonclient (UINT8 pixels or normalized FP32) and through /predict."""
+    url, local = served
+    x, _ = make_images(5, 10, (1, 28, 28), seed=7)  # 5×1×28×28 uint8
+    data = x if tensor == "pixels" else normalize_pixels(x, local.info.mean, local.info.std)
+    infer_input = triton.InferInput(tensor, list(data.shape), "UINT8" if tensor == "pixels" else "FP32")
+    infer_input.set_data_from_numpy(data, binary_data=False)
+    outputs = [triton.InferRequestedOutput(n, binary_data=False) for n in ("probabilities", "label", "logits")]
+    result = client(url).infer("bncnn", [infer_input], outputs=outputs, request_id="req-7")
+    probs = result.as_numpy("probabilities")
+    assert probs.shape == (5, 10) and result.get_response()["id"] == "req-7"
+    assert np.allclose(result.as_numpy("logits"), local.logits(normalize_pixels(x, local.info.mean, local.info.std)),
+                       atol=1e-4)
+
+    predicted = httpx.post(url + "/predict?k=10", json=[img[0].tolist() for img in x]).json()["predictions"]
+    for row, p in zip(predicted, probs, strict=True):
+        assert [e["index"] for e in row][0] == int(p.argmax())
+        assert {e["index"]: e["probability"] for e in row} == pytest.approx(dict(enumerate(p.tolist())), abs=1e-5)
+    labels = [b.decode() if isinstance(b, bytes) else b for b in result.as_numpy("label")]
+    assert labels == [row[0]["label"] for row in predicted]
+
+
+def test_flat_and_nested_data_and_selected_outputs(served):
+    url, local = served
+    x, _ = make_images(2, 10, (1, 28, 28), seed=8)
+    route = f"{url}/v2/models/bncnn/infer"
+    tensor = {"name": "pixels", "datatype": "UINT8", "shape": [2, 1, 28, 28]}
+    flat = httpx.post(route, json={"inputs": [tensor | {"data": x.reshape(-1).tolist()}],
+                                   "outputs": [{"name": "label"}]}).json()
+    nested = httpx.post(route, json={"inputs": [tensor | {"data": x.tolist()}], "outputs": [{"name": "label"}]})
+    assert nested.status_code == 200 and nested.json() == flat
+    assert [o["name"] for o in flat["outputs"]] == ["label"] and "id" not in flat
+    assert flat["outputs"][0]["data"] == [r[0]["label"] for r in local.predict(list(x[:, 0]), k=1)]
+    assert flat["model_name"] == "bncnn" and flat["model_version"] == local.info.sha256[:12]
+
+
+@pytest.mark.parametrize("path, body, status, message", [
+    ("/v2/models/resnet/infer", None, 404, "no model 'resnet'"),
+    ("/v2/models/bncnn/versions/0/infer", None, 404, "version '0'"),
+    (None, {"inputs": []}, 400, "one tensor"),
+    (None, {"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 1, 28, 28], "data": [0] * 784}]},
+     400, "unknown input 'image'"),
+    (None, {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 1, 28, 28], "data": [0] * 784}]},
+     400, "datatype UINT8"),
+    (None, {"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 3, 28, 28], "data": [0] * 2352}]},
+     400, "shape must be [N, 1, 28, 28]"),
+    (None, {"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [2, 1, 28, 28], "data": [0] * 784}]},
+     400, "784 values; shape [2, 1, 28, 28] needs 1568"),
+    (None, {"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 1, 28, 28], "data": [300] * 784}]},
+     400, "0 to 255"),
+    (None, {"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [9, 1, 28, 28], "data": [0] * 7056}]},
+     413, "the limit is 8"),
+    (None, {"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 1, 28, 28], "data": [0] * 784}],
+            "outputs": [{"name": "embedding"}]}, 400, "unknown output 'embedding'"),
+])
+def test_bad_infer_requests_get_4xx_json(served, path, body, status, message):
+    url, _ = served
+    r = httpx.post(url + (path or "/v2/models/bncnn/infer"), json=body or {"inputs": []})
+    assert r.status_code == status and message in r.json()["error"], r.text
