@@ -389,16 +389,17 @@ def create_app(predictor: Predictor, options: ServeOptions = ServeOptions()) -> 
     async def v2_infer(name: str, request: Request, version: str | None = None):
         oip_model(name, version)
         try:
-            body = orjson.loads(await request.body())
-        except orjson.JSONDecodeError as e:
-            raise BadRequest(400, f"malformed JSON ({str(e)[:120]})") from e
-        try:
-            parsed = oip.parse_request(body, info, options.max_images)
+            body, binary = oip.split_body(await request.body(), request.headers.get(oip.HEADER_LENGTH))
+            parsed = oip.parse_request(body, info, options.max_images, binary)
         except oip.OipError as e:
             raise BadRequest(e.status, e.message) from e
         logits = await batcher.logits(parsed.x)
         metrics.images.inc(len(parsed.x))
-        return Response(orjson.dumps(oip.response(info, parsed, logits)), media_type="application/json")
+        content, json_length = oip.response(info, parsed, logits)
+        if json_length is None:
+            return Response(content, media_type="application/json")
+        return Response(content, media_type="application/octet-stream",
+                        headers={oip.HEADER_LENGTH: str(json_length)})
 
     @app.get("/metrics")
     async def prometheus():

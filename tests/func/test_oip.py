@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import numpy as np
 import pytest
@@ -97,3 +99,37 @@ def test_bad_infer_requests_get_4xx_json(served, path, body, status, message):
     url, _ = served
     r = httpx.post(url + (path or "/v2/models/bncnn/infer"), json=body or {"inputs": []})
     assert r.status_code == status and message in r.json()["error"], r.text
+
+
+@pytest.mark.parametrize("tensor", ["pixels", "input"])
+def test_triton_client_binary_tensors(served, tensor):
+    """tritonclient's defaults: raw tensor bytes in the request (binary extension) and binary outputs back;
+    the answers equal the JSON tensors' ones."""
+    url, local = served
+    x, _ = make_images(4, 10, (1, 28, 28), seed=9)
+    data = x if tensor == "pixels" else normalize_pixels(x, local.info.mean, local.info.std)
+    infer_input = triton.InferInput(tensor, list(data.shape), "UINT8" if tensor == "pixels" else "FP32")
+    infer_input.set_data_from_numpy(data)  # binary_data=True is the default
+    result = client(url).infer("bncnn", [infer_input])  # no outputs named: all of them, binary
+    expected = local.logits(normalize_pixels(x, local.info.mean, local.info.std))
+    assert np.allclose(result.as_numpy("logits"), expected, atol=1e-4)
+    assert np.allclose(result.as_numpy("probabilities").sum(1), 1, atol=1e-5)
+    labels = [b.decode() if isinstance(b, bytes) else b for b in result.as_numpy("label")]
+    assert labels == [local.info.classes[i] for i in expected.argmax(1)]
+
+    body = b'{"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 1, 28, 28], ' \
+           b'"parameters": {"binary_data_size": 784}}]}'
+    short = httpx.post(url + "/v2/models/bncnn/infer", content=body + b"\0" * 100,
+                       headers={"Inference-Header-Content-Length": str(len(body))})
+    assert short.status_code == 400 and "needs 784 bytes" in short.json()["error"]
+
+    asked = httpx.post(url + "/v2/models/bncnn/infer", json={
+        "inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 1, 28, 28],
+                    "data": x[:1].reshape(-1).tolist()}],
+        "outputs": [{"name": "label", "parameters": {"binary_data": True}}, {"name": "logits"}]})
+    head = int(asked.headers["inference-header-content-length"])
+    meta = json.loads(asked.content[:head])
+    assert meta["outputs"][0]["parameters"]["binary_data_size"] == len(asked.content) - head
+    assert np.allclose(meta["outputs"][1]["data"], expected[0], atol=1e-4)
+    blob = asked.content[head:]
+    assert blob[4:].decode() == labels[0] and int.from_bytes(blob[:4], "little") == len(labels[0])
