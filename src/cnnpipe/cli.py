@@ -1,4 +1,7 @@
-"""`cnnpipe <stage>`: thin console entry points over the library; errors become one line and exit 1."""
+"""`cnnpipe <stage>`: thin console entry points over the library; errors become one line and exit 1.
+
+`serve` and `predict` run on the base install (onnxruntime, no torch); every other command needs the pipeline
+extra, and says so in one line when it is missing."""
 
 from __future__ import annotations
 
@@ -7,38 +10,47 @@ import logging
 import sys
 from collections.abc import Callable
 
+from cnnpipe import DEFAULT_PARAMS
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.params import DEFAULT_PARAMS, load_section
 
 log = logging.getLogger("cnnpipe")
+# Top-level modules of the pipeline extra (pyproject.toml), as imported
+PIPELINE_MODULES = {"torch", "torchvision", "pandas", "yaml", "tqdm", "dvc", "prefect", "sqlalchemy", "onnx",
+                    "onnxscript", "networkx", "ruamel"}
 
 
 def _download(args: argparse.Namespace) -> None:
     from cnnpipe.download import download
+    from cnnpipe.params import load_section
     download(load_section("download", args.params))
 
 
 def _split(args: argparse.Namespace) -> None:
+    from cnnpipe.params import load_section
     from cnnpipe.split import split
     split(load_section("split", args.params))
 
 
 def _train(args: argparse.Namespace) -> None:
+    from cnnpipe.params import load_section
     from cnnpipe.train import train
     train(load_section("train", args.params))
 
 
 def _evaluate(args: argparse.Namespace) -> None:
     from cnnpipe.evaluate import evaluate
+    from cnnpipe.params import load_section
     evaluate(load_section("evaluate", args.params))
 
 
 def _export(args: argparse.Namespace) -> None:
     from cnnpipe.export import export
+    from cnnpipe.params import load_section
     export(load_section("export", args.params))
 
 
 def _quantize(args: argparse.Namespace) -> None:
+    from cnnpipe.params import load_section
     from cnnpipe.quantize import quantize
     quantize(load_section("quantize", args.params))
 
@@ -190,6 +202,12 @@ def main(argv: list[str] | None = None) -> int:
         status = args.func(args)
     except CnnpipeError as e:
         print(f"cnnpipe {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in PIPELINE_MODULES:
+            raise
+        print(f"cnnpipe {args.command}: error: needs the pipeline extra (no module '{e.name}'); install it with "
+              "pip install 'cnnpipe[pipeline]'", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"cnnpipe {args.command}: interrupted", file=sys.stderr)

@@ -17,9 +17,8 @@ from typing import Any, Literal
 
 import yaml
 
+from cnnpipe import DEFAULT_PARAMS
 from cnnpipe.errors import CnnpipeError
-
-DEFAULT_PARAMS = "params.yaml"
 
 
 def param(default: Any = dataclasses.MISSING, *, ge: float | None = None, gt: float | None = None,

@@ -238,8 +238,42 @@ class Predictor:
         return self.top_k(self.logits(self.preprocess(images, resize)), k)
 
 
-def _opset_of(raw: bytes) -> int:
-    import onnx
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        byte = buf[i]
+        value |= (byte & 0x7F) << shift
+        i, shift = i + 1, shift + 7
+        if byte < 0x80:
+            return value, i
 
-    model = onnx.load_model_from_string(raw)
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+def _fields(buf: bytes):
+    """(field number, wire type, value) of a protobuf message's top-level fields; length-delimited values are
+    bytes, the others ints."""
+    i = 0
+    while i < len(buf):
+        key, i = _varint(buf, i)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, i = _varint(buf, i)
+        elif wire == 2:
+            size, i = _varint(buf, i)
+            value, i = buf[i: i + size], i + size
+        elif wire in (1, 5):
+            size = 8 if wire == 1 else 4
+            value, i = int.from_bytes(buf[i: i + size], "little"), i + size
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        yield number, wire, value
+
+
+def _opset_of(raw: bytes) -> int:
+    """The default-domain opset of a serialized ONNX ModelProto (field 8: OperatorSetIdProto{1: domain,
+    2: version}), read without the onnx package so that serving needs onnxruntime alone."""
+    for number, wire, value in _fields(raw):
+        if number == 8 and wire == 2:
+            entry = {n: v for n, _, v in _fields(value)}
+            if entry.get(1, b"") in (b"", b"ai.onnx"):
+                return int(entry.get(2, 0))
+    return 0
