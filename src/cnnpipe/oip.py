@@ -79,6 +79,19 @@ def model_metadata(info: ModelInfo, platform: str = "onnxruntime_onnx") -> dict[
     }
 
 
+def parse(raw: bytes, header_length: str | None, info: ModelInfo, max_images: int) -> Request:
+    """A whole request body (JSON, or JSON and raw tensor bytes) -> the model's input."""
+    body, binary = split_body(raw, header_length)
+    return parse_request(body, info, max_images, binary)
+
+
+def params_of(holder: dict, where: str) -> dict:
+    value = holder.get("parameters") or {}
+    if not isinstance(value, dict):
+        raise OipError(400, f"{where} parameters must be an object")
+    return value
+
+
 def parse_request(body: Any, info: ModelInfo, max_images: int, binary: bytes = b"") -> Request:
     """Validate an infer request (its parsed JSON part and any raw tensor bytes) and return the model's input."""
     if not isinstance(body, dict) or not isinstance(body.get("inputs"), list) or len(body["inputs"]) != 1:
@@ -99,7 +112,7 @@ def parse_request(body: Any, info: ModelInfo, max_images: int, binary: bytes = b
                             f"got {shape!r}")
     if shape[0] > max_images:
         raise OipError(413, f"{shape[0]} images in one request; the limit is {max_images}")
-    size = (tensor.get("parameters") or {}).get("binary_data_size")
+    size = params_of(tensor, "input").get("binary_data_size")
     if size is not None:
         x = from_bytes(binary, size, shape, dtype)
     elif binary:
@@ -108,7 +121,7 @@ def parse_request(body: Any, info: ModelInfo, max_images: int, binary: bytes = b
         x = to_array(data, shape, dtype)
     if name == "pixels":
         x = normalize_pixels(x, info.mean, info.std)
-    outputs, wanted_binary = parse_outputs(body.get("outputs"), body.get("parameters") or {})
+    outputs, wanted_binary = parse_outputs(body.get("outputs"), params_of(body, "request"))
     request_id = body.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise OipError(400, "id must be a string")
@@ -154,7 +167,7 @@ def parse_outputs(raw: Any, parameters: dict) -> tuple[list[str], frozenset[str]
     unknown = [n for n in names if n not in OUTPUTS]
     if unknown:
         raise OipError(400, f"unknown output {unknown[0]!r}; this model has {', '.join(OUTPUTS)}")
-    binary = {o["name"] for o in raw if (o.get("parameters") or {}).get("binary_data", all_binary) is True}
+    binary = {o["name"] for o in raw if params_of(o, "output").get("binary_data", all_binary) is True}
     return names, frozenset(binary)
 
 

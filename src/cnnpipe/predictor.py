@@ -50,7 +50,9 @@ def declared_pixels(image: Any) -> int:
             return 0
     if isinstance(image, Image.Image):
         return image.size[0] * image.size[1]
-    shape = getattr(image, "shape", ())
+    shape = tuple(getattr(image, "shape", ()))
+    if len(shape) == 3 and shape[0] in (1, 3) and shape[2] not in (1, 3):  # C×H×W, as _array_to_pixels reads it
+        return int(shape[1] * shape[2])
     return int(shape[0] * shape[1]) if len(shape) >= 2 else 0
 
 
@@ -270,10 +272,14 @@ def _fields(buf: bytes):
 
 def _opset_of(raw: bytes) -> int:
     """The default-domain opset of a serialized ONNX ModelProto (field 8: OperatorSetIdProto{1: domain,
-    2: version}), read without the onnx package so that serving needs onnxruntime alone."""
-    for number, wire, value in _fields(raw):
-        if number == 8 and wire == 2:
-            entry = {n: v for n, _, v in _fields(value)}
-            if entry.get(1, b"") in (b"", b"ai.onnx"):
-                return int(entry.get(2, 0))
+    2: version}), read without the onnx package so that serving needs onnxruntime alone; 0 if unknown
+    (e.g. onnxruntime's own .ort format)."""
+    try:
+        for number, wire, value in _fields(memoryview(raw)):
+            if number == 8 and wire == 2:
+                entry = {n: v for n, _, v in _fields(value)}
+                if bytes(entry.get(1, b"")) in (b"", b"ai.onnx"):
+                    return int(entry.get(2, 0))
+    except (IndexError, ValueError):
+        pass
     return 0

@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from cnnpipe import __version__, oip
+from cnnpipe.errors import CnnpipeError
 from cnnpipe.predictor import InputError, Predictor, declared_pixels
 
 log = logging.getLogger(__name__)
@@ -45,14 +46,24 @@ class ServeOptions:
     max_images: int = 64  # images per request
     resize: bool = True  # resize images of another size (False: refuse them with 422)
     top_k: int = 5
-    max_pixels: int = 0  # pixels an image may declare; 0 = auto (4096 model-sized images, at least 1 MP)
+    max_pixels: int = 0  # pixels an image may declare; 0 = auto (16 model-sized images, 1 to 25 megapixels)
     body_timeout: float = 10.0  # seconds a request body may take to arrive (slower: 408)
 
+    def __post_init__(self):
+        for name, low in (("max_batch", 1), ("max_images", 1), ("max_body_bytes", 1), ("max_pixels", 0)):
+            if getattr(self, name) < low:
+                flag = "--" + name.replace("_", "-")
+                raise CnnpipeError(f"{flag} {getattr(self, name)} is out of range; use at least {low}")
+        if self.max_wait_ms < 0 or self.body_timeout <= 0:
+            raise CnnpipeError("--max-wait-ms must be at least 0 and --body-timeout above 0")
+
     def pixel_budget(self, input_shape: tuple[int, int, int]) -> int:
-        return self.max_pixels or max(1_000_000, 4096 * input_shape[1] * input_shape[2])
+        """Pixels one image may declare; a request may declare at most 4 times that in all."""
+        return self.max_pixels or min(max(1_000_000, 16 * input_shape[1] * input_shape[2]), 25_000_000)
 
 
 INLINE_PIXELS = 65_536  # images up to this size decode on the event loop; larger ones in a thread
+INLINE_JSON_BYTES = 256 * 1024  # JSON bodies up to this size parse on the event loop; larger ones in a thread
 DISCONNECTED = 499  # nginx's status for a client that closed the connection before the answer
 
 class BadRequest(Exception):
@@ -112,9 +123,9 @@ class Batcher:
                     break
                 items.append(item)
                 total += len(item[0])
-            batch = np.concatenate([x for x, _ in items]) if len(items) > 1 else items[0][0]
-            self.batch_sizes.observe(len(batch))
             try:
+                batch = np.concatenate([x for x, _ in items]) if len(items) > 1 else items[0][0]
+                self.batch_sizes.observe(len(batch))
                 out = await loop.run_in_executor(self.executor, self.predictor.logits, batch)
                 start = 0
                 for x, future in items:
@@ -176,14 +187,18 @@ class Guard:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-            await send(message)
+                if expects_body and not complete:  # answered before the body was read: drop the connection,
+                    message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            await send(message)  # or a client could go on trickling the rest of it in forever
 
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        expects_body = (length is not None and length != b"0") or b"transfer-encoding" in headers
+        seen, complete = 0, False
+        deadline = start + self.body_timeout
         try:
-            length = dict(scope.get("headers") or []).get(b"content-length")
             if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
                 return await _send_json(recording_send, 413, f"request body over the {self.max_bytes}-byte limit")
-            seen, complete = 0, False
-            deadline = start + self.body_timeout
 
             async def limited_receive():
                 nonlocal seen, complete
@@ -220,7 +235,14 @@ def parse_k(request: Request, options: ServeOptions, num_classes: int) -> int:
     return int(raw)
 
 
-async def read_images(request: Request, options: ServeOptions) -> list[Any]:
+async def parse_json(body: bytes, executor: ThreadPoolExecutor) -> Any:
+    """orjson (nesting past 1024 levels is refused); a large body parses in a thread, off the event loop."""
+    if len(body) <= INLINE_JSON_BYTES:
+        return orjson.loads(body)
+    return await asyncio.get_running_loop().run_in_executor(executor, orjson.loads, body)
+
+
+async def read_images(request: Request, options: ServeOptions, executor: ThreadPoolExecutor) -> list[Any]:
     """Images of a request: multipart uploads, a JSON array of pixel arrays, or one raw image body."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
@@ -242,7 +264,7 @@ async def read_images(request: Request, options: ServeOptions) -> list[Any]:
         raise BadRequest(400, "empty request body; send images (multipart, JSON pixel arrays or image bytes)")
     if ctype == "application/json":
         try:
-            data = orjson.loads(body)  # nesting deeper than 1024 levels is refused by the parser
+            data = await parse_json(body, executor)
         except orjson.JSONDecodeError as e:
             raise BadRequest(400, f"malformed JSON ({str(e)[:120]})") from e
         if isinstance(data, dict):
@@ -252,7 +274,10 @@ async def read_images(request: Request, options: ServeOptions) -> list[Any]:
         if len(data) > options.max_images:
             raise BadRequest(413, too_many(str(len(data)), options))
         try:
-            return [np.asarray(item, dtype=np.float64) for item in data]
+            if len(body) <= INLINE_JSON_BYTES:
+                return [np.asarray(item, dtype=np.float64) for item in data]
+            return await asyncio.get_running_loop().run_in_executor(
+                executor, lambda: [np.asarray(item, dtype=np.float64) for item in data])
         except (ValueError, TypeError) as e:
             raise BadRequest(422, "each instance must be a rectangular array of numbers (H×W or H×W×C)") from e
     if ctype.startswith("image/") or ctype in ("application/octet-stream", ""):
@@ -309,8 +334,7 @@ def create_app(predictor: Predictor, options: ServeOptions = ServeOptions()) -> 
         return Response(status_code=DISCONNECTED)  # nobody reads it: recorded in /metrics as 499
 
     @app.exception_handler(Exception)
-    async def internal_error(_: Request, e: Exception):
-        log.exception("unexpected error")
+    async def internal_error(_: Request, e: Exception):  # uvicorn logs the traceback
         return JSONResponse({"error": f"internal error ({type(e).__name__})"}, status_code=500)
 
     @app.exception_handler(RequestValidationError)
@@ -321,10 +345,15 @@ def create_app(predictor: Predictor, options: ServeOptions = ServeOptions()) -> 
     @app.post("/predict")
     async def predict(request: Request):
         k = parse_k(request, options, len(predictor.info.classes))
-        images = await read_images(request, options)
+        images = await read_images(request, options, decoders)
         if len(images) > options.max_images:
             raise BadRequest(413, too_many(str(len(images)), options))
-        if sum(declared_pixels(im) for im in images) <= INLINE_PIXELS:
+        declared = [declared_pixels(im) for im in images]
+        pixels = sum(declared)
+        if pixels > 4 * budget and max(declared) <= budget:  # one image over the budget: preprocess says so
+            raise BadRequest(422, f"images have {pixels} pixels in all, over the request limit of {4 * budget}; "
+                                  "send fewer or smaller images")
+        if pixels <= INLINE_PIXELS:
             x = preprocess(images)  # small: decoding here is cheaper than a thread hop
         else:
             x = await asyncio.get_running_loop().run_in_executor(decoders, preprocess, images)
@@ -362,7 +391,7 @@ def create_app(predictor: Predictor, options: ServeOptions = ServeOptions()) -> 
 
     @app.get("/v2")
     async def v2_server():
-        return {"name": "cnnpipe", "version": __version__, "extensions": []}
+        return {"name": "cnnpipe", "version": __version__, "extensions": ["binary_tensor_data"]}
 
     @app.get("/v2/health/live")
     async def v2_live():
@@ -388,9 +417,14 @@ def create_app(predictor: Predictor, options: ServeOptions = ServeOptions()) -> 
     @app.post("/v2/models/{name}/versions/{version}/infer")
     async def v2_infer(name: str, request: Request, version: str | None = None):
         oip_model(name, version)
+        raw = await request.body()
         try:
-            body, binary = oip.split_body(await request.body(), request.headers.get(oip.HEADER_LENGTH))
-            parsed = oip.parse_request(body, info, options.max_images, binary)
+            if len(raw) <= INLINE_JSON_BYTES:
+                body, binary = oip.split_body(raw, request.headers.get(oip.HEADER_LENGTH))
+                parsed = oip.parse_request(body, info, options.max_images, binary)
+            else:  # a large tensor: parsed in a thread, off the event loop
+                parsed = await asyncio.get_running_loop().run_in_executor(
+                    decoders, oip.parse, raw, request.headers.get(oip.HEADER_LENGTH), info, options.max_images)
         except oip.OipError as e:
             raise BadRequest(e.status, e.message) from e
         logits = await batcher.logits(parsed.x)

@@ -94,6 +94,12 @@ def test_flat_and_nested_data_and_selected_outputs(served):
      413, "the limit is 8"),
     (None, {"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 1, 28, 28], "data": [0] * 784}],
             "outputs": [{"name": "embedding"}]}, 400, "unknown output 'embedding'"),
+    (None, {"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 1, 28, 28], "data": [0] * 784,
+                        "parameters": [1]}]}, 400, "input parameters must be an object"),
+    (None, {"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 1, 28, 28], "data": [0] * 784}],
+            "parameters": "binary"}, 400, "request parameters must be an object"),
+    (None, {"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 1, 28, 28], "data": [0] * 784}],
+            "outputs": [{"name": "label", "parameters": 3}]}, 400, "output parameters must be an object"),
 ])
 def test_bad_infer_requests_get_4xx_json(served, path, body, status, message):
     url, _ = served

@@ -39,7 +39,7 @@ def base_venv(tmp_path_factory) -> Path:
 
 def test_base_install_has_no_training_stack(base_venv):
     code = "import importlib.util as u; print([m for m in ('torch', 'torchvision', 'dvc', 'prefect', 'onnx', " \
-           "'pandas') if u.find_spec(m)])"
+           "'pandas', 'yaml') if u.find_spec(m)])"
     out = subprocess.run([str(base_venv / "bin/python"), "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -62,11 +62,13 @@ def test_base_install_predicts_and_serves(base_venv, onnx_model, tmp_path):
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
+            assert server.poll() is None, server.stdout.read()
             try:
                 if httpx.get(url + "/readyz", timeout=1).status_code == 200:
                     break
             except httpx.TransportError:
-                time.sleep(0.2)
+                pass
+            time.sleep(0.2)
         r = httpx.post(url + "/predict?k=1", content=(tmp_path / "0.png").read_bytes(),
                        headers={"content-type": "image/png"})
         assert r.status_code == 200 and r.json()["predictions"][0][0]["label"] == expected[0][0]["label"]
