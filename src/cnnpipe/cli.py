@@ -144,8 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=int, default=64, help="images per request")
     p.add_argument("--no-resize", action="store_true", help="refuse images of another size instead of resizing")
     p.add_argument("--max-pixels", type=int, default=0,
-                   help="pixels an image may declare, checked before decoding (0 = auto: 4096 model-sized images, "
-                        "at least 1,000,000)")
+                   help="pixels an image may declare, checked before decoding; a request, 4 times that "
+                        "(0 = auto: 16 model-sized images, within 1 to 25 megapixels)")
     p.add_argument("--body-timeout", type=float, default=10.0, help="seconds a request body may take (then 408)")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0 = one per core)")
     p.set_defaults(func=_serve)
