@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from cnnpipe.predictor import ModelInfo, normalize_pixels
+from cnnpipe.predictor import ModelInfo, normalize_pixels, softmax
 
 DATATYPES = {"FP32": np.float32, "UINT8": np.uint8}
 INPUTS = {"input": "FP32", "pixels": "UINT8"}
@@ -175,11 +175,8 @@ def response(info: ModelInfo, request: Request, logits: np.ndarray) -> tuple[byt
     """The response body and, when some outputs are raw bytes, the length of its JSON part (for the
     Inference-Header-Content-Length header)."""
     n, k = logits.shape
-    z = logits - logits.max(1, keepdims=True)
-    probs = np.exp(z)
-    probs /= probs.sum(1, keepdims=True)
     labels = [info.classes[i] for i in logits.argmax(1)]
-    values = {"logits": logits.astype("<f4"), "probabilities": probs.astype("<f4"), "label": labels}
+    values = {"logits": logits.astype("<f4"), "probabilities": softmax(logits).astype("<f4"), "label": labels}
     shapes = {"logits": [n, k], "probabilities": [n, k], "label": [n]}
     outputs, blobs = [], []
     for name in request.outputs:

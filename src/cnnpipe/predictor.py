@@ -34,6 +34,12 @@ class InputError(ValueError):
     """An image the model cannot take; the message says why (the server answers 4xx with it)."""
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise probabilities of N×K logits."""
+    z = np.exp(logits - logits.max(1, keepdims=True))
+    return z / z.sum(1, keepdims=True)
+
+
 def declared_pixels(image: Any) -> int:
     """Pixels an image says it has, read from its header (encoded bytes) or shape (arrays), without decoding
     it; 0 when that cannot be told (the decoder then gives the real error)."""
@@ -156,9 +162,8 @@ class Predictor:
         from PIL import Image, UnidentifiedImageError
 
         c, h, w = self.info.input_shape
-        if max_pixels is not None and (n := declared_pixels(image)) > max_pixels:
-            raise InputError(f"image has {n} pixels, over the limit of {max_pixels}; send it downscaled "
-                             f"(the model takes {w}×{h})")
+        if max_pixels is not None:
+            self.check_pixels(declared_pixels(image), max_pixels)
         if isinstance(image, bytes | bytearray | memoryview):
             if len(image) == 0:
                 raise InputError("empty image data")
@@ -176,6 +181,13 @@ class Predictor:
             arr = np.asarray(image, dtype=np.float32)
             return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
         return self._array_to_pixels(np.asarray(image), resize)
+
+    def check_pixels(self, declared: int, max_pixels: int) -> None:
+        """Refuse an image that declares more than `max_pixels` pixels (see declared_pixels)."""
+        if declared > max_pixels:
+            _, h, w = self.info.input_shape
+            raise InputError(f"image has {declared} pixels, over the limit of {max_pixels}; send it downscaled "
+                             f"(the model takes {w}×{h})")
 
     def _array_to_pixels(self, arr: np.ndarray, resize: bool) -> np.ndarray:
         from PIL import Image
@@ -223,9 +235,7 @@ class Predictor:
         return self.session.run(None, {self.info.input_name: x})[0]
 
     def top_k(self, logits: np.ndarray, k: int = 5) -> list[list[dict[str, Any]]]:
-        z = logits - logits.max(1, keepdims=True)
-        probs = np.exp(z)
-        probs /= probs.sum(1, keepdims=True)
+        probs = softmax(logits)
         k = max(1, min(k, probs.shape[1]))
         order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
         return [[{"label": self.info.classes[j], "index": int(j), "probability": round(float(p[j]), 6)}

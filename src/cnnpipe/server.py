@@ -235,11 +235,12 @@ def parse_k(request: Request, options: ServeOptions, num_classes: int) -> int:
     return int(raw)
 
 
-async def parse_json(body: bytes, executor: ThreadPoolExecutor) -> Any:
-    """orjson (nesting past 1024 levels is refused); a large body parses in a thread, off the event loop."""
-    if len(body) <= INLINE_JSON_BYTES:
-        return orjson.loads(body)
-    return await asyncio.get_running_loop().run_in_executor(executor, orjson.loads, body)
+async def off_loop_if(large: bool, executor: ThreadPoolExecutor, fn, *args) -> Any:
+    """fn(*args) in a thread when the input is large (the event loop keeps serving); inline when it is small,
+    where a thread hop would cost more than the work."""
+    if not large:
+        return fn(*args)
+    return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
 
 
 async def read_images(request: Request, options: ServeOptions, executor: ThreadPoolExecutor) -> list[Any]:
@@ -263,8 +264,8 @@ async def read_images(request: Request, options: ServeOptions, executor: ThreadP
     if not body:
         raise BadRequest(400, "empty request body; send images (multipart, JSON pixel arrays or image bytes)")
     if ctype == "application/json":
-        try:
-            data = await parse_json(body, executor)
+        try:  # orjson refuses nesting past 1024 levels
+            data = await off_loop_if(len(body) > INLINE_JSON_BYTES, executor, orjson.loads, body)
         except orjson.JSONDecodeError as e:
             raise BadRequest(400, f"malformed JSON ({str(e)[:120]})") from e
         if isinstance(data, dict):
@@ -274,10 +275,8 @@ async def read_images(request: Request, options: ServeOptions, executor: ThreadP
         if len(data) > options.max_images:
             raise BadRequest(413, too_many(str(len(data)), options))
         try:
-            if len(body) <= INLINE_JSON_BYTES:
-                return [np.asarray(item, dtype=np.float64) for item in data]
-            return await asyncio.get_running_loop().run_in_executor(
-                executor, lambda: [np.asarray(item, dtype=np.float64) for item in data])
+            return await off_loop_if(len(body) > INLINE_JSON_BYTES, executor,
+                                     lambda: [np.asarray(item, dtype=np.float64) for item in data])
         except (ValueError, TypeError) as e:
             raise BadRequest(422, "each instance must be a rectangular array of numbers (H×W or H×W×C)") from e
     if ctype.startswith("image/") or ctype in ("application/octet-stream", ""):
@@ -296,9 +295,9 @@ def create_app(predictor: Predictor, options: ServeOptions = ServeOptions()) -> 
     budget = options.pixel_budget(predictor.info.input_shape)
     state = {"ready": False}
 
-    def preprocess(images: list) -> np.ndarray:
+    def preprocess(images: list) -> np.ndarray:  # the budget is checked before, from the declared pixels
         try:
-            return predictor.preprocess(images, resize=options.resize, max_pixels=budget)
+            return predictor.preprocess(images, resize=options.resize)
         except InputError as e:
             raise BadRequest(422, str(e)) from e
 
@@ -348,15 +347,17 @@ def create_app(predictor: Predictor, options: ServeOptions = ServeOptions()) -> 
         images = await read_images(request, options, decoders)
         if len(images) > options.max_images:
             raise BadRequest(413, too_many(str(len(images)), options))
-        declared = [declared_pixels(im) for im in images]
+        declared = [declared_pixels(im) for im in images]  # from the headers, once per image
+        try:
+            for n in declared:
+                predictor.check_pixels(n, budget)
+        except InputError as e:
+            raise BadRequest(422, str(e)) from e
         pixels = sum(declared)
-        if pixels > 4 * budget and max(declared) <= budget:  # one image over the budget: preprocess says so
+        if pixels > 4 * budget:
             raise BadRequest(422, f"images have {pixels} pixels in all, over the request limit of {4 * budget}; "
                                   "send fewer or smaller images")
-        if pixels <= INLINE_PIXELS:
-            x = preprocess(images)  # small: decoding here is cheaper than a thread hop
-        else:
-            x = await asyncio.get_running_loop().run_in_executor(decoders, preprocess, images)
+        x = await off_loop_if(pixels > INLINE_PIXELS, decoders, preprocess, images)
         logits = await batcher.logits(x)
         metrics.images.inc(len(x))
         # serialized here (orjson comes with Prefect): skips FastAPI's generic encoder on the hot path
@@ -419,12 +420,8 @@ def create_app(predictor: Predictor, options: ServeOptions = ServeOptions()) -> 
         oip_model(name, version)
         raw = await request.body()
         try:
-            if len(raw) <= INLINE_JSON_BYTES:
-                body, binary = oip.split_body(raw, request.headers.get(oip.HEADER_LENGTH))
-                parsed = oip.parse_request(body, info, options.max_images, binary)
-            else:  # a large tensor: parsed in a thread, off the event loop
-                parsed = await asyncio.get_running_loop().run_in_executor(
-                    decoders, oip.parse, raw, request.headers.get(oip.HEADER_LENGTH), info, options.max_images)
+            parsed = await off_loop_if(len(raw) > INLINE_JSON_BYTES, decoders, oip.parse, raw,
+                                       request.headers.get(oip.HEADER_LENGTH), info, options.max_images)
         except oip.OipError as e:
             raise BadRequest(e.status, e.message) from e
         logits = await batcher.logits(parsed.x)

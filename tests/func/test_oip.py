@@ -76,30 +76,26 @@ def test_flat_and_nested_data_and_selected_outputs(served):
     assert flat["model_name"] == "bncnn" and flat["model_version"] == local.info.sha256[:12]
 
 
+def pixels_request(tensor: dict | None = None, **request) -> dict:
+    """A one-image UINT8 `pixels` request, with some of the tensor's or the request's fields replaced."""
+    base = {"name": "pixels", "datatype": "UINT8", "shape": [1, 1, 28, 28], "data": [0] * 784}
+    return {"inputs": [base | (tensor or {})], **request}
+
+
 @pytest.mark.parametrize("path, body, status, message", [
     ("/v2/models/resnet/infer", None, 404, "no model 'resnet'"),
     ("/v2/models/bncnn/versions/0/infer", None, 404, "version '0'"),
     (None, {"inputs": []}, 400, "one tensor"),
-    (None, {"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 1, 28, 28], "data": [0] * 784}]},
-     400, "unknown input 'image'"),
-    (None, {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 1, 28, 28], "data": [0] * 784}]},
-     400, "datatype UINT8"),
-    (None, {"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 3, 28, 28], "data": [0] * 2352}]},
-     400, "shape must be [N, 1, 28, 28]"),
-    (None, {"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [2, 1, 28, 28], "data": [0] * 784}]},
-     400, "784 values; shape [2, 1, 28, 28] needs 1568"),
-    (None, {"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 1, 28, 28], "data": [300] * 784}]},
-     400, "0 to 255"),
-    (None, {"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [9, 1, 28, 28], "data": [0] * 7056}]},
-     413, "the limit is 8"),
-    (None, {"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 1, 28, 28], "data": [0] * 784}],
-            "outputs": [{"name": "embedding"}]}, 400, "unknown output 'embedding'"),
-    (None, {"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 1, 28, 28], "data": [0] * 784,
-                        "parameters": [1]}]}, 400, "input parameters must be an object"),
-    (None, {"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 1, 28, 28], "data": [0] * 784}],
-            "parameters": "binary"}, 400, "request parameters must be an object"),
-    (None, {"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 1, 28, 28], "data": [0] * 784}],
-            "outputs": [{"name": "label", "parameters": 3}]}, 400, "output parameters must be an object"),
+    (None, pixels_request({"name": "image"}), 400, "unknown input 'image'"),
+    (None, pixels_request({"datatype": "FP32"}), 400, "datatype UINT8"),
+    (None, pixels_request({"shape": [1, 3, 28, 28], "data": [0] * 2352}), 400, "shape must be [N, 1, 28, 28]"),
+    (None, pixels_request({"shape": [2, 1, 28, 28]}), 400, "784 values; shape [2, 1, 28, 28] needs 1568"),
+    (None, pixels_request({"data": [300] * 784}), 400, "0 to 255"),
+    (None, pixels_request({"shape": [9, 1, 28, 28], "data": [0] * 7056}), 413, "the limit is 8"),
+    (None, pixels_request(outputs=[{"name": "embedding"}]), 400, "unknown output 'embedding'"),
+    (None, pixels_request({"parameters": [1]}), 400, "input parameters must be an object"),
+    (None, pixels_request(parameters="binary"), 400, "request parameters must be an object"),
+    (None, pixels_request(outputs=[{"name": "label", "parameters": 3}]), 400, "output parameters must be an object"),
 ])
 def test_bad_infer_requests_get_4xx_json(served, path, body, status, message):
     url, _ = served
