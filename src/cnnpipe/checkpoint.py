@@ -35,8 +35,10 @@ def save_checkpoint(path: str | Path, model: nn.Module, model_name: str, meta: M
         "flip": meta.flip,
         **extra,
     }
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    # through a file object: torch names the zip records after a path's stem (here the random temp name), so
+    # the same weights would give different bytes and DVC would see a changed model.pt
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)
     return Path(path)
 
 

@@ -214,8 +214,8 @@ def restore_rng(states: list[dict[str, torch.Tensor]], device: torch.device, d: 
 
 def save_state(path: Path, state: dict) -> None:
     """The last completed epoch: model, optimizer, schedule and RNG states, history (atomic)."""
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)
 
 
 def load_state(path: Path, expected: str) -> dict | None:

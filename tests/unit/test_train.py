@@ -47,6 +47,8 @@ def test_cpu_training_is_deterministic(tmp_path, prepared):
     _, a = load_checkpoint(tmp_path / "a/model.pt")
     _, b = load_checkpoint(tmp_path / "b/model.pt")
     assert all(torch.equal(a["state_dict"][k], t) for k, t in b["state_dict"].items())
+    # and byte-identical files, so DVC sees an unchanged model.pt after a retrain that changed nothing
+    assert (tmp_path / "a/model.pt").read_bytes() == (tmp_path / "b/model.pt").read_bytes()
 
 
 @pytest.mark.parametrize("name", ["lenet", "simplecnn", "cifarnet", "cnn"])
