@@ -65,7 +65,7 @@ def _serve(args: argparse.Namespace) -> None:
     options = ServeOptions(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_body_bytes=args.max_body_bytes,
                            max_images=args.max_images, resize=not args.no_resize, max_pixels=args.max_pixels,
                            body_timeout=args.body_timeout)
-    serve(args.model, args.host, args.port, options, threads=args.threads)
+    serve(args.model, args.host, args.port, options, threads=args.threads, workers=args.workers)
 
 
 def _bench_serve(args: argparse.Namespace) -> None:
@@ -73,12 +73,20 @@ def _bench_serve(args: argparse.Namespace) -> None:
 
     from cnnpipe.bench_serve import bench_serve
     bench_serve(Path(args.onnx), Path(args.int8), Path(args.checkpoint), Path(args.prepared), Path(args.out),
-                args.clients, args.seconds, args.repeats, args.runs, args.threads, args.max_wait_ms)
+                args.clients, args.seconds, args.repeats, args.runs, args.threads, args.max_wait_ms,
+                heavy=not args.skip_heavy)
 
 
 def _example_images(args: argparse.Namespace) -> None:
     from cnnpipe.examples import make_example_images
     print(make_example_images(args.dir, args.per_class, args.size, args.kind))
+
+
+def _bench_hostile(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from cnnpipe.bench_hostile import bench_hostile
+    bench_hostile(Path(args.onnx), Path(args.out), args.seconds, args.connections, args.pause)
 
 
 def _bench_train(args: argparse.Namespace) -> None:
@@ -147,7 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pixels an image may declare, checked before decoding; a request, 4 times that "
                         "(0 = auto: 16 model-sized images, within 1 to 25 megapixels)")
     p.add_argument("--body-timeout", type=float, default=10.0, help="seconds a request body may take (then 408)")
-    p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0 = one per core)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="onnxruntime threads per process (0 = the process's share of the cores)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="server processes on the port, each with its own batcher and onnxruntime session")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("example-images", help="write a tiny generated image set (coloured shapes)")
@@ -159,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks, side by side in one run").add_subparsers(
         dest="bench", required=True)
-    p = bench.add_parser("serve", help="inference latency per engine and HTTP throughput, batching on/off")
+    p = bench.add_parser("serve", help="inference latency per engine; HTTP throughput against a plain baseline")
     p.add_argument("--onnx", default="models/model.onnx")
     p.add_argument("--int8", default="models/model.int8.onnx")
     p.add_argument("--checkpoint", default="models/model.pt")
@@ -169,9 +180,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=10.0, help="load duration per run")
     p.add_argument("--repeats", type=int, default=3, help="runs per mode; medians are reported")
     p.add_argument("--runs", type=int, default=400, help="timed batch-1 calls per engine")
-    p.add_argument("--threads", type=int, default=1, help="onnxruntime threads of the served model")
+    p.add_argument("--threads", type=int, default=0,
+                   help="onnxruntime threads of the served model (0 = the process's share of the cores)")
     p.add_argument("--max-wait-ms", type=float, default=1.0, help="batching window of the served model")
+    p.add_argument("--skip-heavy", action="store_true", help="leave out the airnet (inference-heavy) rows")
     p.set_defaults(func=_bench_serve)
+
+    p = bench.add_parser("hostile", help="/healthz latency while the service is under hostile traffic")
+    p.add_argument("--onnx", default="models/model.onnx")
+    p.add_argument("--out", default="bench/hostile.json")
+    p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--connections", type=int, default=2, help="connections per kind of attack")
+    p.add_argument("--pause", type=float, default=0.05, help="seconds each attacker waits between requests")
+    p.set_defaults(func=_bench_hostile)
 
     p = bench.add_parser("train", help="seed 000 training loop vs our engine, same model and batch size")
     p.add_argument("--prepared", default="data/prepared")

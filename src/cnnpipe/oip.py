@@ -171,12 +171,14 @@ def parse_outputs(raw: Any, parameters: dict) -> tuple[list[str], frozenset[str]
     return names, frozenset(binary)
 
 
-def response(info: ModelInfo, request: Request, logits: np.ndarray) -> tuple[bytes, int | None]:
+def response(info: ModelInfo, request: Request, logits: np.ndarray,
+             probs: np.ndarray | None = None) -> tuple[bytes, int | None]:
     """The response body and, when some outputs are raw bytes, the length of its JSON part (for the
-    Inference-Header-Content-Length header)."""
+    Inference-Header-Content-Length header). `probs`: softmax(logits), when already computed."""
     n, k = logits.shape
     labels = [info.classes[i] for i in logits.argmax(1)]
-    values = {"logits": logits.astype("<f4"), "probabilities": softmax(logits).astype("<f4"), "label": labels}
+    probs = softmax(logits) if probs is None else probs
+    values = {"logits": logits.astype("<f4"), "probabilities": probs.astype("<f4"), "label": labels}
     shapes = {"logits": [n, k], "probabilities": [n, k], "label": [n]}
     outputs, blobs = [], []
     for name in request.outputs:

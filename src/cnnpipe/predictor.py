@@ -16,7 +16,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -43,23 +43,35 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 def declared_pixels(image: Any) -> int:
     """Pixels an image says it has, read from its header (encoded bytes) or shape (arrays), without decoding
     it; 0 when that cannot be told (the decoder then gives the real error)."""
+    return open_header(image)[0]
+
+
+def open_header(image: Any) -> tuple[int, Any]:
+    """(declared pixels, the image to decode): encoded bytes are opened once, header only, and the opened
+    image is returned for to_pixels to decode; anything else comes back as it is."""
     from PIL import Image
 
     if isinstance(image, bytes | bytearray | memoryview):
         try:
-            with Image.open(io.BytesIO(image)) as im:
-                return im.size[0] * im.size[1]
+            opened = Image.open(io.BytesIO(image))
+            return opened.size[0] * opened.size[1], opened
         except Image.DecompressionBombError as e:  # Pillow refuses to open far larger images at all
             found = re.search(r"\((\d+) pixels\)", str(e))
-            return int(found.group(1)) if found else 2 * (Image.MAX_IMAGE_PIXELS or 0) + 1
+            return (int(found.group(1)) if found else 2 * (Image.MAX_IMAGE_PIXELS or 0) + 1), image
         except Exception:  # unreadable or hostile headers: left to the decoder's checks
-            return 0
+            return 0, image
     if isinstance(image, Image.Image):
-        return image.size[0] * image.size[1]
+        return image.size[0] * image.size[1], image
     shape = tuple(getattr(image, "shape", ()))
     if len(shape) == 3 and shape[0] in (1, 3) and shape[2] not in (1, 3):  # C×H×W, as _array_to_pixels reads it
-        return int(shape[1] * shape[2])
-    return int(shape[0] * shape[1]) if len(shape) >= 2 else 0
+        return int(shape[1] * shape[2]), image
+    return (int(shape[0] * shape[1]) if len(shape) >= 2 else 0), image
+
+
+class Scores(NamedTuple):
+    logits: np.ndarray  # N×K
+    probs: np.ndarray  # N×K softmax
+    order: np.ndarray  # N×K class indices, most probable first
 
 
 @dataclass(frozen=True)
@@ -150,6 +162,10 @@ class Predictor:
         opset = _opset_of(raw)
         self.info = read_model_info(path, raw, meta, self.session.get_inputs()[0].name, opset)
         self.path = path
+        self.threads = threads or (os.cpu_count() or 1)  # onnxruntime's intra-op threads
+        std = np.asarray(self.info.std, np.float32).reshape(1, -1, 1, 1)
+        self._scale = (1 / (255 * std)).astype(np.float32)
+        self._shift = (-np.asarray(self.info.mean, np.float32).reshape(1, -1, 1, 1) / std).astype(np.float32)
 
     @property
     def providers(self) -> list[str]:
@@ -173,7 +189,12 @@ class Predictor:
             except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
                 raise InputError(f"not a readable image ({str(e).splitlines()[0][:120]})") from e
         if isinstance(image, Image.Image):
-            image = image.convert("L" if c == 1 else "RGB")
+            mode = "L" if c == 1 else "RGB"
+            try:
+                image.load()
+                image = image if image.mode == mode else image.convert(mode)
+            except (OSError, ValueError, SyntaxError) as e:  # an opened header whose data is broken
+                raise InputError(f"not a readable image ({str(e).splitlines()[0][:120]})") from e
             if image.size != (w, h):
                 if not resize:
                     raise InputError(f"image is {image.size[0]}×{image.size[1]}, the model takes {w}×{h}")
@@ -223,9 +244,13 @@ class Predictor:
 
     def preprocess(self, images: Sequence[Any], resize: bool = True, max_pixels: int | None = None) -> np.ndarray:
         """Images -> N×C×H×W float32, normalized as in training."""
-        pixels = np.stack([self.to_pixels(im, resize, max_pixels) for im in images]) if len(images) else np.zeros(
-            (0, *self.info.input_shape), np.float32)
-        return normalize_pixels(pixels, self.info.mean, self.info.std)
+        if len(images) == 0:
+            return np.zeros((0, *self.info.input_shape), np.float32)
+        if len(images) == 1:
+            pixels = self.to_pixels(images[0], resize, max_pixels)[None]
+        else:
+            pixels = np.stack([self.to_pixels(im, resize, max_pixels) for im in images])
+        return pixels * self._scale + self._shift  # (pixels/255 - mean) / std, as normalize_pixels
 
     # --- inference -----------------------------------------------------------------------------------
     def logits(self, x: np.ndarray) -> np.ndarray:
@@ -234,12 +259,22 @@ class Predictor:
             return np.zeros((0, len(self.info.classes)), np.float32)
         return self.session.run(None, {self.info.input_name: x})[0]
 
+    def scores(self, x: np.ndarray) -> Scores:
+        """Logits, probabilities and classes ranked by probability, for a batch (one pass over all rows)."""
+        logits = self.logits(x)
+        probs = softmax(logits)
+        return Scores(logits, probs, np.argsort(-probs, axis=1, kind="stable"))
+
     def top_k(self, logits: np.ndarray, k: int = 5) -> list[list[dict[str, Any]]]:
         probs = softmax(logits)
-        k = max(1, min(k, probs.shape[1]))
-        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-        return [[{"label": self.info.classes[j], "index": int(j), "probability": round(float(p[j]), 6)}
-                 for j in row] for p, row in zip(probs, order, strict=True)]
+        return self.ranked(Scores(logits, probs, np.argsort(-probs, axis=1, kind="stable")), k)
+
+    def ranked(self, scores: Scores, k: int = 5) -> list[list[dict[str, Any]]]:
+        """The k most probable classes of each row: label, index, probability (rounded to 6 places)."""
+        k = max(1, min(k, scores.probs.shape[1]))
+        classes = self.info.classes
+        return [[{"label": classes[j], "index": j, "probability": round(p[j], 6)} for j in row]
+                for p, row in zip(scores.probs.tolist(), scores.order[:, :k].tolist(), strict=True)]
 
     def predict(self, images: Any, k: int = 5, resize: bool = True) -> list[list[dict[str, Any]]]:
         """Top-k labels and probabilities for each image (a single image gives a one-element list)."""

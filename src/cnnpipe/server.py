@@ -16,11 +16,15 @@ import asyncio
 import gc
 import json
 import logging
+import os
+import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
+from urllib.parse import parse_qsl
 
 import numpy as np
 import orjson
@@ -33,7 +37,7 @@ from starlette.requests import ClientDisconnect
 
 from cnnpipe import __version__, oip
 from cnnpipe.errors import CnnpipeError
-from cnnpipe.predictor import InputError, Predictor, declared_pixels
+from cnnpipe.predictor import InputError, Predictor, Scores, open_header
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +100,12 @@ class Batcher:
             self.task.cancel()
         self.executor.shutdown(wait=True)
 
-    async def logits(self, x: np.ndarray) -> np.ndarray:
+    async def scores(self, x: np.ndarray) -> Scores:
+        """Logits, probabilities and ranking of normalized images x, computed in a shared batch."""
         if len(x) > self.max_batch:
             parts = [x[i: i + self.max_batch] for i in range(0, len(x), self.max_batch)]
-            return np.concatenate(await asyncio.gather(*(self.logits(part) for part in parts)))
+            done = await asyncio.gather(*(self.scores(part) for part in parts))
+            return Scores(*(np.concatenate(arrays) for arrays in zip(*done, strict=True)))
         future = asyncio.get_running_loop().create_future()
         await self.queue.put((x, future))
         return await future
@@ -110,14 +116,10 @@ class Batcher:
             first, self.held = self.held or await self.queue.get(), None
             items = [first]
             total = len(first[0])
-            deadline = loop.time() + self.max_wait
-            while total < self.max_batch:
-                timeout = deadline - loop.time()
-                try:
-                    item = self.queue.get_nowait() if timeout <= 0 else await asyncio.wait_for(
-                        self.queue.get(), timeout)
-                except (asyncio.QueueEmpty, TimeoutError):
-                    break
+            if total < self.max_batch and self.max_wait > 0 and self.queue.empty():
+                await asyncio.sleep(self.max_wait)  # one timer, then take whatever arrived meanwhile
+            while total < self.max_batch and not self.queue.empty():
+                item = self.queue.get_nowait()
                 if total + len(item[0]) > self.max_batch:
                     self.held = item  # first in the next run
                     break
@@ -126,11 +128,12 @@ class Batcher:
             try:
                 batch = np.concatenate([x for x, _ in items]) if len(items) > 1 else items[0][0]
                 self.batch_sizes.observe(len(batch))
-                out = await loop.run_in_executor(self.executor, self.predictor.logits, batch)
+                out = await loop.run_in_executor(self.executor, self.predictor.scores, batch)
                 start = 0
                 for x, future in items:
                     if not future.done():
-                        future.set_result(out[start: start + len(x)])
+                        end = start + len(x)
+                        future.set_result(Scores(out.logits[start:end], out.probs[start:end], out.order[start:end]))
                     start += len(x)
             except Exception as e:  # pragma: no cover - an onnxruntime failure reaches each waiting request
                 for _, future in items:
@@ -165,16 +168,39 @@ def route_label(path: str) -> str:
     return path if path in ("/v2", "/v2/health/live", "/v2/health/ready") else "unmatched"
 
 
+FastHandler = Callable[[dict, dict, Callable[[], Awaitable[bytes]]], Awaitable[tuple[int, bytes, list]]]
+
+
 class Guard:
     """Pure ASGI middleware (cheaper than FastAPI's http middleware): refuses bodies over the limit with
     413 (by Content-Length, or while streaming), bodies that take longer than `body_timeout` seconds to arrive
-    with 408, and records every request's status and latency."""
+    with 408, and records every request's status and latency.
 
-    def __init__(self, app, max_bytes: int, metrics: Metrics, body_timeout: float = 10.0):
+    The hot routes (the ones `fast_route` returns a handler for) are answered here, without FastAPI's
+    middleware stack, router and request objects: the handler takes (scope, headers, read_body) and returns
+    (status, body, headers); it checks what it can before it reads the body. FastAPI keeps the same routes
+    for the OpenAPI schema and the other cases."""
+
+    def __init__(self, app, max_bytes: int, metrics: Metrics, body_timeout: float = 10.0,
+                 fast_route: Callable[[dict, dict], FastHandler | None] = lambda scope, headers: None):
         self.app = app
         self.max_bytes = max_bytes
         self.metrics = metrics
         self.body_timeout = body_timeout
+        self.fast_route = fast_route
+        self.counters: dict[tuple[str, str, int], Any] = {}  # label lookups cached: they lock and hash
+        self.histograms: dict[str, Any] = {}
+
+    def record(self, route: str, method: str, status: int, seconds: float) -> None:
+        key = (route, method, status)
+        counter = self.counters.get(key)
+        if counter is None:
+            counter = self.counters[key] = self.metrics.requests.labels(route, method, str(status))
+        counter.inc()
+        histogram = self.histograms.get(route)
+        if histogram is None:
+            histogram = self.histograms[route] = self.metrics.latency.labels(route)
+        histogram.observe(seconds)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -195,44 +221,77 @@ class Guard:
         length = headers.get(b"content-length")
         expects_body = (length is not None and length != b"0") or b"transfer-encoding" in headers
         seen, complete = 0, False
-        deadline = start + self.body_timeout
+        deadline = asyncio.get_running_loop().time() + self.body_timeout
+
+        async def limited_receive():
+            nonlocal seen, complete
+            if complete:  # the body is in: later receives wait for a disconnect, without a deadline
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise BadRequest(408, f"request body not received within {self.body_timeout:g} s") from None
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
+                if seen > self.max_bytes:
+                    raise BadRequest(413, f"request body over the {self.max_bytes}-byte limit")
+            return message
+
         try:
             if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
                 return await _send_json(recording_send, 413, f"request body over the {self.max_bytes}-byte limit")
-
-            async def limited_receive():
-                nonlocal seen, complete
-                if complete:  # the body is in: later receives wait for a disconnect, without a deadline
-                    return await receive()
-                try:
-                    message = await asyncio.wait_for(receive(), max(deadline - time.perf_counter(), 0))
-                except TimeoutError:
-                    raise BadRequest(408, f"request body not received within {self.body_timeout:g} s") from None
-                if message["type"] == "http.request":
-                    seen += len(message.get("body", b""))
-                    complete = not message.get("more_body", False)
-                    if seen > self.max_bytes:
-                        raise BadRequest(413, f"request body over the {self.max_bytes}-byte limit")
-                return message
-
-            await self.app(scope, limited_receive, recording_send)
+            handler = self.fast_route(scope, headers)
+            if handler is None:
+                return await self.app(scope, limited_receive, recording_send)
+            try:
+                code, body, extra = await handler(scope, headers, lambda: read_body(limited_receive))
+            except BadRequest as e:
+                return await _send_json(recording_send, e.status, e.message)
+            except ClientDisconnect:
+                status = DISCONNECTED
+                return
+            except Exception as e:
+                log.exception("error in %s %s", scope["method"], scope["path"])
+                return await _send_json(recording_send, 500, f"internal error ({type(e).__name__})")
+            await recording_send({"type": "http.response.start", "status": code,
+                                  "headers": [(b"content-length", str(len(body)).encode()), *extra]})
+            await recording_send({"type": "http.response.body", "body": body})
         finally:
-            self.metrics.requests.labels(route, scope["method"], str(status)).inc()
-            self.metrics.latency.labels(route).observe(time.perf_counter() - start)
+            self.record(route, scope["method"], status, time.perf_counter() - start)
+
+
+async def read_body(receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 async def _send_json(send, status: int, message: str) -> None:
     body = json.dumps({"error": message}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
-def parse_k(request: Request, options: ServeOptions, num_classes: int) -> int:
-    raw = request.query_params.get("k", str(options.top_k))
+def parse_k(raw: str | None, options: ServeOptions, num_classes: int) -> int:
+    raw = str(options.top_k) if raw is None else raw
     if len(raw) > 6 or not raw.isdigit() or not 1 <= int(raw) <= num_classes:
         raise BadRequest(422, f"k must be an integer from 1 to {num_classes}, got {raw!r}")
     return int(raw)
+
+
+def query_value(scope: dict, name: str) -> str | None:
+    qs = scope.get("query_string", b"")
+    if not qs:
+        return None
+    return dict(parse_qsl(qs.decode("latin-1"), keep_blank_values=True)).get(name)
 
 
 async def off_loop_if(large: bool, executor: ThreadPoolExecutor, fn, *args) -> Any:
@@ -243,24 +302,25 @@ async def off_loop_if(large: bool, executor: ThreadPoolExecutor, fn, *args) -> A
     return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
 
 
-async def read_images(request: Request, options: ServeOptions, executor: ThreadPoolExecutor) -> list[Any]:
-    """Images of a request: multipart uploads, a JSON array of pixel arrays, or one raw image body."""
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype == "multipart/form-data":
-        try:
-            form = await request.form(max_files=options.max_images, max_fields=options.max_images)
-        except (BadRequest, ClientDisconnect):
-            raise
-        except Exception as e:
-            detail = str(getattr(e, "detail", e))
-            if detail.startswith("Too many"):  # starlette stops parsing past max_files / max_fields
-                raise BadRequest(413, too_many(f"over {options.max_images}", options)) from e
-            raise BadRequest(400, f"malformed multipart body ({detail[:120]})") from e
-        images = [await v.read() for _, v in form.multi_items() if hasattr(v, "read")]
-        if not images:
-            raise BadRequest(400, "multipart body has no file parts; send images as file uploads")
-        return images
-    body = await request.body()
+async def read_form(request: Request, options: ServeOptions) -> list[bytes]:
+    """Images of a multipart request: its file uploads."""
+    try:
+        form = await request.form(max_files=options.max_images, max_fields=options.max_images)
+    except (BadRequest, ClientDisconnect):
+        raise
+    except Exception as e:
+        detail = str(getattr(e, "detail", e))
+        if detail.startswith("Too many"):  # starlette stops parsing past max_files / max_fields
+            raise BadRequest(413, too_many(f"over {options.max_images}", options)) from e
+        raise BadRequest(400, f"malformed multipart body ({detail[:120]})") from e
+    images = [await v.read() for _, v in form.multi_items() if hasattr(v, "read")]
+    if not images:
+        raise BadRequest(400, "multipart body has no file parts; send images as file uploads")
+    return images
+
+
+async def images_in_body(ctype: str, body: bytes, options: ServeOptions, executor: ThreadPoolExecutor) -> list:
+    """Images of a one-part request: a JSON array of pixel arrays, or one raw image body."""
     if not body:
         raise BadRequest(400, "empty request body; send images (multipart, JSON pixel arrays or image bytes)")
     if ctype == "application/json":
@@ -284,6 +344,12 @@ async def read_images(request: Request, options: ServeOptions, executor: ThreadP
     raise BadRequest(415, f"unsupported content type '{ctype}'; use multipart/form-data, application/json or image/*")
 
 
+def content_type(value: str | bytes | None) -> str:
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    return (value or "").split(";")[0].strip().lower()
+
+
 def too_many(count: str, options: ServeOptions) -> str:
     return f"{count} images in one request; the limit is {options.max_images}"
 
@@ -304,7 +370,7 @@ def create_app(predictor: Predictor, options: ServeOptions = ServeOptions()) -> 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         batcher.start()
-        await batcher.logits(predictor.preprocess([np.zeros(predictor.info.input_shape[1:], np.float32)]))
+        await batcher.scores(predictor.preprocess([np.zeros(predictor.info.input_shape[1:], np.float32)]))
         # Long-lived start-up objects (FastAPI, onnxruntime, numpy) leave the GC's view: its full
         # collections then stay short and stop adding pauses to the latency tail under load.
         gc.collect()
@@ -341,28 +407,37 @@ def create_app(predictor: Predictor, options: ServeOptions = ServeOptions()) -> 
         return JSONResponse({"error": "invalid request", "detail": json.loads(json.dumps(e.errors(), default=str))},
                             status_code=422)
 
-    @app.post("/predict")
-    async def predict(request: Request):
-        k = parse_k(request, options, len(predictor.info.classes))
-        images = await read_images(request, options, decoders)
+    async def classify(images: list, k: int) -> bytes:
+        """The /predict answer for a request's images: checked, decoded, batched, top-k as JSON."""
         if len(images) > options.max_images:
             raise BadRequest(413, too_many(str(len(images)), options))
-        declared = [declared_pixels(im) for im in images]  # from the headers, once per image
+        headers = [open_header(im) for im in images]  # declared pixels, read once per image
         try:
-            for n in declared:
+            for n, _ in headers:
                 predictor.check_pixels(n, budget)
         except InputError as e:
             raise BadRequest(422, str(e)) from e
-        pixels = sum(declared)
+        pixels = sum(n for n, _ in headers)
         if pixels > 4 * budget:
             raise BadRequest(422, f"images have {pixels} pixels in all, over the request limit of {4 * budget}; "
                                   "send fewer or smaller images")
-        x = await off_loop_if(pixels > INLINE_PIXELS, decoders, preprocess, images)
-        logits = await batcher.logits(x)
+        x = await off_loop_if(pixels > INLINE_PIXELS, decoders, preprocess, [im for _, im in headers])
+        scores = await batcher.scores(x)
         metrics.images.inc(len(x))
-        # serialized here (orjson comes with Prefect): skips FastAPI's generic encoder on the hot path
-        body = orjson.dumps({"predictions": predictor.top_k(logits, k), "model_sha256": predictor.info.sha256})
-        return Response(body, media_type="application/json")
+        return orjson.dumps({"predictions": predictor.ranked(scores, k), "model_sha256": predictor.info.sha256})
+
+    @app.post("/predict")
+    async def predict(request: Request):
+        k = parse_k(request.query_params.get("k"), options, len(predictor.info.classes))
+        ctype = content_type(request.headers.get("content-type"))
+        images = (await read_form(request, options) if ctype == "multipart/form-data"
+                  else await images_in_body(ctype, await request.body(), options, decoders))
+        return Response(await classify(images, k), media_type="application/json")
+
+    async def fast_predict(scope: dict, headers: dict, read) -> tuple[int, bytes, list]:
+        k = parse_k(query_value(scope, "k"), options, len(predictor.info.classes))
+        images = await images_in_body(content_type(headers.get(b"content-type")), await read(), options, decoders)
+        return 200, await classify(images, k), [(b"content-type", b"application/json")]
 
     @app.get("/healthz")
     async def healthz():
@@ -380,7 +455,8 @@ def create_app(predictor: Predictor, options: ServeOptions = ServeOptions()) -> 
         return {"model": info.model, "dataset": info.dataset, "classes": info.classes,
                 "input_shape": list(info.input_shape), "normalization": {"mean": info.mean, "std": info.std},
                 "sha256": info.sha256, "opset": info.opset, "providers": predictor.providers,
-                "max_batch": options.max_batch, "max_images": options.max_images}
+                "max_batch": options.max_batch, "max_images": options.max_images,
+                "pid": os.getpid(), "threads": predictor.threads}  # pid: which worker process answered
 
     # --- Open Inference Protocol (KServe v2, REST) ----------------------------------------------------
     info = predictor.info
@@ -414,34 +490,102 @@ def create_app(predictor: Predictor, options: ServeOptions = ServeOptions()) -> 
         oip_model(name, version)
         return JSONResponse({"name": name, "ready": state["ready"]}, status_code=200 if state["ready"] else 503)
 
+    async def infer(name: str, version: str | None, raw: bytes, header_length: str | None) -> tuple[bytes, dict]:
+        oip_model(name, version)
+        try:
+            parsed = await off_loop_if(len(raw) > INLINE_JSON_BYTES, decoders, oip.parse, raw, header_length,
+                                       info, options.max_images)
+        except oip.OipError as e:
+            raise BadRequest(e.status, e.message) from e
+        scores = await batcher.scores(parsed.x)
+        metrics.images.inc(len(parsed.x))
+        content, json_length = oip.response(info, parsed, scores.logits, scores.probs)
+        if json_length is None:
+            return content, {"content-type": "application/json"}
+        return content, {"content-type": "application/octet-stream", oip.HEADER_LENGTH: str(json_length)}
+
     @app.post("/v2/models/{name}/infer")
     @app.post("/v2/models/{name}/versions/{version}/infer")
     async def v2_infer(name: str, request: Request, version: str | None = None):
+        content, headers = await infer(name, version, await request.body(), request.headers.get(oip.HEADER_LENGTH))
+        return Response(content, headers=headers)
+
+    async def fast_infer(scope: dict, headers: dict, read) -> tuple[int, bytes, list]:
+        parts = scope["path"].split("/")  # /v2/models/{name}[/versions/{version}]/infer
+        name, version = parts[3], (parts[5] if len(parts) == 7 else None)
         oip_model(name, version)
-        raw = await request.body()
-        try:
-            parsed = await off_loop_if(len(raw) > INLINE_JSON_BYTES, decoders, oip.parse, raw,
-                                       request.headers.get(oip.HEADER_LENGTH), info, options.max_images)
-        except oip.OipError as e:
-            raise BadRequest(e.status, e.message) from e
-        logits = await batcher.logits(parsed.x)
-        metrics.images.inc(len(parsed.x))
-        content, json_length = oip.response(info, parsed, logits)
-        if json_length is None:
-            return Response(content, media_type="application/json")
-        return Response(content, media_type="application/octet-stream",
-                        headers={oip.HEADER_LENGTH: str(json_length)})
+        length = headers.get(oip.HEADER_LENGTH.encode())
+        content, out = await infer(name, version, await read(), length.decode("latin-1") if length else None)
+        return 200, content, [(k.lower().encode(), v.encode()) for k, v in out.items()]
+
+    def fast_route(scope: dict, headers: dict) -> FastHandler | None:
+        if scope["method"] != "POST":
+            return None
+        path = scope["path"]
+        if path == "/predict":
+            multipart = content_type(headers.get(b"content-type")) == "multipart/form-data"
+            return None if multipart else fast_predict
+        if path.startswith("/v2/models/") and path.endswith("/infer"):
+            parts = path.split("/")
+            if (len(parts) == 5 and parts[3]) or (len(parts) == 7 and parts[3] and parts[4] == "versions"
+                                                  and parts[5]):
+                return fast_infer
+        return None
 
     @app.get("/metrics")
     async def prometheus():
-        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return PlainTextResponse(metrics_text(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    return Guard(app, options.max_body_bytes, metrics, options.body_timeout)
+    return Guard(app, options.max_body_bytes, metrics, options.body_timeout, fast_route)
 
 
-def serve(model_path: str, host: str, port: int, options: ServeOptions, threads: int = 0) -> None:
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's multiprocess mode: one file set per process
+SERVE_ENV = "CNNPIPE_SERVE"  # what each worker process of `serve --workers N` builds its app from
+
+
+def cores() -> int:
+    """CPUs this process may run on (its affinity mask, as a container or taskset sets it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS
+        return os.cpu_count() or 1
+
+
+def worker_threads(threads: int, workers: int) -> int:
+    """onnxruntime threads per server process: as asked, or an even share of the cores (at least one)."""
+    return threads or max(1, cores() // workers)
+
+
+def metrics_text(registry: CollectorRegistry) -> bytes:
+    """/metrics: this process's registry, or every worker's merged in multiprocess mode."""
+    if os.environ.get(MULTIPROC_ENV):
+        from prometheus_client import multiprocess
+
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged)
+        return generate_latest(merged)
+    return generate_latest(registry)
+
+
+def app_from_env():
+    """The app of one worker process of `serve --workers N` (uvicorn's factory), from SERVE_ENV."""
+    spec = json.loads(os.environ[SERVE_ENV])
+    predictor = Predictor(spec["model"], threads=spec["threads"])
+    return create_app(predictor, ServeOptions(**spec["options"]))
+
+
+def serve(model_path: str, host: str, port: int, options: ServeOptions, threads: int = 0, workers: int = 1) -> None:
     import uvicorn
 
-    predictor = Predictor(model_path, threads=threads)
-    uvicorn.run(create_app(predictor, options), host=host, port=port, log_level="warning",
-                timeout_graceful_shutdown=30, access_log=False)
+    if workers < 1 or threads < 0:
+        raise CnnpipeError(f"--workers {workers} / --threads {threads} out of range; use --workers ≥ 1, --threads ≥ 0")
+    run = dict(host=host, port=port, log_level="warning", timeout_graceful_shutdown=30, access_log=False)
+    if workers == 1:
+        uvicorn.run(create_app(Predictor(model_path, threads=worker_threads(threads, 1)), options), **run)
+        return
+    Predictor(model_path, threads=1)  # a bad model fails here, in one line, before any worker starts
+    with tempfile.TemporaryDirectory(prefix="cnnpipe-metrics-") as metrics_dir:
+        os.environ[MULTIPROC_ENV] = metrics_dir
+        os.environ[SERVE_ENV] = json.dumps({"model": str(model_path), "threads": worker_threads(threads, workers),
+                                            "options": asdict(options)})
+        uvicorn.run("cnnpipe.server:app_from_env", factory=True, workers=workers, **run)

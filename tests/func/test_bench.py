@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -93,15 +94,39 @@ def test_bench_serve_tiny(tmp_path, onnx_model):
     d = onnx_model.parent
     proc = subprocess.run([CLI, "bench", "serve", "--onnx", str(onnx_model), "--int8", str(d / "none.onnx"),
                            "--checkpoint", str(d / "model.pt"), "--prepared", str(d / "prepared"), "--out", str(out),
-                           "--clients", "4", "--seconds", "0.5", "--repeats", "1", "--runs", "5"],
+                           "--clients", "4", "--seconds", "1", "--repeats", "1", "--runs", "5", "--skip-heavy"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
     assert sorted((r["engine"], r["batch"]) for r in result["latency"]) == [
         ("onnxruntime fp32", 1), ("onnxruntime fp32", 64), ("torch eager", 1), ("torch eager", 64)]  # no int8 file
     assert all(r["p50_ms"] <= r["p99_ms"] for r in result["latency"])
-    on, off = result["service"]
-    assert (on["batching"], off["batching"]) == ("on", "off")
-    assert on["errors"] == off["errors"] == 0
-    assert on["requests_per_s"] > 0 and off["requests_per_s"] > 0  # requests were answered in both modes
-    assert result["ratios"]["batching_on_over_off_rps"] == round(on["requests_per_s"] / off["requests_per_s"], 2)
+    rows = {r["setup"]: r for r in result["service"]}
+    assert list(rows) == ["baseline (FastAPI + onnxruntime, inline)", "cnnpipe /predict", "cnnpipe /v2 infer",
+                          "cnnpipe /predict --max-batch 1", "cnnpipe /predict --workers 2"]
+    assert rows["cnnpipe /v2 infer"]["route"] == "/v2/models/bncnn/infer"
+    for row in rows.values():  # every server answered every request of its load with 200
+        assert row["errors"] == 0 and row["requests_per_s"] > 0, row
+    assert result["load_generator"].startswith("wrk") == (shutil.which("wrk") is not None)
+    base = rows["baseline (FastAPI + onnxruntime, inline)"]["requests_per_s"]
+    assert result["ratios"]["predict_over_baseline_rps"] == round(rows["cnnpipe /predict"]["requests_per_s"] / base, 2)
+
+
+@pytest.mark.slow
+def test_bench_hostile_answers_every_attack_as_it_should(tmp_path, onnx_model):
+    out = tmp_path / "hostile.json"
+    proc = subprocess.run([CLI, "bench", "hostile", "--onnx", str(onnx_model), "--out", str(out), "--seconds", "2",
+                           "--connections", "1"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["probe"]["failures"] == [] and result["probe"]["probes"] >= 20
+    assert result["attacks"] == {name: result["attacks"][name] for name in [
+        "slow body (1 byte / 200 ms)", "header declaring 3.6 gigapixels", "1-megapixel image",
+        "JSON nested 100,000 deep", "65 images in one request", "body over the size limit",
+        "upload abandoned mid-body", "malformed multipart", "ordinary request"]}
+    expected = {"slow body (1 byte / 200 ms)": "408", "header declaring 3.6 gigapixels": "422",
+                "1-megapixel image": "200", "JSON nested 100,000 deep": "400", "65 images in one request": "413",
+                "body over the size limit": "413", "upload abandoned mid-body": "0", "malformed multipart": "400",
+                "ordinary request": "200"}
+    for name, status in expected.items():  # every answer of each kind had the one right status
+        assert list(result["attacks"][name]) == [status], (name, result["attacks"][name])
