@@ -327,17 +327,35 @@ def setups_for(model: Path, label: str, image: np.ndarray, threads: int, max_wai
     return rows
 
 
+def per_image_ms(model: Path, batches: tuple[int, ...] = (1, 64), runs: int = 5) -> dict[str, float]:
+    """onnxruntime's time per image at each batch size (this process's share of the cores): what batching
+    can save on this CPU."""
+    from cnnpipe.predictor import Predictor
+    from cnnpipe.server import worker_threads
+
+    predictor = Predictor(model, threads=worker_threads(0, 1))
+    out = {}
+    for batch in batches:
+        x = np.zeros((batch, *predictor.info.input_shape), np.float32)
+        times = time_calls(lambda x=x: predictor.logits(x), runs, warmup=2)
+        out[f"batch_{batch}"] = round(statistics.median(times) / batch, 4)
+    return out
+
+
 def service_load(model: Path, image: np.ndarray, clients: int, seconds: float, repeats: int, threads: int,
-                 max_wait_ms: float, heavy: bool = True) -> tuple[list[dict], str]:
+                 max_wait_ms: float, heavy: bool = True) -> tuple[list[dict], str, dict]:
+    """The service table's rows, the load generator, and onnxruntime's ms per image by batch size per model."""
     generator = load_generator()
     with tempfile.TemporaryDirectory() as tmp:
         setups = setups_for(model, "default", image, threads, max_wait_ms, full=True)
+        engine = {"default": per_image_ms(model)}
         if heavy:
             rng = np.random.default_rng(0)
             colour = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
-            setups += setups_for(heavy_model(Path(tmp) / "airnet.onnx"), "airnet 32×32×3", colour, threads,
-                                 max_wait_ms, full=False)
-        return run_setups(setups, clients, seconds, repeats, generator), generator
+            airnet = heavy_model(Path(tmp) / "airnet.onnx")
+            engine["airnet 32×32×3"] = per_image_ms(airnet)
+            setups += setups_for(airnet, "airnet 32×32×3", colour, threads, max_wait_ms, full=False)
+        return run_setups(setups, clients, seconds, repeats, generator), generator, engine
 
 
 def ratio(rows: list[dict], setup: str, model: str = "default") -> float | None:
@@ -356,13 +374,14 @@ def bench_serve(onnx_path: Path, int8_path: Path | None, checkpoint: Path, prepa
     images = np.asarray(x_test[:64])
     x = predictor.preprocess([im.transpose(1, 2, 0) for im in images])
     latency = engine_latency(onnx_path, int8_path, checkpoint, x, runs)
-    service, generator = service_load(onnx_path, images[0].transpose(1, 2, 0), clients, seconds, repeats,
-                                      threads, max_wait_ms, heavy)
+    service, generator, per_image = service_load(onnx_path, images[0].transpose(1, 2, 0), clients, seconds,
+                                                 repeats, threads, max_wait_ms, heavy)
     by = {(r["engine"], r["batch"]): r["p50_ms"] for r in latency}
     result = {
         "latency": latency,
         "load_generator": generator,
         "service": service,
+        "onnxruntime_ms_per_image": per_image,
         "ratios": {
             "torch_over_ort_fp32_batch1_p50": round(by[("torch eager", 1)] / by[("onnxruntime fp32", 1)], 2),
             "predict_over_baseline_rps": ratio(service, "cnnpipe /predict"),
@@ -413,6 +432,8 @@ def print_report(result: dict) -> None:
     for r in result["latency"]:
         print(f"{r['engine']:<18}{r['batch']:>6}{r['p50_ms']:>10.3f}{r['p99_ms']:>10.3f}")
     print()
+    for model, ms in result["onnxruntime_ms_per_image"].items():
+        print(f"onnxruntime ms per image, {model}: " + ", ".join(f"{k} {v}" for k, v in ms.items()))
     print(f"load generator: {result['load_generator']}, {result['service'][0]['clients']} connections")
     print(f"{'model':<16}{'setup':<42}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}")
     for r in result["service"]:
