@@ -23,6 +23,7 @@ from prefect.cache_policies import NO_CACHE
 
 from cnnpipe.dvcops import apply_overrides, metrics_diff_markdown, metrics_table, run_stage, stage_order
 from cnnpipe.errors import CnnpipeError
+from cnnpipe.params import load_section
 
 PROJECT = Path(__file__).resolve().parents[1]
 RETRIES = {"download": 2}  # network stages retry transient failures; the others fail fast
@@ -47,10 +48,36 @@ def publish_metrics(repo: str, baseline: str) -> list[dict[str, Any]]:
     return rows
 
 
+def production_commit(repo: str) -> str | None:
+    """The commit of the model now in the promote stage, or None while nothing is in production."""
+    from cnnpipe import registry
+
+    current = registry.in_stage(repo, registry.MODEL, load_section("promote", Path(repo) / "params.yaml").stage)
+    return current.commit if current else None
+
+
+@task(cache_policy=NO_CACHE)
+def promote_run(repo: str, run_name: str) -> dict[str, Any]:
+    """The gate: promote the run if params.yaml's promote rules pass; the decision becomes an artifact."""
+    from cnnpipe.promote import promote
+
+    decision = promote(repo, load_section("promote", Path(repo) / "params.yaml"), run_name=run_name)
+    head = (f"**Promoted** as `{decision.version}`" if decision.version else "**Refused**: production unchanged")
+    before = decision.production or "nothing"
+    markdown = "\n".join([f"{head} (production before: {before})", "", "| rule check |", "|---|",
+                          *(f"| `{r}` |" for r in decision.reasons)])
+    create_markdown_artifact(key="cnnpipe-promotion", markdown=markdown, description=f"cnnpipe promote ({run_name})")
+    get_run_logger().info("promotion: %s", decision.summary().replace("\n", "; "))
+    return {"promoted": decision.promote, "version": decision.version, "production_before": decision.production,
+            "reasons": decision.reasons}
+
+
 @flow(name="train_pipeline", log_prints=True)
 def train_pipeline(overrides: dict[str, Any] | None = None, repo: str = str(PROJECT),
-                   baseline: str = "HEAD") -> dict[str, str]:
-    """Reproduce the DVC pipeline of `repo`, applying `overrides` ({"train.epochs": 5}) to params.yaml first."""
+                   baseline: str = "prod", promote: bool = False) -> dict[str, str]:
+    """Reproduce the DVC pipeline of `repo`, applying `overrides` ({"train.epochs": 5}) to params.yaml first.
+    The metrics diff compares with `baseline`: "prod" (the production model's commit; HEAD while nothing is in
+    production) or any Git revision. With `promote`, the run then goes through the promotion gate."""
     logger = get_run_logger()
     if overrides:
         applied = apply_overrides(Path(repo) / "params.yaml", overrides)  # refused before any stage runs
@@ -60,7 +87,14 @@ def train_pipeline(overrides: dict[str, Any] | None = None, repo: str = str(PROJ
         stage_task = dvc_stage.with_options(name=f"dvc-{stage}", retries=RETRIES.get(stage, 0),
                                             retry_delay_seconds=10)
         statuses[stage] = stage_task(repo, stage)
+    if baseline == "prod":
+        baseline = production_commit(repo) or "HEAD"
     publish_metrics(repo, baseline)
+    if promote:
+        from prefect.runtime import flow_run
+
+        decision = promote_run(repo, flow_run.get_name() or "manual")
+        statuses["promote"] = f"promoted {decision['version']}" if decision["promoted"] else "refused"
     return statuses
 
 

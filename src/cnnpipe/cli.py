@@ -16,7 +16,7 @@ from cnnpipe.errors import CnnpipeError
 log = logging.getLogger("cnnpipe")
 # Top-level modules of the pipeline extra (pyproject.toml), as imported
 PIPELINE_MODULES = {"torch", "torchvision", "pandas", "yaml", "tqdm", "dvc", "prefect", "sqlalchemy", "onnx",
-                    "onnxscript", "networkx", "ruamel"}
+                    "onnxscript", "networkx", "ruamel", "gto"}
 
 
 def _download(args: argparse.Namespace) -> None:
@@ -61,11 +61,43 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> None:
+    import os
+
     from cnnpipe.server import ServeOptions, serve
     options = ServeOptions(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_body_bytes=args.max_body_bytes,
                            max_images=args.max_images, resize=not args.no_resize, max_pixels=args.max_pixels,
                            body_timeout=args.body_timeout)
-    serve(args.model, args.host, args.port, options, threads=args.threads, workers=args.workers)
+    follow = None
+    if args.registry:  # needs the registry's tools (GTO, DVC): the pipeline extra
+        from cnnpipe.follow import Follow
+        follow = Follow(args.registry, args.repo, args.poll, os.environ.get("CNNPIPE_ADMIN_TOKEN", ""))
+    serve(args.model, args.host, args.port, options, threads=args.threads, workers=args.workers, follow=follow)
+
+
+def _promote(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from cnnpipe.params import load_section
+    from cnnpipe.promote import promote
+    decision = promote(Path(args.repo), load_section("promote", Path(args.repo) / args.params), args.run_name,
+                       args.dry_run)
+    print(decision.summary())
+    return 0 if decision.promote else 3
+
+
+def _registry(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from cnnpipe import registry
+    if args.get:
+        print(registry.fetch(Path(args.repo), args.get, Path(args.out)))
+        return
+    rows = registry.table(Path(args.repo))
+    print(f"{'artifact':<24}{'version':<10}{'commit':<12}{'stages':<12}path")
+    for r in rows:
+        print(f"{r['artifact']:<24}{r['version']:<10}{r['commit']:<12}{r['stages'] or '-':<12}{r['path']}")
+    if not rows:
+        print("(no versions yet: `cnnpipe promote` registers the first)")
 
 
 def _bench_serve(args: argparse.Namespace) -> None:
@@ -159,7 +191,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="onnxruntime threads per process (0 = the process's share of the cores)")
     p.add_argument("--workers", type=int, default=1,
                    help="server processes on the port, each with its own batcher and onnxruntime session")
+    p.add_argument("--registry", metavar="REF",
+                   help="serve a registry reference instead of a file, e.g. image-classifier#prod, and follow it: "
+                        "a new version is loaded, warmed and swapped in without failing a request")
+    p.add_argument("--repo", default=".", help="the registry's repository (default: %(default)s)")
+    p.add_argument("--poll", type=float, default=10.0,
+                   help="seconds between registry checks (0: only on SIGHUP or POST /admin/reload); with "
+                        "CNNPIPE_ADMIN_TOKEN set, POST /admin/reload with that bearer token checks at once")
     p.set_defaults(func=_serve)
+
+    p = sub.add_parser("promote", help="promote the run to production if it passes params.yaml's promote rules")
+    p.add_argument("--repo", default=".", help="the project checkout (default: %(default)s)")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--run-name", default="", help="recorded in the commit and the version tags")
+    p.add_argument("--dry-run", action="store_true", help="decide and say why, change nothing")
+    p.set_defaults(func=_promote)
+
+    p = sub.add_parser("registry", help="versions of the registered models and their stages")
+    p.add_argument("--repo", default=".", help="the project checkout (default: %(default)s)")
+    p.add_argument("--get", metavar="REF", help="fetch a model instead: NAME#STAGE or NAME@vX.Y.Z")
+    p.add_argument("-o", "--out", default="model.onnx", help="where --get writes the file")
+    p.set_defaults(func=_registry)
 
     p = sub.add_parser("example-images", help="write a tiny generated image set (coloured shapes)")
     p.add_argument("dir")

@@ -114,6 +114,15 @@ class QuantizeParams:
     latency_runs: int = param(200, ge=1, le=100_000)  # batch-1 runs timed for the p50/p99 latency
 
 
+@dataclass(frozen=True)
+class PromoteParams:
+    stage: str = param("prod", pattern=(r"[a-z][a-z0-9-]*", "a lowercase stage name such as prod"))
+    # each rule: "<stage>.<metric> >= <number>", "... <= <number>" or "... >= prod - <number>" (production's
+    # value of the same metric, plus or minus a margin); every rule must hold for a run to be promoted
+    rules: list[str] = param(factory=lambda: ["eval.acc >= 0.9", "eval.acc >= prod - 0.002",
+                                              "quantize.drop <= 0.01"])
+
+
 SECTIONS: dict[str, type] = {
     "download": DownloadParams,
     "split": SplitParams,
@@ -121,6 +130,7 @@ SECTIONS: dict[str, type] = {
     "evaluate": EvaluateParams,
     "export": ExportParams,
     "quantize": QuantizeParams,
+    "promote": PromoteParams,
 }
 
 

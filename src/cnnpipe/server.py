@@ -154,6 +154,8 @@ class Metrics:
         self.batch_sizes = Histogram("cnnpipe_batch_size", "Images per onnxruntime run", registry=self.registry,
                                      buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
         self.images = Counter("cnnpipe_images", "Images classified", registry=self.registry)
+        self.reloads = Counter("cnnpipe_model_reloads", "Registry checks that loaded a new model (ok) or kept "
+                               "the old one after a failed load (failed)", ["result"], registry=self.registry)
 
 
 ROUTES = ("/predict", "/healthz", "/readyz", "/metadata", "/metrics")
@@ -354,23 +356,69 @@ def too_many(count: str, options: ServeOptions) -> str:
     return f"{count} images in one request; the limit is {options.max_images}"
 
 
-def create_app(predictor: Predictor, options: ServeOptions = ServeOptions()) -> FastAPI:
-    metrics = Metrics()
-    batcher = Batcher(predictor, options.max_batch, options.max_wait_ms, metrics.batch_sizes)
-    decoders = ThreadPoolExecutor(thread_name_prefix="decode")  # large images decode here, off the event loop
-    budget = options.pixel_budget(predictor.info.input_shape)
-    state = {"ready": False}
+@dataclass
+class Live:
+    """The model being served and its batcher: requests take the current one when they start, so a swap
+    (follow.py) never mixes two models within a request."""
+    predictor: Predictor
+    batcher: Batcher
+    budget: int  # pixels one image may declare
+    version: str | None = None  # the registry version, when served from the registry
+    users: int = 0  # requests using it now
+    retired: asyncio.Event | None = None  # set once it is swapped out and its last request is done
 
-    def preprocess(images: list) -> np.ndarray:  # the budget is checked before, from the declared pixels
+    def enter(self) -> Live:
+        self.users += 1
+        return self
+
+    def exit(self) -> None:
+        self.users -= 1
+        if self.users == 0 and self.retired is not None:
+            self.retired.set()
+
+    async def retire(self) -> None:
+        """After a swap: wait for the requests still using it, then stop its batcher."""
+        self.retired = asyncio.Event()
+        if self.users == 0:
+            self.retired.set()
+        await self.retired.wait()
+        await self.batcher.stop()
+
+    @classmethod
+    async def start(cls, predictor: Predictor, options: ServeOptions, batch_sizes: Histogram,
+                    version: str | None = None) -> Live:
+        """Start its batcher and warm it up: the first request does not pay for onnxruntime's first run."""
+        batcher = Batcher(predictor, options.max_batch, options.max_wait_ms, batch_sizes)
+        batcher.start()
+        await batcher.scores(predictor.preprocess([np.zeros(predictor.info.input_shape[1:], np.float32)]))
+        return cls(predictor, batcher, options.pixel_budget(predictor.info.input_shape), version)
+
+
+def create_app(predictor: Predictor, options: ServeOptions = ServeOptions(), follow: Any = None,
+               version: str | None = None) -> FastAPI:
+    """The service of `predictor`; with `follow` (follow.Follow), it also follows a registry stage."""
+    metrics = Metrics()
+    decoders = ThreadPoolExecutor(thread_name_prefix="decode")  # large images decode here, off the event loop
+    state: dict[str, Any] = {"ready": False, "live": None, "reload_error": None}
+
+    def live() -> Live:
+        return state["live"]
+
+    def preprocess(m: Live, images: list) -> np.ndarray:  # the budget is checked before, from the declared pixels
         try:
-            return predictor.preprocess(images, resize=options.resize)
+            return m.predictor.preprocess(images, resize=options.resize)
         except InputError as e:
             raise BadRequest(422, str(e)) from e
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        batcher.start()
-        await batcher.scores(predictor.preprocess([np.zeros(predictor.info.input_shape[1:], np.float32)]))
+        state["live"] = await Live.start(predictor, options, metrics.batch_sizes, version)
+        follower = None
+        if follow is not None:
+            from cnnpipe.follow import Follower
+
+            follower = Follower(follow, state, options, metrics)
+            follower.start()
         # Long-lived start-up objects (FastAPI, onnxruntime, numpy) leave the GC's view: its full
         # collections then stay short and stop adding pauses to the latency tail under load.
         gc.collect()
@@ -379,7 +427,9 @@ def create_app(predictor: Predictor, options: ServeOptions = ServeOptions()) -> 
         log.info("model %s ready on %s", predictor.path, predictor.providers)
         yield
         state["ready"] = False
-        await batcher.stop()
+        if follower is not None:
+            await follower.stop()
+        await live().batcher.stop()
         decoders.shutdown(wait=True)
 
     app = FastAPI(title="cnnpipe model server", lifespan=lifespan)
@@ -407,37 +457,46 @@ def create_app(predictor: Predictor, options: ServeOptions = ServeOptions()) -> 
         return JSONResponse({"error": "invalid request", "detail": json.loads(json.dumps(e.errors(), default=str))},
                             status_code=422)
 
-    async def classify(images: list, k: int) -> bytes:
+    async def classify(m: Live, images: list, k: int) -> bytes:
         """The /predict answer for a request's images: checked, decoded, batched, top-k as JSON."""
         if len(images) > options.max_images:
             raise BadRequest(413, too_many(str(len(images)), options))
         headers = [open_header(im) for im in images]  # declared pixels, read once per image
         try:
             for n, _ in headers:
-                predictor.check_pixels(n, budget)
+                m.predictor.check_pixels(n, m.budget)
         except InputError as e:
             raise BadRequest(422, str(e)) from e
         pixels = sum(n for n, _ in headers)
-        if pixels > 4 * budget:
-            raise BadRequest(422, f"images have {pixels} pixels in all, over the request limit of {4 * budget}; "
-                                  "send fewer or smaller images")
-        x = await off_loop_if(pixels > INLINE_PIXELS, decoders, preprocess, [im for _, im in headers])
-        scores = await batcher.scores(x)
+        if pixels > 4 * m.budget:
+            raise BadRequest(422, f"images have {pixels} pixels in all, over the request limit of "
+                                  f"{4 * m.budget}; send fewer or smaller images")
+        x = await off_loop_if(pixels > INLINE_PIXELS, decoders, preprocess, m, [im for _, im in headers])
+        scores = await m.batcher.scores(x)
         metrics.images.inc(len(x))
-        return orjson.dumps({"predictions": predictor.ranked(scores, k), "model_sha256": predictor.info.sha256})
+        return orjson.dumps({"predictions": m.predictor.ranked(scores, k), "model_sha256": m.predictor.info.sha256})
 
     @app.post("/predict")
     async def predict(request: Request):
-        k = parse_k(request.query_params.get("k"), options, len(predictor.info.classes))
-        ctype = content_type(request.headers.get("content-type"))
-        images = (await read_form(request, options) if ctype == "multipart/form-data"
-                  else await images_in_body(ctype, await request.body(), options, decoders))
-        return Response(await classify(images, k), media_type="application/json")
+        m = live().enter()
+        try:
+            k = parse_k(request.query_params.get("k"), options, len(m.predictor.info.classes))
+            ctype = content_type(request.headers.get("content-type"))
+            images = (await read_form(request, options) if ctype == "multipart/form-data"
+                      else await images_in_body(ctype, await request.body(), options, decoders))
+            return Response(await classify(m, images, k), media_type="application/json")
+        finally:
+            m.exit()
 
     async def fast_predict(scope: dict, headers: dict, read) -> tuple[int, bytes, list]:
-        k = parse_k(query_value(scope, "k"), options, len(predictor.info.classes))
-        images = await images_in_body(content_type(headers.get(b"content-type")), await read(), options, decoders)
-        return 200, await classify(images, k), [(b"content-type", b"application/json")]
+        m = live().enter()
+        try:
+            k = parse_k(query_value(scope, "k"), options, len(m.predictor.info.classes))
+            images = await images_in_body(content_type(headers.get(b"content-type")), await read(), options,
+                                          decoders)
+            return 200, await classify(m, images, k), [(b"content-type", b"application/json")]
+        finally:
+            m.exit()
 
     @app.get("/healthz")
     async def healthz():
@@ -447,21 +506,34 @@ def create_app(predictor: Predictor, options: ServeOptions = ServeOptions()) -> 
     async def readyz():
         if not state["ready"]:
             return JSONResponse({"status": "loading"}, status_code=503)
+        if state["reload_error"]:  # still serving the model it had: ready, with the reason the new one is not
+            return {"status": "ready", "detail": state["reload_error"]}
         return {"status": "ready"}
 
     @app.get("/metadata")
     async def metadata():
-        info = predictor.info
+        m = live()
+        info = m.predictor.info
         return {"model": info.model, "dataset": info.dataset, "classes": info.classes,
                 "input_shape": list(info.input_shape), "normalization": {"mean": info.mean, "std": info.std},
-                "sha256": info.sha256, "opset": info.opset, "providers": predictor.providers,
+                "sha256": info.sha256, "opset": info.opset, "providers": m.predictor.providers,
+                "version": m.version, "registry": follow.reference if follow else None,
                 "max_batch": options.max_batch, "max_images": options.max_images,
-                "pid": os.getpid(), "threads": predictor.threads}  # pid: which worker process answered
+                "pid": os.getpid(), "threads": m.predictor.threads}  # pid: which worker process answered
+
+    if follow is not None and follow.token:
+        @app.post("/admin/reload")
+        async def admin_reload(request: Request):
+            import hmac
+
+            given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+            if not hmac.compare_digest(given.encode(), follow.token.encode()):
+                raise BadRequest(401, "admin routes need the bearer token of CNNPIPE_ADMIN_TOKEN")
+            return await state["follower"].check()
 
     # --- Open Inference Protocol (KServe v2, REST) ----------------------------------------------------
-    info = predictor.info
-
-    def oip_model(name: str, version: str | None) -> None:
+    def oip_model(m: Live, name: str, version: str | None) -> None:
+        info = m.predictor.info
         if name != oip.model_name(info) or version not in (None, oip.model_version(info)):
             raise BadRequest(404, f"no model {name!r}" + (f" version {version!r}" if version else "") +
                              f"; this server has {oip.model_name(info)!r} version {oip.model_version(info)!r}")
@@ -481,23 +553,26 @@ def create_app(predictor: Predictor, options: ServeOptions = ServeOptions()) -> 
     @app.get("/v2/models/{name}")
     @app.get("/v2/models/{name}/versions/{version}")
     async def v2_model(name: str, version: str | None = None):
-        oip_model(name, version)
-        return oip.model_metadata(info)
+        m = live()
+        oip_model(m, name, version)
+        return oip.model_metadata(m.predictor.info)
 
     @app.get("/v2/models/{name}/ready")
     @app.get("/v2/models/{name}/versions/{version}/ready")
     async def v2_model_ready(name: str, version: str | None = None):
-        oip_model(name, version)
+        oip_model(live(), name, version)
         return JSONResponse({"name": name, "ready": state["ready"]}, status_code=200 if state["ready"] else 503)
 
-    async def infer(name: str, version: str | None, raw: bytes, header_length: str | None) -> tuple[bytes, dict]:
-        oip_model(name, version)
+    async def infer(m: Live, name: str, version: str | None, raw: bytes,
+                    header_length: str | None) -> tuple[bytes, dict]:
+        oip_model(m, name, version)
+        info = m.predictor.info
         try:
             parsed = await off_loop_if(len(raw) > INLINE_JSON_BYTES, decoders, oip.parse, raw, header_length,
                                        info, options.max_images)
         except oip.OipError as e:
             raise BadRequest(e.status, e.message) from e
-        scores = await batcher.scores(parsed.x)
+        scores = await m.batcher.scores(parsed.x)
         metrics.images.inc(len(parsed.x))
         content, json_length = oip.response(info, parsed, scores.logits, scores.probs)
         if json_length is None:
@@ -507,15 +582,24 @@ def create_app(predictor: Predictor, options: ServeOptions = ServeOptions()) -> 
     @app.post("/v2/models/{name}/infer")
     @app.post("/v2/models/{name}/versions/{version}/infer")
     async def v2_infer(name: str, request: Request, version: str | None = None):
-        content, headers = await infer(name, version, await request.body(), request.headers.get(oip.HEADER_LENGTH))
+        m = live().enter()
+        try:
+            content, headers = await infer(m, name, version, await request.body(),
+                                           request.headers.get(oip.HEADER_LENGTH))
+        finally:
+            m.exit()
         return Response(content, headers=headers)
 
     async def fast_infer(scope: dict, headers: dict, read) -> tuple[int, bytes, list]:
         parts = scope["path"].split("/")  # /v2/models/{name}[/versions/{version}]/infer
         name, version = parts[3], (parts[5] if len(parts) == 7 else None)
-        oip_model(name, version)
-        length = headers.get(oip.HEADER_LENGTH.encode())
-        content, out = await infer(name, version, await read(), length.decode("latin-1") if length else None)
+        m = live().enter()
+        try:
+            oip_model(m, name, version)
+            length = headers.get(oip.HEADER_LENGTH.encode())
+            content, out = await infer(m, name, version, await read(), length.decode("latin-1") if length else None)
+        finally:
+            m.exit()
         return 200, content, [(k.lower().encode(), v.encode()) for k, v in out.items()]
 
     def fast_route(scope: dict, headers: dict) -> FastHandler | None:
@@ -574,12 +658,22 @@ def app_from_env():
     return create_app(predictor, ServeOptions(**spec["options"]))
 
 
-def serve(model_path: str, host: str, port: int, options: ServeOptions, threads: int = 0, workers: int = 1) -> None:
+def serve(model_path: str, host: str, port: int, options: ServeOptions, threads: int = 0, workers: int = 1,
+          follow: Any = None) -> None:
     import uvicorn
 
     if workers < 1 or threads < 0:
         raise CnnpipeError(f"--workers {workers} / --threads {threads} out of range; use --workers ≥ 1, --threads ≥ 0")
     run = dict(host=host, port=port, log_level="warning", timeout_graceful_shutdown=30, access_log=False)
+    if follow is not None:
+        if workers != 1:
+            raise CnnpipeError("--registry serves one process; leave out --workers (or run one server per core)")
+        from cnnpipe.follow import initial_model
+
+        path, version = initial_model(follow)
+        predictor = Predictor(path, threads=worker_threads(threads, 1))
+        uvicorn.run(create_app(predictor, options, follow=follow, version=version), **run)
+        return
     if workers == 1:
         uvicorn.run(create_app(Predictor(model_path, threads=worker_threads(threads, 1)), options), **run)
         return

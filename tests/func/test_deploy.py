@@ -91,6 +91,11 @@ def test_deploy_schedule_and_worker_run(prefect_server, tmp_path):
     schedules = [s["schedule"] for s in deployment["schedules"]]
     assert schedules and schedules[0]["cron"] == "0 2 * * *"
     assert deployment["work_pool_name"] == "cnnpipe-process"
+    assert deployment["parameters"] == {"promote": True}
+    # one run at a time in the checkout; a second one waits its turn instead of sharing it
+    limit = deployment.get("global_concurrency_limit") or {}
+    assert (limit.get("limit") or deployment.get("concurrency_limit")) == 1, deployment
+    assert deployment["concurrency_options"]["collision_strategy"] == "ENQUEUE"
 
     out = sh(env, repo, str(BIN / "prefect"), "deployment", "run", "train_pipeline/nightly")
     assert "Created flow run" in out

@@ -118,3 +118,30 @@ def test_no_api_reachable_message(monkeypatch):
     with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}):
         with pytest.raises(CnnpipeError, match=r"no Prefect API reachable at http://127\.0\.0\.1:9/api.*server start"):
             flows.check_api()
+
+
+def test_flow_promotes_a_run_then_refuses_a_worse_one(harness, tmp_path):
+    """The promotion gate as the flow's last task: the first run passes the absolute rule and is promoted
+    (tags, artifact); a run that cannot beat production by the margin is refused and production stays."""
+    import subprocess
+
+    from flows import train_pipeline
+    from helpers import set_params
+
+    md5 = write_mnist_mirror(tmp_path / "mirror")
+    repo = make_repo(tmp_path, str(tmp_path / "mirror"), md5)
+    set_params(repo, promote={"rules": ["eval.acc >= 0.05", "eval.acc >= prod + 0.5"]})
+    commit(repo, "rules")
+
+    first = train_pipeline(repo=str(repo), promote=True)
+    assert first["promote"] == "promoted v1.0.0"
+    promotion = artifacts("cnnpipe-promotion")[0].data
+    assert "**Promoted** as `v1.0.0`" in promotion and "skip  eval.acc >= prod + 0.5" in promotion
+
+    second = train_pipeline(overrides={"train.epochs": 3}, repo=str(repo), promote=True)
+    assert second["promote"] == "refused" and second["train"] == "ran"
+    promotion = artifacts("cnnpipe-promotion")[0].data
+    assert "**Refused**" in promotion and "FAIL  eval.acc >= prod + 0.5" in promotion
+    tags = subprocess.run(["git", "tag"], cwd=repo, capture_output=True, text=True).stdout.split()
+    assert sorted(tags) == ["image-classifier#prod#1", "image-classifier-int8#prod#1",
+                            "image-classifier-int8@v1.0.0", "image-classifier@v1.0.0"]

@@ -1,0 +1,207 @@
+"""The loop's second half, all real: a run in a git + DVC repo, `cnnpipe promote` (the gate, GTO tags),
+`dvc artifacts get` and `cnnpipe registry`, and `cnnpipe serve --registry` swapping to each new production
+version while a client keeps sending requests."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+from helpers import commit, dvc, make_repo, run, set_params, write_mnist_mirror
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from cnnpipe.bench_serve import free_port
+
+pytestmark = pytest.mark.slow
+CLI = str(Path(sys.executable).parent / "cnnpipe")
+
+
+def cnnpipe(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([CLI, "-q", *args], cwd=repo, capture_output=True, text=True, timeout=300)
+
+
+def set_rules(repo: Path, *rules: str) -> None:
+    set_params(repo, promote={"rules": list(rules)})
+
+
+def tags(repo: Path) -> list[str]:
+    return sorted(run(repo, "git", "tag").split())
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    """A project repo after one real `dvc repro` (tiny MNIST-format data, lenet, 2 epochs), committed."""
+    tmp = tmp_path_factory.mktemp("registry")
+    md5 = write_mnist_mirror(tmp / "mirror")
+    repo = make_repo(tmp, str(tmp / "mirror"), md5)
+    set_rules(repo, "eval.acc >= 0.05", "eval.acc >= prod - 1", "quantize.drop <= 1")
+    dvc(repo, "repro")
+    commit(repo, "first run")
+    return repo
+
+
+def serve(repo: Path, *extra: str, env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen([CLI, "serve", "--registry", "image-classifier#prod", "--repo", str(repo), "--port",
+                             str(port), "--threads", "1", *extra], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(proc.stdout.read())
+        try:
+            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("server not ready in 90 s")
+
+
+def reloads(url: str) -> dict[str, float]:
+    text = httpx.get(url + "/metrics").text
+    return {s.labels["result"]: s.value for f in text_string_to_metric_families(text) for s in f.samples
+            if s.name == "cnnpipe_model_reloads_total"}
+
+
+class Load(threading.Thread):
+    """A client sending one PNG after another until stopped; every status and latency is kept."""
+
+    def __init__(self, url: str):
+        super().__init__(daemon=True)
+        buf = io.BytesIO()
+        Image.fromarray(np.zeros((28, 28), np.uint8)).save(buf, format="PNG")
+        self.body, self.url = buf.getvalue(), url
+        self.statuses: list[int] = []
+        self.versions: set[str] = set()
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        with httpx.Client(timeout=10) as client:
+            while not self.stopped.is_set():
+                try:
+                    r = client.post(self.url + "/predict?k=1", content=self.body,
+                                    headers={"content-type": "image/png"})
+                    self.statuses.append(r.status_code)
+                except httpx.HTTPError:
+                    self.statuses.append(0)
+
+
+def wait_for_version(url: str, version: str, seconds: float = 60) -> dict:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        meta = httpx.get(url + "/metadata").json()
+        if meta["version"] == version:
+            return meta
+        time.sleep(0.2)
+    raise AssertionError(f"server still on {meta['version']}, not {version}")
+
+
+def test_promote_fetch_and_a_server_that_follows_production(repo, tmp_path):
+    # a rule naming a metric the run does not have: one line, nothing promoted
+    set_rules(repo, "eval.accuracy >= 0.5")
+    bad = cnnpipe(repo, "promote", "--dry-run")
+    assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    assert "eval.accuracy" in bad.stderr and "eval.acc" in bad.stderr  # names the bad one and the choices
+    # a floor the run does not reach: refused, and says which rule
+    set_rules(repo, "eval.acc >= 1.5")
+    refused = cnnpipe(repo, "promote")
+    assert refused.returncode == 3 and "refused" in refused.stdout and "FAIL  eval.acc >= 1.5" in refused.stdout
+    assert tags(repo) == []
+
+    # the first run: nothing in production, so rules against prod are skipped; the floor holds
+    set_rules(repo, "eval.acc >= 0.05", "eval.acc >= prod - 1", "quantize.drop <= 1")
+    first = cnnpipe(repo, "promote", "--run-name", "first")
+    assert first.returncode == 0, first.stderr
+    assert "promoted as v1.0.0" in first.stdout and "skip  eval.acc >= prod - 1" in first.stdout
+    assert tags(repo) == ["image-classifier#prod#1", "image-classifier-int8#prod#1", "image-classifier-int8@v1.0.0",
+                          "image-classifier@v1.0.0"]
+    listing = cnnpipe(repo, "registry")
+    assert "image-classifier        v1.0.0" in listing.stdout and "prod" in listing.stdout
+    # DVC's own command fetches the production model the tags point at
+    dvc(repo, "artifacts", "get", ".", "image-classifier", "--stage", "prod", "-o", str(tmp_path / "prod.onnx"))
+    assert sha256(tmp_path / "prod.onnx") == sha256(repo / "models/model.onnx")
+    v1_sha = sha256(repo / "models/model.onnx")
+
+    proc, url = serve(repo, "--poll", "0.5")
+    try:
+        assert httpx.get(url + "/metadata").json()["version"] == "v1.0.0"
+        load = Load(url)
+        load.start()
+        time.sleep(1)
+        # a second run (3 epochs) that passes the gate: the server swaps to it under load
+        set_params(repo, train={"epochs": 3})
+        dvc(repo, "repro")
+        second = cnnpipe(repo, "promote", "--run-name", "second")
+        assert second.returncode == 0 and "promoted as v1.1.0" in second.stdout, second.stdout + second.stderr
+        meta = wait_for_version(url, "v1.1.0")
+        time.sleep(1)
+        load.stopped.set()
+        load.join(30)
+        assert meta["sha256"] == sha256(repo / "models/model.onnx") != v1_sha
+        assert len(load.statuses) > 20 and set(load.statuses) == {200}, sorted(set(load.statuses))
+        assert reloads(url) == {"ok": 1.0}
+
+        # a run the gate refuses: production and the server stay on v1.1.0
+        set_rules(repo, "eval.acc >= prod + 0.5")
+        set_params(repo, train={"epochs": 1})
+        dvc(repo, "repro")
+        worse = cnnpipe(repo, "promote")
+        assert worse.returncode == 3 and "FAIL  eval.acc >= prod + 0.5" in worse.stdout
+        assert "image-classifier@v1.2.0" not in tags(repo)
+        commit(repo, "a refused run")
+
+        # a promoted model that cannot load: the server keeps v1.1.0 and says why
+        (repo / "models/model.onnx").write_bytes(b"not an onnx model")
+        dvc(repo, "commit", "-f", "export")
+        commit(repo, "a corrupt model")
+        from cnnpipe.registry import register_and_assign
+        assert register_and_assign(repo, "prod", "corrupt") == "v1.2.0"
+        deadline = time.monotonic() + 60
+        while reloads(url).get("failed", 0) < 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        ready = httpx.get(url + "/readyz")
+        detail = ready.json()["detail"]
+        assert ready.status_code == 200 and httpx.get(url + "/metadata").json()["version"] == "v1.1.0"
+        assert "still serving v1.1.0" in detail and "not a loadable ONNX model" in detail
+        still = httpx.post(url + "/predict", content=load.body, headers={"content-type": "image/png"})
+        assert still.status_code == 200
+        assert reloads(url) == {"ok": 1.0, "failed": 1.0}
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_bad_registry_references_are_one_line_errors(repo):
+    for ref, message in (("nonexistent#prod", "no artifact 'nonexistent'"),
+                         ("image-classifier#staging", "no version of image-classifier is in stage staging"),
+                         ("Image Classifier", "is not valid")):
+        proc = subprocess.run([CLI, "serve", "--registry", ref, "--repo", str(repo), "--port", str(free_port())],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr, proc.stderr
+
+
+def test_promote_refuses_stale_outputs(repo):
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    set_params(repo, train={"epochs": params["train"]["epochs"] + 5})
+    try:
+        proc = cnnpipe(repo, "promote", "--dry-run")
+        assert proc.returncode == 1 and "stale" in proc.stderr and "dvc repro" in proc.stderr
+    finally:
+        set_params(repo, train={"epochs": params["train"]["epochs"]})
