@@ -1,8 +1,9 @@
-"""Prefect flow that drives the DVC pipeline: one task per dvc.yaml stage, in dependency order.
+"""Prefect flow that drives the DVC pipeline: every flow run is a DVC experiment named after it.
 
-dvc.yaml stays the single source of truth: the stage list is read from DVC at run time and each task
-runs `dvc repro --single-item <stage>`, so DVC decides whether the stage is stale. Prefect adds
-schedules, retries, logs, the UI and a record of every run's metrics (artifacts).
+dvc.yaml stays the single source of truth: the run is `dvc exp run --temp -n <flow run name> -S ...`, so DVC
+decides which stages are stale (or restores them from its run cache), the overrides apply to that experiment
+only, and `dvc exp show` lists every run with its params and metrics. Prefect adds schedules, logs, the UI,
+artifacts (metrics, the diff against production, the experiment's name and commit) and the promotion gate.
 
     python pipeline/flows.py                       # one run (ephemeral API unless PREFECT_API_URL is set)
     python pipeline/flows.py '{"train.epochs": 3}'   # with param overrides, as `dvc exp run -S`
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -21,30 +23,33 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from cnnpipe.dvcops import apply_overrides, metrics_diff_markdown, metrics_table, run_stage, stage_order
+from cnnpipe.dvcops import Experiment, check_overrides, metrics_at, metrics_diff_markdown, run_experiment, stage_order
 from cnnpipe.errors import CnnpipeError
 from cnnpipe.params import load_section
 
 PROJECT = Path(__file__).resolve().parents[1]
-RETRIES = {"download": 2}  # network stages retry transient failures; the others fail fast
 
 
 @task(cache_policy=NO_CACHE)
-def dvc_stage(repo: str, stage: str) -> str:
-    """Run one stage through DVC; returns 'ran' or 'skipped'."""
+def experiment(repo: str, name: str, overrides: dict[str, Any]) -> Experiment:
+    """The whole DAG as the DVC experiment `name` (`dvc exp run --temp`); its log streams into Prefect's."""
     logger = get_run_logger()
-    result = run_stage(repo, stage, log=logger.info)
-    status = "ran" if result.ran else "skipped"
-    logger.info("stage %s %s", stage, status)
-    return status
+    result = run_experiment(repo, name, overrides, log=logger.info)
+    logger.info("experiment %s recorded at %s; stages run: %s", name, result.commit[:10], ", ".join(result.ran) or
+                "none (all unchanged or from DVC's run cache)")
+    return result
 
 
 @task(cache_policy=NO_CACHE)
-def publish_metrics(repo: str, baseline: str) -> list[dict[str, Any]]:
-    rows = metrics_table(repo)
-    create_table_artifact(key="cnnpipe-metrics", table=rows, description="dvc metrics show")
-    create_markdown_artifact(key="cnnpipe-metrics-diff", markdown=metrics_diff_markdown(repo, baseline),
-                             description=f"dvc metrics diff {baseline}")
+def publish_metrics(repo: str, exp: Experiment, baseline: str) -> list[dict[str, Any]]:
+    rows = metrics_at(repo, exp.commit)
+    create_table_artifact(key="cnnpipe-metrics", table=rows, description=f"dvc metrics of experiment {exp.name}")
+    create_markdown_artifact(key="cnnpipe-metrics-diff", description=f"dvc metrics diff {baseline} {exp.name}",
+                             markdown=metrics_diff_markdown(repo, baseline, exp.commit))
+    create_markdown_artifact(key="cnnpipe-experiment", description="the run as a DVC experiment", markdown="\n".join([
+        f"DVC experiment **{exp.name}** at commit `{exp.commit}`", "",
+        "- see it beside the others: `dvc exp show`", f"- its files in the checkout: `dvc exp apply {exp.name}`",
+        f"- a branch of it: `dvc exp branch {exp.name} <branch>`"]))
     return rows
 
 
@@ -57,44 +62,47 @@ def production_commit(repo: str) -> str | None:
 
 
 @task(cache_policy=NO_CACHE)
-def promote_run(repo: str, run_name: str) -> dict[str, Any]:
-    """The gate: promote the run if params.yaml's promote rules pass; the decision becomes an artifact."""
+def promote_run(repo: str, exp: Experiment) -> dict[str, Any]:
+    """The gate: promote the experiment if params.yaml's promote rules pass; the decision becomes an artifact."""
     from cnnpipe.promote import promote
 
-    decision = promote(repo, load_section("promote", Path(repo) / "params.yaml"), run_name=run_name)
-    head = (f"**Promoted** as `{decision.version}`" if decision.version else "**Refused**: production unchanged")
+    decision = promote(repo, load_section("promote", Path(repo) / "params.yaml"), run_name=exp.name, rev=exp.commit)
+    if decision.unchanged:
+        head = f"**Unchanged**: the run's model is production's ({decision.production})"
+    elif decision.version:
+        head = f"**Promoted** as `{decision.version}`"
+    else:
+        head = "**Refused**: production unchanged"
     before = decision.production or "nothing"
-    markdown = "\n".join([f"{head} (production before: {before})", "", "| rule check |", "|---|",
-                          *(f"| `{r}` |" for r in decision.reasons)])
-    create_markdown_artifact(key="cnnpipe-promotion", markdown=markdown, description=f"cnnpipe promote ({run_name})")
+    markdown = "\n".join([f"{head} (production before: {before}; experiment {exp.name})", "", "| rule check |",
+                          "|---|", *(f"| `{r}` |" for r in decision.reasons)])
+    create_markdown_artifact(key="cnnpipe-promotion", markdown=markdown, description=f"cnnpipe promote ({exp.name})")
     get_run_logger().info("promotion: %s", decision.summary().replace("\n", "; "))
-    return {"promoted": decision.promote, "version": decision.version, "production_before": decision.production,
-            "reasons": decision.reasons}
+    return {"promoted": decision.promote, "unchanged": decision.unchanged, "version": decision.version,
+            "production_before": decision.production, "reasons": decision.reasons}
 
 
 @flow(name="train_pipeline", log_prints=True)
 def train_pipeline(overrides: dict[str, Any] | None = None, repo: str = str(PROJECT),
-                   baseline: str = "prod", promote: bool = False) -> dict[str, str]:
-    """Reproduce the DVC pipeline of `repo`, applying `overrides` ({"train.epochs": 5}) to params.yaml first.
-    The metrics diff compares with `baseline`: "prod" (the production model's commit; HEAD while nothing is in
-    production) or any Git revision. With `promote`, the run then goes through the promotion gate."""
-    logger = get_run_logger()
-    if overrides:
-        applied = apply_overrides(Path(repo) / "params.yaml", overrides)  # refused before any stage runs
-        logger.info("params overridden: %s", applied)
-    statuses: dict[str, str] = {}
-    for stage in stage_order(repo):
-        stage_task = dvc_stage.with_options(name=f"dvc-{stage}", retries=RETRIES.get(stage, 0),
-                                            retry_delay_seconds=10)
-        statuses[stage] = stage_task(repo, stage)
+                   baseline: str = "prod", promote: bool = False, name: str | None = None) -> dict[str, str]:
+    """Run the DVC pipeline of `repo` as a DVC experiment named after this flow run (or `name`), with
+    `overrides` ({"train.epochs": 5}) applied to that experiment only: the checkout's params.yaml is not
+    touched. The metrics diff compares with `baseline`: "prod" (the production model's commit; HEAD while
+    nothing is in production) or any Git revision. With `promote`, the run then goes through the gate."""
+    from prefect.runtime import flow_run
+
+    applied = check_overrides(Path(repo) / "params.yaml", overrides or {})  # refused before anything runs
+    if applied:
+        get_run_logger().info("params overridden for this run: %s", applied)
+    exp = experiment(repo, name or flow_run.get_name() or f"run-{int(time.time())}", applied)
+    statuses = {stage: "ran" if stage in exp.ran else "skipped" for stage in stage_order(repo)}
     if baseline == "prod":
         baseline = production_commit(repo) or "HEAD"
-    publish_metrics(repo, baseline)
+    publish_metrics(repo, exp, baseline)
     if promote:
-        from prefect.runtime import flow_run
-
-        decision = promote_run(repo, flow_run.get_name() or "manual")
-        statuses["promote"] = f"promoted {decision['version']}" if decision["promoted"] else "refused"
+        decision = promote_run(repo, exp)
+        statuses["promote"] = ("unchanged" if decision["unchanged"] else
+                               f"promoted {decision['version']}" if decision["promoted"] else "refused")
     return statuses
 
 

@@ -80,9 +80,9 @@ def _promote(args: argparse.Namespace) -> int:
     from cnnpipe.params import load_section
     from cnnpipe.promote import promote
     decision = promote(Path(args.repo), load_section("promote", Path(args.repo) / args.params), args.run_name,
-                       args.dry_run)
+                       args.dry_run, args.rev)
     print(decision.summary())
-    return 0 if decision.promote else 3
+    return 0 if decision.promote or decision.unchanged else 3
 
 
 def _registry(args: argparse.Namespace) -> None:
@@ -205,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--run-name", default="", help="recorded in the commit and the version tags")
     p.add_argument("--dry-run", action="store_true", help="decide and say why, change nothing")
+    p.add_argument("--rev", help="promote a committed run instead of the checkout: an experiment's name or commit")
     p.set_defaults(func=_promote)
 
     p = sub.add_parser("registry", help="versions of the registered models and their stages")

@@ -79,6 +79,82 @@ def apply_overrides(params_path: str | Path, overrides: dict[str, Any]) -> dict[
     return applied
 
 
+def check_overrides(params_path: str | Path, overrides: dict[str, Any]) -> dict[str, Any]:
+    """apply_overrides on a copy: the overrides as they would apply, params.yaml untouched."""
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        copy_path = Path(tmp) / "params.yaml"
+        shutil.copy(params_path, copy_path)
+        return apply_overrides(copy_path, overrides)
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    commit: str  # the experiment's commit (a ref under refs/exps): its dvc.lock, params and metrics
+    ran: list[str]  # stages that ran; the others were unchanged or restored from DVC's run cache
+    output: str
+
+
+EXP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def run_experiment(repo: str | Path, name: str, overrides: dict[str, Any],
+                   log: Callable[[str], None] = print) -> Experiment:
+    """`dvc exp run --temp -n NAME -S key=value ...`: the pipeline in a temporary copy of the checkout, recorded
+    as the experiment NAME (`dvc exp show` lists it); the checkout, params.yaml included, is left as it was."""
+    if not EXP_NAME.fullmatch(name):
+        raise CnnpipeError(f"experiment name {name!r} is not valid; use letters, digits, '.', '_' or '-'")
+    sets = [f"-S{key}={json.dumps(value)}" for key, value in overrides.items()]
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", "exp", "run", "--temp", "-n", name, *sets], cwd=repo,
+                            env=dvc_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:  # one merged stream, read as it comes: no pipe can fill up
+        line = line.rstrip()
+        lines.append(line)
+        if line:
+            log(line)
+    code = proc.wait()
+    output = "\n".join(lines)
+    ran = RAN.findall(output)
+    if code != 0:
+        own = [ln for ln in lines if re.match(r"cnnpipe [\w-]+: error: ", ln)]
+        dvc_errors = [ln for ln in lines if ln.startswith("ERROR")]
+        where = f"stage '{ran[-1]}' failed" if ran else "dvc exp run failed"
+        raise CnnpipeError(f"{where} (exit {code}): {(own or dvc_errors or lines or ['no output'])[-1]}")
+    return Experiment(name, experiment_commit(repo, name), ran, output)
+
+
+def experiment_commit(repo: str | Path, name: str) -> str:
+    refs = subprocess.run(["git", "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps"], cwd=repo,
+                          capture_output=True, text=True).stdout.splitlines()
+    found = [line.split()[0] for line in refs if line.endswith(f"/{name}")]
+    if not found:
+        raise CnnpipeError(f"dvc exp run finished but no experiment {name!r} is recorded")
+    return found[-1]
+
+
+def metrics_at(repo: str | Path, rev: str) -> list[dict[str, Any]]:
+    """The metrics files of a revision (those dvc.yaml declares) as rows of (file, metric, value)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout
+
+    stages = (yaml.safe_load(git("show", f"{rev}:dvc.yaml")) or {}).get("stages", {})
+    files = sorted({next(iter(m)) if isinstance(m, dict) else m for stage in stages.values()
+                    for m in stage.get("metrics", [])})
+    rows = []
+    for file in files:
+        try:
+            data = json.loads(git("show", f"{rev}:{file}"))
+        except subprocess.CalledProcessError:  # a stage that has not run in that revision
+            continue
+        for metric, value in _flatten(data).items():
+            rows.append({"file": file, "metric": metric, "value": value})
+    return rows
+
+
 @dataclass(frozen=True)
 class StageResult:
     stage: str
@@ -143,8 +219,10 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def metrics_diff_markdown(repo: str | Path, baseline: str = "HEAD") -> str:
-    proc = subprocess.run([sys.executable, "-m", "dvc", "metrics", "diff", baseline, "--md"], cwd=repo,
+def metrics_diff_markdown(repo: str | Path, baseline: str = "HEAD", target: str | None = None) -> str:
+    """`dvc metrics diff` of the workspace (or `target`, a revision) against `baseline`, as Markdown."""
+    revs = [baseline, target] if target else [baseline]
+    proc = subprocess.run([sys.executable, "-m", "dvc", "metrics", "diff", *revs, "--md"], cwd=repo,
                           env=dvc_env(), capture_output=True, text=True)
     if proc.returncode != 0:
         return f"No comparison with {baseline}: {proc.stderr.strip()[-300:]}"

@@ -49,9 +49,13 @@ class Decision:
     reasons: list[str] = field(default_factory=list)
     version: str | None = None  # the version registered when promoted
     production: str | None = None  # the version in production before
+    unchanged: bool = False  # the run's model is the production model: nothing to promote
 
     def summary(self) -> str:
-        head = f"promoted as {self.version}" if self.version else ("passes" if self.promote else "refused")
+        if self.unchanged:
+            head = f"unchanged: the run's model is production's ({self.production})"
+        else:
+            head = f"promoted as {self.version}" if self.version else ("passes" if self.promote else "refused")
         return "\n".join([head, *(f"  {r}" for r in self.reasons)])
 
 
@@ -133,24 +137,59 @@ def push_models(repo: Path) -> None:
     """Send the models to the DVC remote when one is configured, so `dvc artifacts get` works elsewhere."""
     remote = dvc(repo, "remote", "default")
     if remote.returncode == 0 and remote.stdout.strip():
-        proc = dvc(repo, "push", "-q", "export", "quantize")
+        proc = dvc(repo, "push", "-q", "--all-tags")
         if proc.returncode != 0:
             raise CnnpipeError(f"dvc push failed: {proc.stderr.strip()[-200:]}")
 
 
-def promote(repo: str | Path, p: PromoteParams, run_name: str = "", dry_run: bool = False) -> Decision:
+def model_md5(lock_text: str, path: str) -> str | None:
+    """The md5 dvc.lock records for the output `path`."""
+    import yaml
+
+    for stage in (yaml.safe_load(lock_text) or {}).get("stages", {}).values():
+        for out in stage.get("outs", []):
+            if out.get("path") == path:
+                return out.get("md5")
+    return None
+
+
+def resolve_rev(repo: Path, rev: str) -> str:
+    """A commit, from a Git revision or a DVC experiment's name."""
+    proc = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"], cwd=repo,
+                          capture_output=True, text=True)
+    if proc.returncode == 0:
+        return proc.stdout.strip()
+    from cnnpipe.dvcops import experiment_commit
+
+    try:
+        return experiment_commit(repo, rev)
+    except CnnpipeError:
+        raise CnnpipeError(f"--rev {rev}: no such commit or experiment; see `dvc exp show`") from None
+
+
+def promote(repo: str | Path, p: PromoteParams, run_name: str = "", dry_run: bool = False,
+            rev: str | None = None) -> Decision:
+    """Gate the run in the checkout, or the committed run `rev` (an experiment's commit), against production."""
     repo = Path(repo)
-    run = checkout_metrics(repo)
+    rev = resolve_rev(repo, rev) if rev else None
+    run = commit_metrics(repo, rev) if rev else checkout_metrics(repo)
     rules = parse_rules(p.rules, run)  # a bad rule fails before anything is read from the registry
-    check_up_to_date(repo)
+    if rev is None:
+        check_up_to_date(repo)
     current = registry.in_stage(repo, registry.MODEL, p.stage)
     production = commit_metrics(repo, current.commit) if current else None
+    lock = registry.git(repo, "show", f"{rev}:dvc.lock") if rev else (repo / "dvc.lock").read_text()
+    path = registry.declared(repo)[registry.MODEL]["path"]
+    prod_lock = registry.git(repo, "show", f"{current.commit}:dvc.lock") if current else ""
+    if current and model_md5(lock, path) == model_md5(prod_lock, path):
+        return Decision(promote=False, production=current.version, unchanged=True)
     decision = decide(rules, run, production)
     decision.production = current.version if current else None
     if decision.promote and not dry_run:
         label = f"run {run_name}" if run_name else "run"
-        commit_results(repo, f"Results of {label}, promoted to {p.stage}")
+        if rev is None:
+            commit_results(repo, f"Results of {label}, promoted to {p.stage}")
         push_models(repo)
         decision.version = registry.register_and_assign(repo, p.stage, f"{label}: " + "; ".join(
-            r for r in decision.reasons))
+            r for r in decision.reasons), ref=rev or "HEAD")
     return decision

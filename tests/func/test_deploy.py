@@ -108,4 +108,8 @@ def test_deploy_schedule_and_worker_run(prefect_server, tmp_path):
     runs = api(url, "/flow_runs/filter", {"deployments": {"id": {"any_": [deployment["id"]]}}})
     manual = [r for r in runs if r["state_type"] != "SCHEDULED"]
     assert manual and manual[0]["state_type"] == "COMPLETED", output[-3000:]
-    assert json.loads((repo / "metrics/eval.info.json").read_text())["images"] == 100
+    # the run is a DVC experiment named after the flow run, its results in the experiment's commit
+    from cnnpipe.dvcops import experiment_commit
+    commit_sha = experiment_commit(repo, manual[0]["name"])
+    info = sh(env, repo, "git", "show", f"{commit_sha}:metrics/eval.info.json")
+    assert json.loads(info)["images"] == 100

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -46,24 +48,44 @@ def test_stage_order_comes_from_dvc(repo):
     assert stage_order(repo) == ALL
 
 
-def test_flow_runs_then_skips_then_reruns_from_override(harness, repo):
+def at(repo, rev: str, path: str) -> dict:
+    return json.loads(subprocess.run(["git", "show", f"{rev}:{path}"], cwd=repo, capture_output=True, text=True,
+                                     check=True).stdout)
+
+
+def test_each_run_is_an_experiment_and_overrides_stay_in_it(harness, repo):
     from flows import train_pipeline
 
-    assert train_pipeline(repo=str(repo)) == {s: "ran" for s in ALL}
+    from cnnpipe.dvcops import experiment_commit
+
+    params = (repo / "params.yaml").read_text()
+    assert train_pipeline(repo=str(repo), name="first") == {s: "ran" for s in ALL}
+    first = experiment_commit(repo, "first")
     table = artifacts("cnnpipe-metrics")
-    eval_acc = json.loads((repo / "metrics/eval.json").read_text())["acc"]
+    eval_acc = at(repo, first, "metrics/eval.json")["acc"]
     assert table and {"file": "metrics/eval.json", "metric": "acc", "value": eval_acc} in json.loads(table[0].data)
-    assert artifacts("cnnpipe-metrics-diff")
-    commit(repo, "baseline")
+    assert f"**first** at commit `{first}`" in artifacts("cnnpipe-experiment")[0].data
+    assert not (repo / "metrics/eval.json").exists()  # the checkout is left as it was
 
-    assert train_pipeline(repo=str(repo)) == {s: "skipped" for s in ALL}
+    # adopt the first run's results; a run with nothing changed then reruns nothing
+    subprocess.run([sys.executable, "-m", "dvc", "exp", "apply", "first"], cwd=repo, check=True, capture_output=True)
+    commit(repo, "first run's results")
+    assert train_pipeline(repo=str(repo), name="second") == {s: "skipped" for s in ALL}
 
-    statuses = train_pipeline(overrides={"train.epochs": 3}, repo=str(repo))
+    statuses = train_pipeline(overrides={"train.epochs": 3}, repo=str(repo), name="third")
     assert statuses == {"download": "skipped", "split": "skipped", "train": "ran", "evaluate": "ran",
                         "export": "ran", "quantize": "ran"}
-    assert json.loads((repo / "metrics/train.info.json").read_text())["epochs_run"] == 3
-    diff = artifacts("cnnpipe-metrics-diff")[0].data  # against the 2-epoch baseline: the training time moved
+    third = experiment_commit(repo, "third")
+    assert at(repo, third, "metrics/train.info.json")["epochs_run"] == 3
+    diff = artifacts("cnnpipe-metrics-diff")[0].data  # against HEAD (nothing in production): training time moved
     assert "metrics/train.json" in diff and "sec" in diff
+    # the override stayed in its experiment: the checkout's params and the next run are the defaults
+    assert (repo / "params.yaml").read_text() == params
+    assert train_pipeline(repo=str(repo), name="fourth") == {s: "skipped" for s in ALL}
+    assert at(repo, experiment_commit(repo, "fourth"), "metrics/train.info.json")["epochs_run"] == 2
+    listed = subprocess.run([sys.executable, "-m", "dvc", "exp", "list", "--all-commits", "--name-only"], cwd=repo,
+                            capture_output=True, text=True, check=True).stdout.split()
+    assert sorted(listed) == ["first", "fourth", "second", "third"]
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -92,8 +114,7 @@ def test_failing_stage_fails_the_flow_and_stops(harness, tmp_path):
     assert state.is_failed()
     with pytest.raises(CnnpipeError, match=r"stage 'train' failed .*batch_size 100000 does not fit"):
         state.result()
-    assert (repo / "data/prepared/meta.json").is_file()  # the stages before it ran
-    assert not list(repo.glob("models/*model.pt*"))  # no checkpoint, not even a temp file
+    assert not list(repo.glob("models/*"))  # the run happened in a temporary copy: nothing lands here
     assert not (repo / "metrics/eval.json").exists()
 
 
@@ -123,8 +144,6 @@ def test_no_api_reachable_message(monkeypatch):
 def test_flow_promotes_a_run_then_refuses_a_worse_one(harness, tmp_path):
     """The promotion gate as the flow's last task: the first run passes the absolute rule and is promoted
     (tags, artifact); a run that cannot beat production by the margin is refused and production stays."""
-    import subprocess
-
     from flows import train_pipeline
     from helpers import set_params
 
@@ -133,12 +152,12 @@ def test_flow_promotes_a_run_then_refuses_a_worse_one(harness, tmp_path):
     set_params(repo, promote={"rules": ["eval.acc >= 0.05", "eval.acc >= prod + 0.5"]})
     commit(repo, "rules")
 
-    first = train_pipeline(repo=str(repo), promote=True)
+    first = train_pipeline(repo=str(repo), promote=True, name="good")
     assert first["promote"] == "promoted v1.0.0"
     promotion = artifacts("cnnpipe-promotion")[0].data
     assert "**Promoted** as `v1.0.0`" in promotion and "skip  eval.acc >= prod + 0.5" in promotion
 
-    second = train_pipeline(overrides={"train.epochs": 3}, repo=str(repo), promote=True)
+    second = train_pipeline(overrides={"train.epochs": 3}, repo=str(repo), promote=True, name="worse")
     assert second["promote"] == "refused" and second["train"] == "ran"
     promotion = artifacts("cnnpipe-promotion")[0].data
     assert "**Refused**" in promotion and "FAIL  eval.acc >= prod + 0.5" in promotion
