@@ -170,11 +170,11 @@ def summary(waits: list[float], failures: list[str], every: float) -> dict:
 
 
 def bench_hostile(model: Path, out: Path, seconds: float, per_attack: int, pause: float = 0.05,
-                  every_ms: float = 50.0) -> dict:
+                  every_ms: float = 50.0, body_timeout: float = 10.0) -> dict:
     import multiprocessing
 
     port = free_port()
-    proc = start_server(cnnpipe_server(model, port), port, "/readyz")
+    proc = start_server(cnnpipe_server(model, port, "--body-timeout", str(body_timeout)), port, "/readyz")
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
     prober = context.Process(target=probe, args=(port, seconds, every_ms / 1000, results))
@@ -188,6 +188,7 @@ def bench_hostile(model: Path, out: Path, seconds: float, per_attack: int, pause
         proc.wait(30)
     result = {"probe": summary(waits, failures, every_ms / 1000), "attacks": attacked}
     result.update({"seconds": seconds, "connections_per_attack": per_attack, "pause_s": pause,
+                   "body_timeout_s": body_timeout,
                    "processor": cpu_model()})
     write_json(out, result)
     p = result["probe"]

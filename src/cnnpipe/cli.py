@@ -118,7 +118,8 @@ def _bench_hostile(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from cnnpipe.bench_hostile import bench_hostile
-    bench_hostile(Path(args.onnx), Path(args.out), args.seconds, args.connections, args.pause)
+    bench_hostile(Path(args.onnx), Path(args.out), args.seconds, args.connections, args.pause,
+                  body_timeout=args.body_timeout)
 
 
 def _bench_train(args: argparse.Namespace) -> None:
@@ -245,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--connections", type=int, default=2, help="connections per kind of attack")
     p.add_argument("--pause", type=float, default=0.05, help="seconds each attacker waits between requests")
+    p.add_argument("--body-timeout", type=float, default=10.0, help="the served model's --body-timeout")
     p.set_defaults(func=_bench_hostile)
 
     p = bench.add_parser("train", help="seed 000 training loop vs our engine, same model and batch size")

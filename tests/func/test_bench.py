@@ -94,7 +94,7 @@ def test_bench_serve_tiny(tmp_path, onnx_model):
     d = onnx_model.parent
     proc = subprocess.run([CLI, "bench", "serve", "--onnx", str(onnx_model), "--int8", str(d / "none.onnx"),
                            "--checkpoint", str(d / "model.pt"), "--prepared", str(d / "prepared"), "--out", str(out),
-                           "--clients", "4", "--seconds", "1", "--repeats", "1", "--runs", "5", "--skip-heavy"],
+                           "--clients", "4", "--seconds", "0.5", "--repeats", "1", "--runs", "5", "--skip-heavy"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
@@ -116,7 +116,7 @@ def test_bench_serve_tiny(tmp_path, onnx_model):
 def test_bench_hostile_answers_every_attack_as_it_should(tmp_path, onnx_model):
     out = tmp_path / "hostile.json"
     proc = subprocess.run([CLI, "bench", "hostile", "--onnx", str(onnx_model), "--out", str(out), "--seconds", "2",
-                           "--connections", "1"], capture_output=True, text=True, timeout=120)
+                           "--connections", "1", "--body-timeout", "1"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
     assert result["probe"]["failures"] == [] and result["probe"]["probes"] >= 20

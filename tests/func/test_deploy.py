@@ -97,6 +97,20 @@ def test_deploy_schedule_and_worker_run(prefect_server, tmp_path):
     assert (limit.get("limit") or deployment.get("concurrency_limit")) == 1, deployment
     assert deployment["concurrency_options"]["collision_strategy"] == "ENQUEUE"
 
+    # the alerts of pipeline/alerts.py, created twice: replaced, not duplicated
+    for _ in range(2):
+        sh(env, root, sys.executable, "pipeline/alerts.py", "http://127.0.0.1:9/not-called")
+    automations = {a["name"]: a for a in api(url, "/automations/filter", {})}
+    assert sorted(automations) == ["cnnpipe: no completed nightly run in 26 hours",
+                                   "cnnpipe: nightly run failed or crashed"]
+    failed = automations["cnnpipe: nightly run failed or crashed"]["trigger"]
+    silent = automations["cnnpipe: no completed nightly run in 26 hours"]["trigger"]
+    assert set(failed["expect"]) == {"prefect.flow-run.Failed", "prefect.flow-run.Crashed"}
+    assert failed["posture"] == "Reactive"
+    assert silent["expect"] == ["prefect.flow-run.Completed"] and silent["posture"] == "Proactive"
+    assert silent["within"] == 26 * 3600
+    assert failed["match_related"]["prefect.resource.id"] == f"prefect.deployment.{deployment['id']}"
+
     out = sh(env, repo, str(BIN / "prefect"), "deployment", "run", "train_pipeline/nightly")
     assert "Created flow run" in out
 

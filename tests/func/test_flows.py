@@ -53,13 +53,22 @@ def at(repo, rev: str, path: str) -> dict:
                                      check=True).stdout)
 
 
-def test_each_run_is_an_experiment_and_overrides_stay_in_it(harness, repo):
+def test_each_run_is_an_experiment_overrides_stay_in_it_and_the_gate_decides(harness, repo):
+    """Runs as DVC experiments named after them; an override reaches its own run only; the promotion gate as
+    the flow's last task: the first run passes the absolute rule and is promoted (tags, artifact), a run that
+    cannot beat production by the margin is refused and production stays."""
     from flows import train_pipeline
+    from helpers import set_params
 
     from cnnpipe.dvcops import experiment_commit
 
+    set_params(repo, promote={"rules": ["eval.acc >= 0.05", "eval.acc >= prod + 0.5"]})
+    commit(repo, "rules")
     params = (repo / "params.yaml").read_text()
-    assert train_pipeline(repo=str(repo), name="first") == {s: "ran" for s in ALL}
+    assert train_pipeline(repo=str(repo), name="first", promote=True) == {s: "ran" for s in ALL} | {
+        "promote": "promoted v1.0.0"}
+    promotion = artifacts("cnnpipe-promotion")[0].data
+    assert "**Promoted** as `v1.0.0`" in promotion and "skip  eval.acc >= prod + 0.5" in promotion
     first = experiment_commit(repo, "first")
     table = artifacts("cnnpipe-metrics")
     eval_acc = at(repo, first, "metrics/eval.json")["acc"]
@@ -72,12 +81,17 @@ def test_each_run_is_an_experiment_and_overrides_stay_in_it(harness, repo):
     commit(repo, "first run's results")
     assert train_pipeline(repo=str(repo), name="second") == {s: "skipped" for s in ALL}
 
-    statuses = train_pipeline(overrides={"train.epochs": 3}, repo=str(repo), name="third")
+    statuses = train_pipeline(overrides={"train.epochs": 3}, repo=str(repo), name="third", promote=True)
     assert statuses == {"download": "skipped", "split": "skipped", "train": "ran", "evaluate": "ran",
-                        "export": "ran", "quantize": "ran"}
+                        "export": "ran", "quantize": "ran", "promote": "refused"}
+    promotion = artifacts("cnnpipe-promotion")[0].data
+    assert "**Refused**" in promotion and "FAIL  eval.acc >= prod + 0.5" in promotion
+    tags = subprocess.run(["git", "tag"], cwd=repo, capture_output=True, text=True).stdout.split()
+    assert sorted(tags) == ["image-classifier#prod#1", "image-classifier-int8#prod#1",
+                            "image-classifier-int8@v1.0.0", "image-classifier@v1.0.0"]
     third = experiment_commit(repo, "third")
     assert at(repo, third, "metrics/train.info.json")["epochs_run"] == 3
-    diff = artifacts("cnnpipe-metrics-diff")[0].data  # against HEAD (nothing in production): training time moved
+    diff = artifacts("cnnpipe-metrics-diff")[0].data  # against production (the first run): training time moved
     assert "metrics/train.json" in diff and "sec" in diff
     # the override stayed in its experiment: the checkout's params and the next run are the defaults
     assert (repo / "params.yaml").read_text() == params
@@ -139,28 +153,3 @@ def test_no_api_reachable_message(monkeypatch):
     with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}):
         with pytest.raises(CnnpipeError, match=r"no Prefect API reachable at http://127\.0\.0\.1:9/api.*server start"):
             flows.check_api()
-
-
-def test_flow_promotes_a_run_then_refuses_a_worse_one(harness, tmp_path):
-    """The promotion gate as the flow's last task: the first run passes the absolute rule and is promoted
-    (tags, artifact); a run that cannot beat production by the margin is refused and production stays."""
-    from flows import train_pipeline
-    from helpers import set_params
-
-    md5 = write_mnist_mirror(tmp_path / "mirror")
-    repo = make_repo(tmp_path, str(tmp_path / "mirror"), md5)
-    set_params(repo, promote={"rules": ["eval.acc >= 0.05", "eval.acc >= prod + 0.5"]})
-    commit(repo, "rules")
-
-    first = train_pipeline(repo=str(repo), promote=True, name="good")
-    assert first["promote"] == "promoted v1.0.0"
-    promotion = artifacts("cnnpipe-promotion")[0].data
-    assert "**Promoted** as `v1.0.0`" in promotion and "skip  eval.acc >= prod + 0.5" in promotion
-
-    second = train_pipeline(overrides={"train.epochs": 3}, repo=str(repo), promote=True, name="worse")
-    assert second["promote"] == "refused" and second["train"] == "ran"
-    promotion = artifacts("cnnpipe-promotion")[0].data
-    assert "**Refused**" in promotion and "FAIL  eval.acc >= prod + 0.5" in promotion
-    tags = subprocess.run(["git", "tag"], cwd=repo, capture_output=True, text=True).stdout.split()
-    assert sorted(tags) == ["image-classifier#prod#1", "image-classifier-int8#prod#1",
-                            "image-classifier-int8@v1.0.0", "image-classifier@v1.0.0"]
