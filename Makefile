@@ -28,7 +28,7 @@ run: dataset
 	dvc metrics show
 
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 lint: setup
 	$(PY) -m ruff check src tests pipeline

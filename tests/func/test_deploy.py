@@ -101,15 +101,18 @@ def test_deploy_schedule_and_worker_run(prefect_server, tmp_path):
     for _ in range(2):
         sh(env, root, sys.executable, "pipeline/alerts.py", "http://127.0.0.1:9/not-called")
     automations = {a["name"]: a for a in api(url, "/automations/filter", {})}
-    assert sorted(automations) == ["cnnpipe: no completed nightly run in 26 hours",
-                                   "cnnpipe: nightly run failed or crashed"]
+    assert sorted(automations) == ["cnnpipe: nightly run failed or crashed",
+                                   "cnnpipe: no completed nightly run in 26 hours"]
     failed = automations["cnnpipe: nightly run failed or crashed"]["trigger"]
     silent = automations["cnnpipe: no completed nightly run in 26 hours"]["trigger"]
     assert set(failed["expect"]) == {"prefect.flow-run.Failed", "prefect.flow-run.Crashed"}
     assert failed["posture"] == "Reactive"
     assert silent["expect"] == ["prefect.flow-run.Completed"] and silent["posture"] == "Proactive"
     assert silent["within"] == 26 * 3600
-    assert failed["match_related"]["prefect.resource.id"] == f"prefect.deployment.{deployment['id']}"
+    for trigger in (failed, silent):  # both watch this deployment only
+        related = trigger["match_related"]
+        related = related if isinstance(related, list) else [related]
+        assert [r["prefect.resource.id"] for r in related] == [f"prefect.deployment.{deployment['id']}"]
 
     out = sh(env, repo, str(BIN / "prefect"), "deployment", "run", "train_pipeline/nightly")
     assert "Created flow run" in out

@@ -157,14 +157,10 @@ def test_promote_fetch_and_a_server_that_follows_production(repo, tmp_path):
         assert len(load.statuses) > 20 and set(load.statuses) == {200}, sorted(set(load.statuses))
         assert reloads(url) == {"ok": 1.0}
 
-        # a run the gate refuses: production and the server stay on v1.1.0
-        set_rules(repo, "eval.acc >= prod + 0.5")
-        set_params(repo, train={"epochs": 1})
-        dvc(repo, "repro")
-        worse = cnnpipe(repo, "promote")
-        assert worse.returncode == 3 and "FAIL  eval.acc >= prod + 0.5" in worse.stdout
+        # the same model again is not a new version (a run refused by the gate: test_flows.py)
+        again = cnnpipe(repo, "promote")
+        assert again.returncode == 0 and again.stdout.startswith("unchanged: the run's model is production's (v1.1.0)")
         assert "image-classifier@v1.2.0" not in tags(repo)
-        commit(repo, "a refused run")
 
         # a promoted model that cannot load: the server keeps v1.1.0 and says why
         (repo / "models/model.onnx").write_bytes(b"not an onnx model")
