@@ -85,16 +85,19 @@ def promote_run(repo: str, exp: Experiment) -> dict[str, Any]:
 @flow(name="train_pipeline", log_prints=True)
 def train_pipeline(overrides: dict[str, Any] | None = None, repo: str = str(PROJECT),
                    baseline: str = "prod", promote: bool = False, name: str | None = None) -> dict[str, str]:
-    """Run the DVC pipeline of `repo` as a DVC experiment named after this flow run (or `name`), with
-    `overrides` ({"train.epochs": 5}) applied to that experiment only: the checkout's params.yaml is not
-    touched. The metrics diff compares with `baseline`: "prod" (the production model's commit; HEAD while
+    """Run the DVC pipeline of `repo` as a DVC experiment named after this flow run (its name and the first 8
+    characters of its id; or `name`), with `overrides` ({"train.epochs": 5}) applied to that experiment only:
+    the checkout's params.yaml is not touched. The metrics diff compares with `baseline`: "prod" (the production model's commit; HEAD while
     nothing is in production) or any Git revision. With `promote`, the run then goes through the gate."""
     from prefect.runtime import flow_run
 
     applied = check_overrides(Path(repo) / "params.yaml", overrides or {})  # refused before anything runs
     if applied:
         get_run_logger().info("params overridden for this run: %s", applied)
-    exp = experiment(repo, name or flow_run.get_name() or f"run-{int(time.time())}", applied)
+    # Prefect's generated names repeat now and then: the run's id makes the experiment's name unique
+    run_id = str(flow_run.get_id() or "")[:8]
+    default = f"{flow_run.get_name()}-{run_id}" if flow_run.get_name() else f"run-{int(time.time())}"
+    exp = experiment(repo, name or default, applied)
     statuses = {stage: "ran" if stage in exp.ran else "skipped" for stage in stage_order(repo)}
     if baseline == "prod":
         baseline = production_commit(repo) or "HEAD"

@@ -193,7 +193,7 @@ def dvc_json(repo: str | Path, *args: str) -> Any:
     proc = subprocess.run([sys.executable, "-m", "dvc", *args, "--json"], cwd=repo, env=dvc_env(),
                           capture_output=True, text=True)
     if proc.returncode != 0:
-        raise CnnpipeError(f"dvc {' '.join(args)} failed: {proc.stderr.strip().splitlines()[-1:]}")
+        raise CnnpipeError(f"dvc {' '.join(args)} failed: {(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
     return json.loads(proc.stdout or "{}")
 
 

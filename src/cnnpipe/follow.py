@@ -75,21 +75,30 @@ class Follower:
         self.lock = asyncio.Lock()
         self.failed: str | None = None  # a version that failed to load is not retried until the stage moves
         self.task: asyncio.Task | None = None
+        self.pending: set[asyncio.Task] = set()
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
         self.state["follower"] = self
         self.task = loop.create_task(self._poll())
         try:
-            loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.check()))
+            loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         except (NotImplementedError, RuntimeError):  # pragma: no cover - not the main thread, or Windows
             pass
 
     async def stop(self) -> None:
+        """Stop polling (at shutdown; a swap the poll task was making is abandoned with it)."""
         if self.task:
             self.task.cancel()
-        async with self.lock:  # a swap in progress finishes first
+        try:
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        except (NotImplementedError, RuntimeError):  # pragma: no cover
             pass
+
+    def _on_sighup(self) -> None:
+        task = asyncio.get_running_loop().create_task(self.check())
+        self.pending.add(task)  # kept until done: the loop holds tasks only weakly
+        task.add_done_callback(self.pending.discard)
 
     async def _poll(self) -> None:
         if self.follow.poll <= 0:
@@ -98,8 +107,9 @@ class Follower:
             await asyncio.sleep(self.follow.poll)
             await self.check()
 
-    async def check(self) -> dict:
-        """Swap to the version in the stage if it is new; the answer says what happened."""
+    async def check(self, retry_failed: bool = False) -> dict:
+        """Swap to the version in the stage if it is new; the answer says what happened. A version that
+        failed to load is tried again only when the stage moves, or with `retry_failed` (the admin route)."""
         from cnnpipe.server import Live
 
         async with self.lock:
@@ -109,8 +119,9 @@ class Follower:
                 version = await asyncio.to_thread(target, self.follow)
                 attempted = version.version
                 if version.version == old.version:
+                    self.state["reload_error"], self.failed = None, None  # the stage is back on what is served
                     return {"status": "unchanged", "version": old.version}
-                if version.version == self.failed:
+                if version.version == self.failed and not retry_failed:
                     return {"status": "failed", "version": old.version, "detail": self.state["reload_error"]}
                 path = await asyncio.to_thread(fetch, self.follow, version)
                 predictor = await asyncio.to_thread(Predictor, path, None, old.predictor.threads)

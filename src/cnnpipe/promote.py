@@ -40,7 +40,9 @@ class Rule:
     def bound(self, production: dict[str, float] | None) -> float | None:
         if self.value is not None:
             return self.value
-        return None if production is None else production[self.metric] + self.margin
+        if production is None or self.metric not in production:
+            return None
+        return production[self.metric] + self.margin
 
 
 @dataclass
@@ -103,7 +105,8 @@ def decide(rules: list[Rule], run: dict[str, float], production: dict[str, float
     for rule in rules:
         bound = rule.bound(production)
         if bound is None:
-            decision.reasons.append(f"skip  {rule.text}: nothing in production yet")
+            why = "nothing in production yet" if production is None else f"production has no {rule.metric}"
+            decision.reasons.append(f"skip  {rule.text}: {why}")
             continue
         value = run[rule.metric]
         ok = value >= bound if rule.op == ">=" else value <= bound
@@ -127,10 +130,22 @@ def check_up_to_date(repo: Path) -> None:
         raise CnnpipeError(f"the run's outputs are stale ({', '.join(stale)}); run `dvc repro` before promoting")
 
 
+def check_only_results_changed(repo: Path) -> None:
+    """The commit a version tag points at must hold the code that made the run: other changes refuse."""
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True,
+                            text=True, check=True).stdout
+    changed = [line[3:] for line in status.splitlines() if line.strip()]
+    other = [path for path in changed if not any(path == r or path.startswith(r + "/") for r in RESULTS)]
+    if other:
+        raise CnnpipeError(f"uncommitted changes to {', '.join(other[:3])}{' ...' if len(other) > 3 else ''}; "
+                           "commit them (and rerun dvc repro) before promoting")
+
+
 def commit_results(repo: Path, message: str) -> None:
-    registry.git(repo, "add", "--", *[p for p in RESULTS if (repo / p).exists()])
-    if subprocess.run(["git", "diff", "--cached", "--quiet"], cwd=repo).returncode != 0:
-        registry.git(repo, "commit", "-q", "-m", message)
+    paths = [p for p in RESULTS if (repo / p).exists()]
+    registry.git(repo, "add", "--", *paths)
+    if subprocess.run(["git", "diff", "--cached", "--quiet", "--", *paths], cwd=repo).returncode != 0:
+        registry.git(repo, "commit", "-q", "-m", message, "--", *paths)
 
 
 def push_models(repo: Path) -> None:
@@ -176,12 +191,14 @@ def promote(repo: str | Path, p: PromoteParams, run_name: str = "", dry_run: boo
     rules = parse_rules(p.rules, run)  # a bad rule fails before anything is read from the registry
     if rev is None:
         check_up_to_date(repo)
+        check_only_results_changed(repo)
     current = registry.in_stage(repo, registry.MODEL, p.stage)
     production = commit_metrics(repo, current.commit) if current else None
     lock = registry.git(repo, "show", f"{rev}:dvc.lock") if rev else (repo / "dvc.lock").read_text()
     path = registry.declared(repo)[registry.MODEL]["path"]
     prod_lock = registry.git(repo, "show", f"{current.commit}:dvc.lock") if current else ""
-    if current and model_md5(lock, path) == model_md5(prod_lock, path):
+    run_md5 = model_md5(lock, path)
+    if current and run_md5 is not None and run_md5 == model_md5(prod_lock, path):
         return Decision(promote=False, production=current.version, unchanged=True)
     decision = decide(rules, run, production)
     decision.production = current.version if current else None
@@ -189,7 +206,7 @@ def promote(repo: str | Path, p: PromoteParams, run_name: str = "", dry_run: boo
         label = f"run {run_name}" if run_name else "run"
         if rev is None:
             commit_results(repo, f"Results of {label}, promoted to {p.stage}")
-        push_models(repo)
         decision.version = registry.register_and_assign(repo, p.stage, f"{label}: " + "; ".join(
             r for r in decision.reasons), ref=rev or "HEAD")
+        push_models(repo)  # after tagging: `--all-tags` then includes the new version's commit
     return decision

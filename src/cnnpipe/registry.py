@@ -36,7 +36,8 @@ class Version:
 def git(repo: str | Path, *args: str) -> str:
     proc = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise CnnpipeError(f"git {' '.join(args)} failed in {repo}: {proc.stderr.strip().splitlines()[-1:]}")
+        raise CnnpipeError(f"git {' '.join(args)} failed in {repo}: "
+                           f"{(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
     return proc.stdout.strip()
 
 
@@ -131,8 +132,11 @@ def register_and_assign(repo: str | Path, stage: str, message: str, ref: str = "
         raise CnnpipeError(f"dvc.yaml declares no artifact {', '.join(missing)}; add it under `artifacts:`")
     version = max((next_version(repo, name) for name in ARTIFACTS), key=version_key)
     for name in ARTIFACTS:
-        api.register(repo, name, ref, version=version, message=message)
-        api.assign(repo, name, stage, version=version, message=message)
+        try:
+            api.register(repo, name, ref, version=version, message=message)
+            api.assign(repo, name, stage, version=version, message=message)
+        except Exception as e:  # GTO's own errors, e.g. a commit that already has a version of the artifact
+            raise CnnpipeError(f"cannot register {name}@{version} at {ref}: {e}") from e
     log.info("registered %s at %s and assigned it to %s", version, ref, stage)
     return version
 

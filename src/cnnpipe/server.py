@@ -284,7 +284,7 @@ async def _send_json(send, status: int, message: str) -> None:
 
 def parse_k(raw: str | None, options: ServeOptions, num_classes: int) -> int:
     raw = str(options.top_k) if raw is None else raw
-    if len(raw) > 6 or not raw.isdigit() or not 1 <= int(raw) <= num_classes:
+    if len(raw) > 6 or not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= num_classes:
         raise BadRequest(422, f"k must be an integer from 1 to {num_classes}, got {raw!r}")
     return int(raw)
 
@@ -390,7 +390,11 @@ class Live:
         """Start its batcher and warm it up: the first request does not pay for onnxruntime's first run."""
         batcher = Batcher(predictor, options.max_batch, options.max_wait_ms, batch_sizes)
         batcher.start()
-        await batcher.scores(predictor.preprocess([np.zeros(predictor.info.input_shape[1:], np.float32)]))
+        try:
+            await batcher.scores(predictor.preprocess([np.zeros(predictor.info.input_shape[1:], np.float32)]))
+        except Exception:
+            await batcher.stop()  # a model that cannot run leaves no batcher behind
+            raise
         return cls(predictor, batcher, options.pixel_budget(predictor.info.input_shape), version)
 
 
@@ -529,7 +533,7 @@ def create_app(predictor: Predictor, options: ServeOptions = ServeOptions(), fol
             given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
             if not hmac.compare_digest(given.encode(), follow.token.encode()):
                 raise BadRequest(401, "admin routes need the bearer token of CNNPIPE_ADMIN_TOKEN")
-            return await state["follower"].check()
+            return await state["follower"].check(retry_failed=True)
 
     # --- Open Inference Protocol (KServe v2, REST) ----------------------------------------------------
     def oip_model(m: Live, name: str, version: str | None) -> None:

@@ -127,6 +127,6 @@ def test_deploy_schedule_and_worker_run(prefect_server, tmp_path):
     assert manual and manual[0]["state_type"] == "COMPLETED", output[-3000:]
     # the run is a DVC experiment named after the flow run, its results in the experiment's commit
     from cnnpipe.dvcops import experiment_commit
-    commit_sha = experiment_commit(repo, manual[0]["name"])
+    commit_sha = experiment_commit(repo, f"{manual[0]['name']}-{manual[0]['id'][:8]}")
     info = sh(env, repo, "git", "show", f"{commit_sha}:metrics/eval.info.json")
     assert json.loads(info)["images"] == 100

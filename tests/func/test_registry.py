@@ -201,3 +201,15 @@ def test_promote_refuses_stale_outputs(repo):
         assert proc.returncode == 1 and "stale" in proc.stderr and "dvc repro" in proc.stderr
     finally:
         set_params(repo, train={"epochs": params["train"]["epochs"]})
+
+
+def test_promote_refuses_uncommitted_changes_beside_the_results(repo):
+    """A version tag must point at the code that made the run: other uncommitted changes refuse promotion."""
+    ignore = repo / ".dvcignore"
+    before = ignore.read_text()
+    ignore.write_text(before + "\n# an uncommitted edit\n")
+    try:
+        proc = cnnpipe(repo, "promote", "--dry-run")
+        assert proc.returncode == 1 and "uncommitted changes to .dvcignore" in proc.stderr, proc.stderr
+    finally:
+        ignore.write_text(before)
