@@ -190,8 +190,8 @@ def promote(repo: str | Path, p: PromoteParams, run_name: str = "", dry_run: boo
     run = commit_metrics(repo, rev) if rev else checkout_metrics(repo)
     rules = parse_rules(p.rules, run)  # a bad rule fails before anything is read from the registry
     if rev is None:
-        check_up_to_date(repo)
         check_only_results_changed(repo)
+        check_up_to_date(repo)
     current = registry.in_stage(repo, registry.MODEL, p.stage)
     production = commit_metrics(repo, current.commit) if current else None
     lock = registry.git(repo, "show", f"{rev}:dvc.lock") if rev else (repo / "dvc.lock").read_text()
