@@ -87,8 +87,9 @@ def train_pipeline(overrides: dict[str, Any] | None = None, repo: str = str(PROJ
                    baseline: str = "prod", promote: bool = False, name: str | None = None) -> dict[str, str]:
     """Run the DVC pipeline of `repo` as a DVC experiment named after this flow run (its name and the first 8
     characters of its id; or `name`), with `overrides` ({"train.epochs": 5}) applied to that experiment only:
-    the checkout's params.yaml is not touched. The metrics diff compares with `baseline`: "prod" (the production model's commit; HEAD while
-    nothing is in production) or any Git revision. With `promote`, the run then goes through the gate."""
+    the checkout's params.yaml is not touched. The metrics diff compares with `baseline`: "prod" (the
+    production model's commit; HEAD while nothing is in production) or any Git revision. With `promote`, the
+    run then goes through the gate."""
     from prefect.runtime import flow_run
 
     applied = check_overrides(Path(repo) / "params.yaml", overrides or {})  # refused before anything runs

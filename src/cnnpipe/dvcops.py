@@ -155,38 +155,11 @@ def metrics_at(repo: str | Path, rev: str) -> list[dict[str, Any]]:
     return rows
 
 
-@dataclass(frozen=True)
-class StageResult:
-    stage: str
-    ran: bool
-    output: str
-
-
 def dvc_env() -> dict[str, str]:
     """Stage commands (`cnnpipe ...`) resolve through PATH: this interpreter's bin first."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
-
-
-def run_stage(repo: str | Path, stage: str, log: Callable[[str], None] = print) -> StageResult:
-    """`dvc repro --single-item STAGE`: DVC runs it only if its deps, params or outs changed."""
-    proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "--single-item", stage], cwd=repo,
-                            env=dvc_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    for line in proc.stdout:
-        line = line.rstrip()
-        lines.append(line)
-        if line:
-            log(line)
-    code = proc.wait()
-    output = "\n".join(lines)
-    if code != 0:
-        # the stage's own one-line error ("cnnpipe train: error: ...") names the cause; else DVC's
-        own = [ln for ln in lines if re.match(r"cnnpipe [\w-]+: error: ", ln)]
-        dvc_errors = [ln for ln in lines if ln.startswith("ERROR")]
-        raise CnnpipeError(f"stage '{stage}' failed (exit {code}): {(own or dvc_errors or lines or ['no output'])[-1]}")
-    return StageResult(stage, stage in RAN.findall(output), output)
 
 
 def dvc_json(repo: str | Path, *args: str) -> Any:
