@@ -85,11 +85,17 @@ def promote_run(repo: str, exp: Experiment) -> dict[str, Any]:
 @flow(name="train_pipeline", log_prints=True)
 def train_pipeline(overrides: dict[str, Any] | None = None, repo: str = str(PROJECT),
                    baseline: str = "prod", promote: bool = False, name: str | None = None) -> dict[str, str]:
-    """Run the DVC pipeline of `repo` as a DVC experiment named after this flow run (its name and the first 8
-    characters of its id; or `name`), with `overrides` ({"train.epochs": 5}) applied to that experiment only:
-    the checkout's params.yaml is not touched. The metrics diff compares with `baseline`: "prod" (the
-    production model's commit; HEAD while nothing is in production) or any Git revision. With `promote`, the
-    run then goes through the gate."""
+    """Run the DVC pipeline of `repo` as a DVC experiment named after this flow run; the checkout's params.yaml
+    is not touched.
+
+    Args:
+        overrides: params.yaml values for this run only, as `dvc exp run -S`: {"train.epochs": 5, "train.lr": 0.01}
+        repo: the project checkout to run in
+        baseline: what the metrics diff compares with: "prod" (the production model's commit, HEAD while nothing
+            is in production) or any Git revision
+        promote: send the run through the promotion gate (params.yaml `promote:` rules) afterwards
+        name: the experiment's name; default: the flow run's name and the first 8 characters of its id
+    """
     from prefect.runtime import flow_run
 
     applied = check_overrides(Path(repo) / "params.yaml", overrides or {})  # refused before anything runs
@@ -130,6 +136,8 @@ def check_api() -> None:
 def main(argv: list[str]) -> int:
     try:
         overrides = json.loads(argv[0]) if argv else None
+        if overrides is not None and not isinstance(overrides, dict):
+            raise json.JSONDecodeError(f"got {type(overrides).__name__}", argv[0], 0)
         check_api()
         statuses = train_pipeline(overrides=overrides)
     except CnnpipeError as e:

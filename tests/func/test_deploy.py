@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 from helpers import commit, make_repo, write_mnist_mirror
 
 from cnnpipe.bench_serve import free_port
@@ -92,6 +94,11 @@ def test_deploy_schedule_and_worker_run(prefect_server, tmp_path):
     assert schedules and schedules[0]["cron"] == "0 2 * * *"
     assert deployment["work_pool_name"] == "cnnpipe-process"
     assert deployment["parameters"] == {"promote": True}
+    # typed, described parameters: the UI's run form has a field per parameter
+    schema = deployment["parameter_openapi_schema"]["properties"]
+    assert schema["promote"]["type"] == "boolean" and schema["baseline"]["type"] == "string"
+    assert {"type": "object", "additionalProperties": True} in schema["overrides"]["anyOf"]
+    assert all(schema[k].get("description") for k in ("overrides", "repo", "baseline", "promote", "name"))
     # one run at a time in the checkout; a second one waits its turn instead of sharing it
     limit = deployment.get("global_concurrency_limit") or {}
     assert (limit.get("limit") or deployment.get("concurrency_limit")) == 1, deployment
@@ -114,19 +121,35 @@ def test_deploy_schedule_and_worker_run(prefect_server, tmp_path):
         related = related if isinstance(related, list) else [related]
         assert [r["prefect.resource.id"] for r in related] == [f"prefect.deployment.{deployment['id']}"]
 
-    out = sh(env, repo, str(BIN / "prefect"), "deployment", "run", "train_pipeline/nightly")
-    assert "Created flow run" in out
+    # two runs triggered at once, the first with an override: both finish, one after the other, each an
+    # experiment; the override stays in the first one's experiment and never reaches the second
+    first = sh(env, repo, str(BIN / "prefect"), "deployment", "run", "train_pipeline/nightly",
+               "-p", 'overrides={"train.epochs": 1}')
+    second = sh(env, repo, str(BIN / "prefect"), "deployment", "run", "train_pipeline/nightly")
+    ids = [re.search(r"UUID: *([0-9a-f-]{36})", out).group(1) for out in (first, second)]
 
-    worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "cnnpipe-process", "--run-once"],
-                              cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True)
+    worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "cnnpipe-process"],
+                              cwd=repo, env=dict(env, PREFECT_WORKER_QUERY_SECONDS="2"), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
     procs.append(worker)
-    output, _ = worker.communicate(timeout=400)
-    runs = api(url, "/flow_runs/filter", {"deployments": {"id": {"any_": [deployment["id"]]}}})
-    manual = [r for r in runs if r["state_type"] != "SCHEDULED"]
-    assert manual and manual[0]["state_type"] == "COMPLETED", output[-3000:]
-    # the run is a DVC experiment named after the flow run, its results in the experiment's commit
+    deadline = time.monotonic() + 500
+    while True:
+        runs = {r["id"]: r for r in api(url, "/flow_runs/filter", {"flow_runs": {"id": {"any_": ids}}})}
+        if all(runs[i]["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") for i in ids):
+            break
+        assert time.monotonic() < deadline, {i: runs[i]["state_name"] for i in ids}
+        time.sleep(2)
+    os.killpg(worker.pid, signal.SIGTERM)
+    output, _ = worker.communicate(timeout=60)
+    assert [runs[i]["state_type"] for i in ids] == ["COMPLETED", "COMPLETED"], output[-3000:]
+    earlier, later = sorted((runs[i] for i in ids), key=lambda r: r["start_time"])
+    assert earlier["end_time"] <= later["start_time"], "the two runs shared the checkout at the same time"
+
+    # each run is a DVC experiment named after its flow run, its results in the experiment's commit
     from cnnpipe.dvcops import experiment_commit
-    commit_sha = experiment_commit(repo, f"{manual[0]['name']}-{manual[0]['id'][:8]}")
-    info = sh(env, repo, "git", "show", f"{commit_sha}:metrics/eval.info.json")
+    commits = [experiment_commit(repo, f"{runs[i]['name']}-{i[:8]}") for i in ids]
+    epochs = [yaml.safe_load(sh(env, repo, "git", "show", f"{c}:params.yaml"))["train"]["epochs"] for c in commits]
+    checkout = yaml.safe_load((repo / "params.yaml").read_text())["train"]["epochs"]
+    assert epochs == [1, checkout] and checkout != 1
+    info = sh(env, repo, "git", "show", f"{commits[1]}:metrics/eval.info.json")
     assert json.loads(info)["images"] == 100

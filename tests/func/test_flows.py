@@ -152,3 +152,12 @@ def test_no_api_reachable_message(monkeypatch):
     with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}):
         with pytest.raises(CnnpipeError, match=r"no Prefect API reachable at http://127\.0\.0\.1:9/api.*server start"):
             flows.check_api()
+
+
+@pytest.mark.parametrize("arg", ["[1]", "{bad", '"epochs"'])
+def test_overrides_argument_must_be_a_json_object(arg, capsys):
+    import flows
+
+    assert flows.main([arg]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("train_pipeline: error: overrides must be a JSON object") and "\n" not in err
