@@ -122,6 +122,14 @@ def _bench_hostile(args: argparse.Namespace) -> None:
                   body_timeout=args.body_timeout)
 
 
+def _bench_swap(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from cnnpipe.bench_swap import bench_swap
+    bench_swap(Path(args.onnx), Path(args.int8), Path(args.out), args.seconds, args.promote_at, args.clients,
+               args.poll)
+
+
 def _bench_train(args: argparse.Namespace) -> None:
     from pathlib import Path
 
@@ -248,6 +256,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pause", type=float, default=0.05, help="seconds each attacker waits between requests")
     p.add_argument("--body-timeout", type=float, default=10.0, help="the served model's --body-timeout")
     p.set_defaults(func=_bench_hostile)
+
+    p = bench.add_parser("swap", help="requests, errors and latency while a server following prod swaps models")
+    p.add_argument("--onnx", default="models/model.onnx")
+    p.add_argument("--int8", default="models/model.int8.onnx")
+    p.add_argument("--out", default="bench/swap.json")
+    p.add_argument("--seconds", type=float, default=15.0, help="load duration")
+    p.add_argument("--promote-at", type=float, default=5.0, help="seconds into the load when prod moves")
+    p.add_argument("--clients", type=int, default=16, help="concurrent closed-loop clients")
+    p.add_argument("--poll", type=float, default=0.2, help="the server's --poll")
+    p.set_defaults(func=_bench_swap)
 
     p = bench.add_parser("train", help="seed 000 training loop vs our engine, same model and batch size")
     p.add_argument("--prepared", default="data/prepared")

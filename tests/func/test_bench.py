@@ -130,3 +130,18 @@ def test_bench_hostile_answers_every_attack_as_it_should(tmp_path, onnx_model):
                 "ordinary request": "200"}
     for name, status in expected.items():  # every answer of each kind had the one right status
         assert list(result["attacks"][name]) == [status], (name, result["attacks"][name])
+
+
+@pytest.mark.slow
+def test_bench_swap_follows_prod_under_load_without_errors(tmp_path, onnx_model):
+    out = tmp_path / "swap.json"
+    proc = subprocess.run([CLI, "bench", "swap", "--onnx", str(onnx_model), "--int8", str(onnx_model),
+                           "--out", str(out), "--seconds", "6", "--promote-at", "1", "--clients", "4"],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["versions"] == ["v1.0.0", "v1.1.0"]
+    assert 0 < result["follow_s"] < 5
+    for name in ("before", "during", "after"):  # load in every window, and not one request failed
+        assert result[name]["requests"] > 0 and result[name]["errors"] == 0, (name, result[name])
+    assert f"the server followed {result['follow_s']} s later" in proc.stdout
