@@ -23,9 +23,16 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from cnnpipe.dvcops import Experiment, check_overrides, metrics_at, metrics_diff_markdown, run_experiment, stage_order
-from cnnpipe.errors import CnnpipeError
-from cnnpipe.params import load_section
+from cnnpipe.core.errors import CnnpipeError
+from cnnpipe.core.params import load_section
+from cnnpipe.mlops.dvcops import (
+    Experiment,
+    check_overrides,
+    metrics_at,
+    metrics_diff_markdown,
+    run_experiment,
+    stage_order,
+)
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -55,7 +62,7 @@ def publish_metrics(repo: str, exp: Experiment, baseline: str) -> list[dict[str,
 
 def production_commit(repo: str) -> str | None:
     """The commit of the model now in the promote stage, or None while nothing is in production."""
-    from cnnpipe import registry
+    from cnnpipe.mlops import registry
 
     current = registry.in_stage(repo, registry.MODEL, load_section("promote", Path(repo) / "params.yaml").stage)
     return current.commit if current else None
@@ -64,7 +71,7 @@ def production_commit(repo: str) -> str | None:
 @task(cache_policy=NO_CACHE)
 def promote_run(repo: str, exp: Experiment) -> dict[str, Any]:
     """The gate: promote the experiment if params.yaml's promote rules pass; the decision becomes an artifact."""
-    from cnnpipe.promote import promote
+    from cnnpipe.mlops.promote import promote
 
     decision = promote(repo, load_section("promote", Path(repo) / "params.yaml"), run_name=exp.name, rev=exp.commit)
     if decision.unchanged:

@@ -81,9 +81,9 @@ def http_server():
 @pytest.fixture
 def prepared(tmp_path, mnist_mirror) -> Path:
     """data/prepared of a tiny generated MNIST-format set (350 train, 50 val, 100 test)."""
-    from cnnpipe.download import download
-    from cnnpipe.params import DownloadParams, SplitParams
-    from cnnpipe.split import split
+    from cnnpipe.core.params import DownloadParams, SplitParams
+    from cnnpipe.stages.download import download
+    from cnnpipe.stages.split import split
 
     mirror, md5 = mnist_mirror
     download(DownloadParams(dataset="mnist", sources=[str(mirror)], md5=md5), tmp_path / "raw")
@@ -97,11 +97,11 @@ def onnx_model(tmp_path_factory) -> Path:
     """A tiny bncnn trained on generated 28×28 data and exported: models/model.onnx of a real run."""
     from helpers import write_mnist_mirror
 
-    from cnnpipe.download import download
-    from cnnpipe.export import export
-    from cnnpipe.params import DownloadParams, ExportParams, SplitParams, TrainParams
-    from cnnpipe.split import split
-    from cnnpipe.train import train
+    from cnnpipe.core.params import DownloadParams, ExportParams, SplitParams, TrainParams
+    from cnnpipe.stages.download import download
+    from cnnpipe.stages.export import export
+    from cnnpipe.stages.split import split
+    from cnnpipe.stages.train import train
 
     d = tmp_path_factory.mktemp("onnx-model")
     md5 = write_mnist_mirror(d / "mirror")

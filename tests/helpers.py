@@ -17,8 +17,8 @@ import httpx
 import numpy as np
 import yaml
 
-from cnnpipe.bench_serve import free_port
-from cnnpipe.formats import CIFAR_TEST, CIFAR_TRAIN, write_idx
+from cnnpipe.bench.serve import free_port
+from cnnpipe.core.formats import CIFAR_TEST, CIFAR_TRAIN, write_idx
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,7 +89,7 @@ def train_workdir(root: Path, prepared: Path, train_params) -> Path:
     train params (every other section at its default)."""
     import dataclasses
 
-    from cnnpipe.params import defaults
+    from cnnpipe.core.params import defaults
 
     shutil.copytree(prepared, root / "data/prepared")
     (root / "params.yaml").write_text(yaml.safe_dump(defaults() | {"train": dataclasses.asdict(train_params)}))

@@ -13,7 +13,7 @@ ENTRY = PACKAGE / "cli.py"
 
 
 def module_path(name: str) -> Path:
-    """cnnpipe.train -> src/cnnpipe/train.py (cnnpipe -> src/cnnpipe/__init__.py)."""
+    """cnnpipe.stages.train -> src/cnnpipe/stages/train.py (cnnpipe -> src/cnnpipe/__init__.py)."""
     parts = name.split(".")[1:]
     path = PACKAGE.joinpath(*parts)
     return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
@@ -29,11 +29,12 @@ def imported_modules(nodes: list[ast.AST]) -> set[str]:
             if node.module.split(".")[0] != "cnnpipe":
                 continue
             found.add(node.module)
-            for alias in node.names:  # `from cnnpipe import custom` imports a module
+            for alias in node.names:  # `from cnnpipe.core import own_images` imports a module
                 if module_path(f"{node.module}.{alias.name}").is_file():
                     found.add(f"{node.module}.{alias.name}")
-    # importing cnnpipe.x runs cnnpipe/__init__.py first
-    return found | {"cnnpipe"} if found else found
+    # importing cnnpipe.core.x runs cnnpipe/__init__.py and cnnpipe/core/__init__.py first
+    parents = {".".join(m.split(".")[:i]) for m in found for i in range(1, m.count(".") + 1)}
+    return found | parents
 
 
 def closure(paths: set[Path]) -> set[Path]:

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 
 from cnnpipe import DEFAULT_PARAMS
-from cnnpipe.errors import CnnpipeError
+from cnnpipe.core.errors import CnnpipeError
 
 log = logging.getLogger("cnnpipe")
 # Top-level modules of the pipeline extra (pyproject.toml), as imported
@@ -20,56 +20,56 @@ PIPELINE_MODULES = {"torch", "torchvision", "pandas", "yaml", "tqdm", "dvc", "pr
 
 
 def _download(args: argparse.Namespace) -> None:
-    from cnnpipe.download import download
-    from cnnpipe.params import load_section
+    from cnnpipe.core.params import load_section
+    from cnnpipe.stages.download import download
     download(load_section("download", args.params))
 
 
 def _split(args: argparse.Namespace) -> None:
-    from cnnpipe.params import load_section
-    from cnnpipe.split import split
+    from cnnpipe.core.params import load_section
+    from cnnpipe.stages.split import split
     split(load_section("split", args.params))
 
 
 def _train(args: argparse.Namespace) -> None:
-    from cnnpipe.params import load_section
-    from cnnpipe.train import train
+    from cnnpipe.core.params import load_section
+    from cnnpipe.stages.train import train
     train(load_section("train", args.params))
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from cnnpipe.evaluate import evaluate
-    from cnnpipe.params import load_section
+    from cnnpipe.core.params import load_section
+    from cnnpipe.stages.evaluate import evaluate
     evaluate(load_section("evaluate", args.params))
 
 
 def _export(args: argparse.Namespace) -> None:
-    from cnnpipe.export import export
-    from cnnpipe.params import load_section
+    from cnnpipe.core.params import load_section
+    from cnnpipe.stages.export import export
     export(load_section("export", args.params))
 
 
 def _quantize(args: argparse.Namespace) -> None:
-    from cnnpipe.params import load_section
-    from cnnpipe.quantize import quantize
+    from cnnpipe.core.params import load_section
+    from cnnpipe.stages.quantize import quantize
     quantize(load_section("quantize", args.params))
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from cnnpipe.predict_cli import main as predict_main
+    from cnnpipe.serve.predict import main as predict_main
     return predict_main(args.model, args.paths, args.k, args.json)
 
 
 def _serve(args: argparse.Namespace) -> None:
     import os
 
-    from cnnpipe.server import ServeOptions, serve
+    from cnnpipe.serve.server import ServeOptions, serve
     options = ServeOptions(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_body_bytes=args.max_body_bytes,
                            max_images=args.max_images, resize=not args.no_resize, max_pixels=args.max_pixels,
                            body_timeout=args.body_timeout)
     follow = None
     if args.registry:  # needs the registry's tools (GTO, DVC): the pipeline extra
-        from cnnpipe.follow import Follow
+        from cnnpipe.serve.follow import Follow
         follow = Follow(args.registry, args.repo, args.poll, os.environ.get("CNNPIPE_ADMIN_TOKEN", ""))
     serve(args.model, args.host, args.port, options, threads=args.threads, workers=args.workers, follow=follow)
 
@@ -77,8 +77,8 @@ def _serve(args: argparse.Namespace) -> None:
 def _promote(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from cnnpipe.params import load_section
-    from cnnpipe.promote import promote
+    from cnnpipe.core.params import load_section
+    from cnnpipe.mlops.promote import promote
     decision = promote(Path(args.repo), load_section("promote", Path(args.repo) / args.params), args.run_name,
                        args.dry_run, args.rev)
     print(decision.summary())
@@ -88,7 +88,7 @@ def _promote(args: argparse.Namespace) -> int:
 def _registry(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from cnnpipe import registry
+    from cnnpipe.mlops import registry
     if args.get:
         print(registry.fetch(Path(args.repo), args.get, Path(args.out)))
         return
@@ -103,21 +103,21 @@ def _registry(args: argparse.Namespace) -> None:
 def _bench_serve(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from cnnpipe.bench_serve import bench_serve
+    from cnnpipe.bench.serve import bench_serve
     bench_serve(Path(args.onnx), Path(args.int8), Path(args.checkpoint), Path(args.prepared), Path(args.out),
                 args.clients, args.seconds, args.repeats, args.runs, args.threads, args.max_wait_ms,
                 heavy=not args.skip_heavy)
 
 
 def _example_images(args: argparse.Namespace) -> None:
-    from cnnpipe.examples import make_example_images
+    from cnnpipe.core.demo_images import make_example_images
     print(make_example_images(args.dir, args.per_class, args.size, args.kind))
 
 
 def _bench_hostile(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from cnnpipe.bench_hostile import bench_hostile
+    from cnnpipe.bench.hostile import bench_hostile
     bench_hostile(Path(args.onnx), Path(args.out), args.seconds, args.connections, args.pause,
                   body_timeout=args.body_timeout)
 
@@ -125,7 +125,7 @@ def _bench_hostile(args: argparse.Namespace) -> None:
 def _bench_swap(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from cnnpipe.bench_swap import bench_swap
+    from cnnpipe.bench.swap import bench_swap
     bench_swap(Path(args.onnx), Path(args.int8), Path(args.out), args.seconds, args.promote_at, args.clients,
                args.poll)
 
@@ -133,10 +133,10 @@ def _bench_swap(args: argparse.Namespace) -> None:
 def _bench_train(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from cnnpipe.bench_train import bench_synthetic, bench_train
-    from cnnpipe.dvcops import parse_override
-    from cnnpipe.errors import CnnpipeError
-    from cnnpipe.params import parse_section, read_yaml
+    from cnnpipe.bench.train import bench_synthetic, bench_train
+    from cnnpipe.core.errors import CnnpipeError
+    from cnnpipe.core.params import parse_section, read_yaml
+    from cnnpipe.mlops.dvcops import parse_override
 
     accuracy, tta = None, False
     if not args.no_accuracy or args.synthetic_cifar:
@@ -267,12 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--poll", type=float, default=0.2, help="the server's --poll")
     p.set_defaults(func=_bench_swap)
 
-    p = bench.add_parser("train", help="seed 000 training loop vs our engine, same model and batch size")
+    p = bench.add_parser("train", help="tutorial 000's training loop vs our engine, same model and batch size")
     p.add_argument("--prepared", default="data/prepared")
     p.add_argument("--out", default="bench/train.json")
     p.add_argument("--steps", type=int, default=150, help="timed optimizer steps per run")
     p.add_argument("--repeats", type=int, default=3, help="interleaved runs per loop; medians are reported")
-    p.add_argument("--batch", type=int, default=100, help="batch size (the seed's: 100)")
+    p.add_argument("--batch", type=int, default=100, help="batch size (the tutorial's: 100)")
     p.add_argument("--device", default="auto", help="device of the throughput part")
     p.add_argument("--params", default="params.yaml", help="time to accuracy: the train config to run")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cnnpipe.bench_train import AIRBENCH94_A100
+from cnnpipe.bench.train import AIRBENCH94_A100
 
 CLI = str(Path(sys.executable).parent / "cnnpipe")
 
@@ -21,7 +21,7 @@ CLI = str(Path(sys.executable).parent / "cnnpipe")
 def test_bench_train_tiny(tmp_path, prepared):
     import yaml
 
-    from cnnpipe.params import defaults
+    from cnnpipe.core.params import defaults
 
     params = defaults()
     params["train"].update(model="lenet", batch_size=25, device="cpu", lr=0.01)
@@ -34,12 +34,12 @@ def test_bench_train_tiny(tmp_path, prepared):
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
     t = result["throughput"]
-    for loop in ("seed_loop", "engine", "engine_seed_module"):
+    for loop in ("tutorial_loop", "engine", "engine_tutorial_module"):
         runs = t[f"{loop}_images_per_s"]
         assert len(runs) == 2  # --repeats
         assert t[f"{loop}_median"] == pytest.approx(statistics.median(runs), abs=0.051)  # runs are rounded
-    assert t["ratio_of_medians"] == round(t["engine_median"] / t["seed_loop_median"], 2)
-    assert f"ratio engine / seed loop: {t['ratio_of_medians']}x" in proc.stdout
+    assert t["ratio_of_medians"] == round(t["engine_median"] / t["tutorial_loop_median"], 2)
+    assert f"ratio engine / tutorial loop: {t['ratio_of_medians']}x" in proc.stdout
     a = result["accuracy"]
     assert a["train_params"]["epochs"] == 3 and a["train_params"]["translate"] == 0
     assert [r["epoch"] for r in a["epochs"]] == [1, 2, 3]

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from helpers import write_mnist_mirror
 
-from cnnpipe.params import defaults
+from cnnpipe.core.params import defaults
 
 CLI = [str(Path(sys.executable).parent / "cnnpipe")]
 
@@ -110,7 +110,7 @@ def test_model_does_not_fit_image_size(cwd, tmp_path):
     """A 28×28 net on 8×8 images: fails before training starts."""
     import numpy as np
 
-    from cnnpipe.fsutil import write_json
+    from cnnpipe.core.fsutil import write_json
 
     prep = cwd / "data/prepared"
     prep.mkdir(parents=True)

@@ -14,12 +14,12 @@ import onnx
 import pytest
 from helpers import commit, dvc, make_repo, md5_of, ran, set_params, start_server, stop
 
-from cnnpipe.download import download
-from cnnpipe.errors import CnnpipeError
-from cnnpipe.examples import SHAPES, make_example_images
-from cnnpipe.params import DownloadParams, SplitParams
-from cnnpipe.predictor import Predictor
-from cnnpipe.split import split
+from cnnpipe.core.demo_images import SHAPES, make_example_images
+from cnnpipe.core.errors import CnnpipeError
+from cnnpipe.core.params import DownloadParams, SplitParams
+from cnnpipe.serve.predictor import Predictor
+from cnnpipe.stages.download import download
+from cnnpipe.stages.split import split
 
 ALL = ["download", "split", "train", "evaluate", "export", "quantize"]
 SMALL = SplitParams(val_size=0.2, test_size=0.2, image_size=16, max_bad_fraction=0.1)
@@ -63,10 +63,10 @@ def test_imagefolder_end_to_end_and_a_changed_image(tmp_path):
 
 def test_csv_end_to_end(tmp_path):
     """Every stage's library function in turn (the DVC wiring is the imagefolder test's)."""
-    from cnnpipe.evaluate import evaluate
-    from cnnpipe.export import export
-    from cnnpipe.params import EvaluateParams, ExportParams, TrainParams
-    from cnnpipe.train import train
+    from cnnpipe.core.params import EvaluateParams, ExportParams, TrainParams
+    from cnnpipe.stages.evaluate import evaluate
+    from cnnpipe.stages.export import export
+    from cnnpipe.stages.train import train
 
     labels = make_example_images(tmp_path / "csvset", kind="csv")
     run_both(tmp_path, DownloadParams(dataset="csv", sources=[labels.as_uri()]))  # a file:// URL

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from helpers import commit, make_repo, write_mnist_mirror
 
-from cnnpipe.bench_serve import free_port
+from cnnpipe.bench.serve import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -146,7 +146,7 @@ def test_deploy_schedule_and_worker_run(prefect_server, tmp_path):
     assert earlier["end_time"] <= later["start_time"], "the two runs shared the checkout at the same time"
 
     # each run is a DVC experiment named after its flow run, its results in the experiment's commit
-    from cnnpipe.dvcops import experiment_commit
+    from cnnpipe.mlops.dvcops import experiment_commit
     commits = [experiment_commit(repo, f"{runs[i]['name']}-{i[:8]}") for i in ids]
     epochs = [yaml.safe_load(sh(env, repo, "git", "show", f"{c}:params.yaml"))["train"]["epochs"] for c in commits]
     checkout = yaml.safe_load((repo / "params.yaml").read_text())["train"]["epochs"]

@@ -13,9 +13,9 @@ import pytest
 import torch
 from helpers import train_workdir
 
-from cnnpipe.bench_serve import free_port
-from cnnpipe.checkpoint import load_checkpoint
-from cnnpipe.params import TrainParams
+from cnnpipe.bench.serve import free_port
+from cnnpipe.core.checkpoint import load_checkpoint
+from cnnpipe.core.params import TrainParams
 
 BIN = Path(sys.executable).parent
 # LeNet has no BatchNorm, whose per-process batch statistics would (by design) differ from one process's.

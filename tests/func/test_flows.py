@@ -11,8 +11,8 @@ import pytest
 import yaml
 from helpers import commit, make_repo, write_mnist_mirror
 
-from cnnpipe.dvcops import apply_overrides, stage_order
-from cnnpipe.errors import CnnpipeError
+from cnnpipe.core.errors import CnnpipeError
+from cnnpipe.mlops.dvcops import apply_overrides, stage_order
 
 pytestmark = pytest.mark.slow
 
@@ -60,7 +60,7 @@ def test_each_run_is_an_experiment_overrides_stay_in_it_and_the_gate_decides(har
     from flows import train_pipeline
     from helpers import set_params
 
-    from cnnpipe.dvcops import experiment_commit
+    from cnnpipe.mlops.dvcops import experiment_commit
 
     set_params(repo, promote={"rules": ["eval.acc >= 0.05", "eval.acc >= prod + 0.5"]})
     commit(repo, "rules")
@@ -132,7 +132,7 @@ def test_failing_stage_fails_the_flow_and_stops(harness, tmp_path):
 
 
 def test_overrides_keep_comments_and_other_values(tmp_path):
-    from cnnpipe.params import defaults
+    from cnnpipe.core.params import defaults
 
     path = tmp_path / "params.yaml"
     full = {"train": defaults()["train"] | {"epochs": 12, "lr": 0.003},

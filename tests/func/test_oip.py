@@ -11,7 +11,8 @@ import pytest
 import tritonclient.http as triton
 from helpers import make_images, start_server, stop
 
-from cnnpipe.predictor import Predictor, normalize_pixels
+from cnnpipe.core.onnx_io import normalize_pixels
+from cnnpipe.serve.predictor import Predictor
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import yaml
 from helpers import write_mnist_mirror
 
 from cnnpipe import cli
-from cnnpipe.params import SECTIONS, defaults
+from cnnpipe.core.params import SECTIONS, defaults
 
 # Inputs each stage reads, relative to the project folder it runs in.
 INPUTS = {

@@ -20,7 +20,7 @@ from helpers import commit, dvc, make_repo, run, set_params, write_mnist_mirror
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from cnnpipe.bench_serve import free_port
+from cnnpipe.bench.serve import free_port
 
 pytestmark = pytest.mark.slow
 CLI = str(Path(sys.executable).parent / "cnnpipe")
@@ -166,7 +166,7 @@ def test_promote_fetch_and_a_server_that_follows_production(repo, tmp_path):
         (repo / "models/model.onnx").write_bytes(b"not an onnx model")
         dvc(repo, "commit", "-f", "export")
         commit(repo, "a corrupt model")
-        from cnnpipe.registry import register_and_assign
+        from cnnpipe.mlops.registry import register_and_assign
         assert register_and_assign(repo, "prod", "corrupt") == "v1.2.0"
         deadline = time.monotonic() + 60
         while reloads(url).get("failed", 0) < 1 and time.monotonic() < deadline:

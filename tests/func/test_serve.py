@@ -18,7 +18,7 @@ from helpers import make_images, start_server, stop
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from cnnpipe.predictor import Predictor
+from cnnpipe.serve.predictor import Predictor
 
 CLI = str(Path(sys.executable).parent / "cnnpipe")
 

@@ -17,7 +17,7 @@ import pytest
 from helpers import make_images, start_server, stop
 from test_serve import assert_same_top_k, delta, metrics, png
 
-from cnnpipe.predictor import Predictor
+from cnnpipe.serve.predictor import Predictor
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ import pytest
 from helpers import make_images, start_server, stop
 from prometheus_client.parser import text_string_to_metric_families
 
-from cnnpipe.bench_serve import Load, measure
-from cnnpipe.server import worker_threads
+from cnnpipe.bench.serve import Load, measure
+from cnnpipe.serve.server import worker_threads
 
 pytestmark = pytest.mark.slow
 

@@ -17,8 +17,8 @@ import pytest
 from helpers import ROOT, make_images
 from PIL import Image
 
-from cnnpipe.bench_serve import free_port
-from cnnpipe.predictor import Predictor
+from cnnpipe.bench.serve import free_port
+from cnnpipe.serve.predictor import Predictor
 
 pytestmark = pytest.mark.slow
 

@@ -6,10 +6,10 @@ import types
 import pytest
 from helpers import IDX_FILES, md5_of
 
-from cnnpipe import download as download_module
-from cnnpipe.download import download
-from cnnpipe.errors import CnnpipeError
-from cnnpipe.params import DownloadParams
+from cnnpipe.core.errors import CnnpipeError
+from cnnpipe.core.params import DownloadParams
+from cnnpipe.stages import download as download_module
+from cnnpipe.stages.download import download
 
 
 def params(sources, md5=None, **kw) -> DownloadParams:
@@ -60,8 +60,8 @@ def test_transient_errors_past_the_retries_try_the_next_source(tmp_path, mnist_m
 
 def test_recompressed_mirror_accepted_by_content_checksum(tmp_path):
     """A mirror that re-gzips the published bytes (as Debian's package does) passes the content check."""
-    from cnnpipe.datasets import RemoteFile
-    from cnnpipe.download import content_matches
+    from cnnpipe.core.catalog import RemoteFile
+    from cnnpipe.stages.download import content_matches
 
     payload = b"\x00\x00\x08\x01" + (3).to_bytes(4, "big") + b"abc"
     path = tmp_path / "f.gz"

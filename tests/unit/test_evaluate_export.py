@@ -7,11 +7,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from cnnpipe.errors import CnnpipeError
-from cnnpipe.evaluate import confusion_matrix, evaluate, per_class_scores
-from cnnpipe.export import export
-from cnnpipe.params import EvaluateParams, ExportParams, TrainParams
-from cnnpipe.train import train
+from cnnpipe.core.errors import CnnpipeError
+from cnnpipe.core.params import EvaluateParams, ExportParams, TrainParams
+from cnnpipe.stages.evaluate import confusion_matrix, evaluate, per_class_scores
+from cnnpipe.stages.export import export
+from cnnpipe.stages.train import train
 
 
 @pytest.fixture

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from helpers import make_images, write_cifar_archive
 
-from cnnpipe.errors import CnnpipeError
-from cnnpipe.formats import (
+from cnnpipe.core.errors import CnnpipeError
+from cnnpipe.core.formats import (
     CIFAR_RECORD,
     CIFAR_TEST,
     CIFAR_TRAIN,

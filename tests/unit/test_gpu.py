@@ -6,8 +6,8 @@ import dataclasses
 import pytest
 import torch
 
-from cnnpipe.params import TrainParams
-from cnnpipe.train import train
+from cnnpipe.core.params import TrainParams
+from cnnpipe.stages.train import train
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -27,7 +27,7 @@ def test_precisions_learn(tmp_path, prepared, precision, expected):
 
 
 def test_compiled_model_learns_and_saves_plain_weights(tmp_path, prepared):
-    from cnnpipe.checkpoint import load_checkpoint
+    from cnnpipe.core.checkpoint import load_checkpoint
 
     metrics = run(tmp_path, prepared, dataclasses.replace(TINY, model="airnet", compile=True, lr=0.003))
     assert metrics["compiled"] and metrics["val_acc"] >= 0.8

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from cnnpipe.errors import CnnpipeError
-from cnnpipe.models import MODELS, build_model
+from cnnpipe.core.errors import CnnpipeError
+from cnnpipe.core.models import MODELS, build_model
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

@@ -4,8 +4,8 @@ import pytest
 import yaml
 from conftest import ROOT
 
-from cnnpipe.errors import CnnpipeError
-from cnnpipe.params import SECTIONS, TrainParams, defaults, load_section, parse_section
+from cnnpipe.core.errors import CnnpipeError
+from cnnpipe.core.params import SECTIONS, TrainParams, defaults, load_section, parse_section
 
 
 def test_project_params_yaml_is_valid_for_every_section():
@@ -76,13 +76,13 @@ def test_params_yaml_holds_the_code_defaults():
 def test_enum_params_name_what_exists():
     import typing
 
-    from cnnpipe import custom
-    from cnnpipe.datasets import DATASETS
-    from cnnpipe.models import MODELS
-    from cnnpipe.params import Dataset, Model
+    from cnnpipe.core import own_images
+    from cnnpipe.core.catalog import DATASETS
+    from cnnpipe.core.models import MODELS
+    from cnnpipe.core.params import Dataset, Model
 
     assert set(typing.get_args(Model)) == set(MODELS)
-    assert set(typing.get_args(Dataset)) == set(DATASETS) | set(custom.KINDS)
+    assert set(typing.get_args(Dataset)) == set(DATASETS) | set(own_images.KINDS)
 
 
 @pytest.mark.parametrize("section, key, value, message", [

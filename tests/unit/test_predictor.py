@@ -9,8 +9,8 @@ import pytest
 from helpers import make_images
 from PIL import Image
 
-from cnnpipe.errors import CnnpipeError
-from cnnpipe.predictor import InputError, Predictor
+from cnnpipe.core.errors import CnnpipeError
+from cnnpipe.serve.predictor import InputError, Predictor
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +127,7 @@ def test_missing_and_non_onnx_model(tmp_path):
 
 
 def test_predictor_does_not_import_torch(onnx_model):
-    code = ("import sys; from cnnpipe.predictor import Predictor; p = Predictor(sys.argv[1]); "
+    code = ("import sys; from cnnpipe.serve.predictor import Predictor; p = Predictor(sys.argv[1]); "
             "import numpy as np; p.predict(np.zeros((28, 28))); print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code, str(onnx_model)], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

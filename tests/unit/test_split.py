@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from helpers import write_cifar_archive
 
-from cnnpipe.download import download
-from cnnpipe.errors import CnnpipeError
-from cnnpipe.params import DownloadParams, SplitParams
-from cnnpipe.split import allocate, split, stratified_split
+from cnnpipe.core.errors import CnnpipeError
+from cnnpipe.core.params import DownloadParams, SplitParams
+from cnnpipe.stages.download import download
+from cnnpipe.stages.split import allocate, split, stratified_split
 
 
 def labels(counts):
@@ -99,7 +99,7 @@ def test_corrupt_raw_file_reported(tmp_path, mnist_mirror):
 def test_flips_of_own_images_are_the_users_call(tmp_path):
     """Own images: flips keep labels only where split.flip says so (default off); a built-in dataset keeps its
     known setting whatever split.flip says."""
-    from cnnpipe.examples import make_example_images
+    from cnnpipe.core.demo_images import make_example_images
 
     make_example_images(tmp_path / "own", per_class=12, size=8)
     download(DownloadParams(dataset="imagefolder", sources=[str(tmp_path / "own")]), tmp_path / "raw")

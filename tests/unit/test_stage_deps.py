@@ -19,14 +19,16 @@ def test_every_stage_lists_exactly_its_import_closure():
 
 
 def test_no_stage_imports_another_stage():
-    stages = {f"cnnpipe.{name}" for name in dvc_stages()}
+    stages = {f"cnnpipe.stages.{name}" for name in dvc_stages()}
     for name in dvc_stages():
-        imports = imported_modules([ast.parse(module_path(f"cnnpipe.{name}").read_text())])
+        imports = imported_modules([ast.parse(module_path(f"cnnpipe.stages.{name}").read_text())])
         assert not imports & stages, f"{name} imports {sorted(imports & stages)}: move the shared code to a library"
 
 
 def test_closure_follows_function_level_and_package_imports(tmp_path, monkeypatch):
-    """The analysis itself: lazy imports inside functions and `from cnnpipe import x` count."""
-    tree = ast.parse("def f():\n    from cnnpipe.predictor import Predictor\nfrom cnnpipe import custom\nimport os\n")
-    assert imported_modules([tree]) == {"cnnpipe", "cnnpipe.predictor", "cnnpipe.custom"}
+    """The analysis itself: lazy imports inside functions and `from cnnpipe.core import x` count."""
+    tree = ast.parse("def f():\n    from cnnpipe.serve.predictor import Predictor\n"
+                     "from cnnpipe.core import own_images\nimport os\n")
+    assert imported_modules([tree]) == {"cnnpipe", "cnnpipe.serve", "cnnpipe.serve.predictor", "cnnpipe.core",
+                                        "cnnpipe.core.own_images"}
     assert imported_modules([ast.parse("import os\n")]) == set()

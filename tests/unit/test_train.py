@@ -7,11 +7,11 @@ import pytest
 import torch
 from helpers import train_workdir
 
-from cnnpipe.checkpoint import load_checkpoint
-from cnnpipe.data import augment, draw_augment
-from cnnpipe.errors import CnnpipeError
-from cnnpipe.params import TrainParams
-from cnnpipe.train import train
+from cnnpipe.core.checkpoint import load_checkpoint
+from cnnpipe.core.data import augment, draw_augment
+from cnnpipe.core.errors import CnnpipeError
+from cnnpipe.core.params import TrainParams
+from cnnpipe.stages.train import train
 
 TINY = TrainParams(model="bncnn", epochs=4, batch_size=32, lr=0.01, flip=False, translate=1, device="cpu")
 
@@ -54,7 +54,7 @@ def test_cpu_training_is_deterministic(tmp_path, prepared):
 @pytest.mark.parametrize("name", ["lenet", "simplecnn", "cifarnet", "cnn"])
 def test_seed_models_train(tmp_path, prepared, name):
     """Each tutorial architecture learns the easy generated classes and is saved as that architecture."""
-    from cnnpipe.models import build_model
+    from cnnpipe.core.models import build_model
 
     metrics = run(tmp_path, prepared, dataclasses.replace(TINY, model=name, epochs=3, optimizer="adam", lr=3e-3))
     assert metrics["val_acc"] >= 0.5  # chance is 0.1
@@ -180,8 +180,8 @@ def trajectory(history: Path) -> list[dict]:
 
 def test_rng_states_round_trip():
     """What the resume state keeps of the random streams sets them back exactly."""
-    from cnnpipe.runtime import Dist
-    from cnnpipe.train import restore_rng, rng_states
+    from cnnpipe.core.runtime import Dist
+    from cnnpipe.stages.train import restore_rng, rng_states
 
     torch.manual_seed(123)
     states = rng_states(torch.device("cpu"), Dist())

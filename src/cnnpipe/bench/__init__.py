@@ -1,0 +1,1 @@
+"""Benchmarks, each side by side with its baseline in one run (`cnnpipe bench ...`)."""

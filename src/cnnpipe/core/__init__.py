@@ -1,0 +1,1 @@
+"""The library the stages and the server share: params, data, models, files, errors."""

@@ -1,0 +1,212 @@
+"""`cnnpipe promote`: the gate between a run and production.
+
+The run's test metrics (metrics/<stage>.json in the checkout, which must be up to date with dvc.lock) are
+checked against the rules of params.yaml's `promote` section; rules may compare with the model now in the
+production stage (its commit's metrics). Passed: the run's results are committed, the next version of both
+models is registered and assigned to the stage (Git tags in GTO's format, see registry.py), and the DVC cache
+is pushed when a remote is configured. Refused: nothing changes, and the decision says which rule failed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cnnpipe.core.errors import CnnpipeError
+from cnnpipe.core.params import PromoteParams
+from cnnpipe.mlops import registry
+
+log = logging.getLogger(__name__)
+
+RULE = re.compile(r"\s*(?P<metric>[a-z_]+\.[a-z_0-9]+)\s*(?P<op>>=|<=)\s*"
+                  r"(?:(?P<prod>prod)\s*(?:(?P<sign>[+-])\s*(?P<margin>\d+(?:\.\d*)?(?:e-?\d+)?))?"
+                  r"|(?P<value>-?\d+(?:\.\d*)?(?:e-?\d+)?))\s*")
+RESULTS = ("dvc.lock", "params.yaml", "metrics", "plots")  # what a run changes, committed on promotion
+
+
+@dataclass(frozen=True)
+class Rule:
+    text: str
+    metric: str  # stage.key, as in metrics/<stage>.json
+    op: str  # >= or <=
+    value: float | None  # a fixed bound, or None: production's value plus `margin`
+    margin: float = 0.0
+
+    def bound(self, production: dict[str, float] | None) -> float | None:
+        if self.value is not None:
+            return self.value
+        if production is None or self.metric not in production:
+            return None
+        return production[self.metric] + self.margin
+
+
+@dataclass
+class Decision:
+    promote: bool
+    reasons: list[str] = field(default_factory=list)
+    version: str | None = None  # the version registered when promoted
+    production: str | None = None  # the version in production before
+    unchanged: bool = False  # the run's model is the production model: nothing to promote
+
+    def summary(self) -> str:
+        if self.unchanged:
+            head = f"unchanged: the run's model is production's ({self.production})"
+        else:
+            head = f"promoted as {self.version}" if self.version else ("passes" if self.promote else "refused")
+        return "\n".join([head, *(f"  {r}" for r in self.reasons)])
+
+
+def parse_rules(texts: list[str], metrics: dict[str, float]) -> list[Rule]:
+    """Rules from params.yaml; a rule that cannot be read or names a metric the run does not have is an error."""
+    rules = []
+    for text in texts:
+        m = RULE.fullmatch(text)
+        if not m:
+            raise CnnpipeError(f"promote.rules: {text!r} is not a rule; write 'eval.acc >= 0.9' or "
+                               "'eval.acc >= prod - 0.002' (a metric, >= or <=, a number or prod ± a number)")
+        if m["metric"] not in metrics:
+            raise CnnpipeError(f"promote.rules: {text!r} names the metric {m['metric']!r}, which the run does not "
+                               f"have; use one of {', '.join(sorted(metrics))}")
+        value = float(m["value"]) if m["value"] is not None else None
+        margin = float(m["margin"] or 0) * (-1 if m["sign"] == "-" else 1)
+        rules.append(Rule(text.strip(), m["metric"], m["op"], value, margin))
+    return rules
+
+
+def read_metrics(files: dict[str, str]) -> dict[str, float]:
+    """{stage: JSON text of metrics/<stage>.json} -> {"stage.key": number}."""
+    out = {}
+    for stage, text in files.items():
+        for key, value in json.loads(text).items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                out[f"{stage}.{key}"] = float(value)
+    return out
+
+
+def checkout_metrics(repo: Path) -> dict[str, float]:
+    return read_metrics({p.name.removesuffix(".json"): p.read_text() for p in sorted((repo / "metrics").glob("*.json"))
+                         if not p.name.endswith(".info.json")})
+
+
+def commit_metrics(repo: Path, commit: str) -> dict[str, float]:
+    names = registry.git(repo, "ls-tree", "--name-only", commit, "metrics/").splitlines()
+    return read_metrics({Path(n).name.removesuffix(".json"): registry.git(repo, "show", f"{commit}:{n}")
+                         for n in names if n.endswith(".json") and not n.endswith(".info.json")})
+
+
+def decide(rules: list[Rule], run: dict[str, float], production: dict[str, float] | None) -> Decision:
+    """Every rule must hold. Rules against production are skipped when nothing is in production yet."""
+    decision = Decision(promote=True)
+    for rule in rules:
+        bound = rule.bound(production)
+        if bound is None:
+            why = "nothing in production yet" if production is None else f"production has no {rule.metric}"
+            decision.reasons.append(f"skip  {rule.text}: {why}")
+            continue
+        value = run[rule.metric]
+        ok = value >= bound if rule.op == ">=" else value <= bound
+        decision.promote &= ok
+        decision.reasons.append(f"{'pass' if ok else 'FAIL'}  {rule.text}: {rule.metric} = {value:.6g}, "
+                                f"bound {bound:.6g}")
+    return decision
+
+
+def dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, capture_output=True, text=True)
+
+
+def check_up_to_date(repo: Path) -> None:
+    """The metrics must be the outputs of the checkout's code and params (dvc status clean)."""
+    proc = dvc(repo, "status", "--json")
+    if proc.returncode != 0:
+        raise CnnpipeError(f"dvc status failed in {repo}: {proc.stderr.strip()[-200:]}")
+    stale = sorted(json.loads(proc.stdout or "{}"))
+    if stale:
+        raise CnnpipeError(f"the run's outputs are stale ({', '.join(stale)}); run `dvc repro` before promoting")
+
+
+def check_only_results_changed(repo: Path) -> None:
+    """The commit a version tag points at must hold the code that made the run: other changes refuse."""
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True,
+                            text=True, check=True).stdout
+    changed = [line[3:] for line in status.splitlines() if line.strip()]
+    other = [path for path in changed if not any(path == r or path.startswith(r + "/") for r in RESULTS)]
+    if other:
+        raise CnnpipeError(f"uncommitted changes to {', '.join(other[:3])}{' ...' if len(other) > 3 else ''}; "
+                           "commit them (and rerun dvc repro) before promoting")
+
+
+def commit_results(repo: Path, message: str) -> None:
+    paths = [p for p in RESULTS if (repo / p).exists()]
+    registry.git(repo, "add", "--", *paths)
+    if subprocess.run(["git", "diff", "--cached", "--quiet", "--", *paths], cwd=repo).returncode != 0:
+        registry.git(repo, "commit", "-q", "-m", message, "--", *paths)
+
+
+def push_models(repo: Path) -> None:
+    """Send the models to the DVC remote when one is configured, so `dvc artifacts get` works elsewhere."""
+    remote = dvc(repo, "remote", "default")
+    if remote.returncode == 0 and remote.stdout.strip():
+        proc = dvc(repo, "push", "-q", "--all-tags")
+        if proc.returncode != 0:
+            raise CnnpipeError(f"dvc push failed: {proc.stderr.strip()[-200:]}")
+
+
+def model_md5(lock_text: str, path: str) -> str | None:
+    """The md5 dvc.lock records for the output `path`."""
+    import yaml
+
+    for stage in (yaml.safe_load(lock_text) or {}).get("stages", {}).values():
+        for out in stage.get("outs", []):
+            if out.get("path") == path:
+                return out.get("md5")
+    return None
+
+
+def resolve_rev(repo: Path, rev: str) -> str:
+    """A commit, from a Git revision or a DVC experiment's name."""
+    proc = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"], cwd=repo,
+                          capture_output=True, text=True)
+    if proc.returncode == 0:
+        return proc.stdout.strip()
+    from cnnpipe.mlops.dvcops import experiment_commit
+
+    try:
+        return experiment_commit(repo, rev)
+    except CnnpipeError:
+        raise CnnpipeError(f"--rev {rev}: no such commit or experiment; see `dvc exp show`") from None
+
+
+def promote(repo: str | Path, p: PromoteParams, run_name: str = "", dry_run: bool = False,
+            rev: str | None = None) -> Decision:
+    """Gate the run in the checkout, or the committed run `rev` (an experiment's commit), against production."""
+    repo = Path(repo)
+    rev = resolve_rev(repo, rev) if rev else None
+    run = commit_metrics(repo, rev) if rev else checkout_metrics(repo)
+    rules = parse_rules(p.rules, run)  # a bad rule fails before anything is read from the registry
+    if rev is None:
+        check_only_results_changed(repo)
+        check_up_to_date(repo)
+    current = registry.in_stage(repo, registry.MODEL, p.stage)
+    production = commit_metrics(repo, current.commit) if current else None
+    lock = registry.git(repo, "show", f"{rev}:dvc.lock") if rev else (repo / "dvc.lock").read_text()
+    path = registry.declared(repo)[registry.MODEL]["path"]
+    prod_lock = registry.git(repo, "show", f"{current.commit}:dvc.lock") if current else ""
+    run_md5 = model_md5(lock, path)
+    if current and run_md5 is not None and run_md5 == model_md5(prod_lock, path):
+        return Decision(promote=False, production=current.version, unchanged=True)
+    decision = decide(rules, run, production)
+    decision.production = current.version if current else None
+    if decision.promote and not dry_run:
+        label = f"run {run_name}" if run_name else "run"
+        if rev is None:
+            commit_results(repo, f"Results of {label}, promoted to {p.stage}")
+        decision.version = registry.register_and_assign(repo, p.stage, f"{label}: " + "; ".join(
+            r for r in decision.reasons), ref=rev or "HEAD")
+        push_models(repo)  # after tagging: `--all-tags` then includes the new version's commit
+    return decision

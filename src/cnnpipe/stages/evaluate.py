@@ -1,0 +1,100 @@
+"""Stage 4, evaluate: the trained model on the untouched test split.
+
+Writes metrics/eval.json (accuracy, loss, macro and worst-class F1, seconds), metrics/eval.info.json (dataset, device,
+TTA), plots/per_class.csv (precision, recall, F1 per class) and plots/confusion.csv, one {actual, predicted} row
+per test image: DVC's confusion-matrix plot format.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cnnpipe.core.checkpoint import load_checkpoint, meta_of
+from cnnpipe.core.data import load_meta, load_split, stats_tensors, to_device
+from cnnpipe.core.errors import CnnpipeError
+from cnnpipe.core.fsutil import atomic_path, write_metrics
+from cnnpipe.core.inference import tta_logits
+from cnnpipe.core.params import EvaluateParams
+from cnnpipe.core.runtime import resolve_device
+
+log = logging.getLogger(__name__)
+
+
+def confusion_matrix(actual: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
+    """K×K counts, rows = actual class, columns = predicted class."""
+    return np.bincount(actual * num_classes + predicted, minlength=num_classes**2).reshape(num_classes, -1)
+
+
+def per_class_scores(cm: np.ndarray, classes: list[str]) -> dict[str, dict[str, float]]:
+    tp = np.diag(cm).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.nan_to_num(tp / cm.sum(0))
+        recall = np.nan_to_num(tp / cm.sum(1))
+        f1 = np.nan_to_num(2 * precision * recall / (precision + recall))
+    return {
+        name: {"precision": round(float(precision[i]), 4), "recall": round(float(recall[i]), 4),
+               "f1": round(float(f1[i]), 4), "support": int(cm[i].sum())}
+        for i, name in enumerate(classes)
+    }
+
+
+def write_confusion(path: str | Path, actual: np.ndarray, predicted: np.ndarray, classes: list[str]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["actual", "predicted"])
+        writer.writerows((classes[a], classes[b]) for a, b in zip(actual, predicted, strict=True))
+
+
+def write_per_class(path: str | Path, scores: dict[str, dict[str, float]]) -> None:
+    """One row per class (precision, recall, F1, support): a table `dvc plots` draws as bars."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["class", "precision", "recall", "f1", "support"])
+        writer.writerows([name, v["precision"], v["recall"], v["f1"], v["support"]] for name, v in scores.items())
+
+
+def evaluate(p: EvaluateParams, prepared: str | Path = "data/prepared", model_path: str | Path = "models/model.pt",
+             metrics_path: str | Path = "metrics/eval.json",
+             confusion_path: str | Path = "plots/confusion.csv",
+             per_class_path: str | Path = "plots/per_class.csv") -> dict:
+    device = resolve_device(p.device)
+    model, state = load_checkpoint(model_path, device)
+    meta = meta_of(state)
+    data_meta = load_meta(prepared)
+    if data_meta.dataset != meta.dataset or list(data_meta.shape) != list(meta.shape):
+        raise CnnpipeError(
+            f"{model_path} was trained on {meta.dataset} {meta.shape} but {prepared} holds "
+            f"{data_meta.dataset} {data_meta.shape}; retrain (dvc repro train)"
+        )
+    x, y = to_device(*load_split(prepared, "test"), device)
+    mean, std = stats_tensors(meta, device)
+    model = model.to(memory_format=torch.channels_last)
+    t0 = time.perf_counter()
+    tta = p.tta_flip and meta.flip
+    logits = tta_logits(model, x, mean, std, p.batch_size, tta)
+    seconds = time.perf_counter() - t0
+    loss = F.cross_entropy(logits, y).item()
+    actual = y.cpu().numpy()
+    predicted = logits.argmax(1).cpu().numpy()
+    cm = confusion_matrix(actual, predicted, len(meta.classes))
+    scores = per_class_scores(cm, meta.classes)
+    metrics = {
+        "acc": round(float((actual == predicted).mean()), 5),
+        "loss": round(loss, 5),
+        "f1": round(float(np.mean([s["f1"] for s in scores.values()])), 5),  # macro average over classes
+        "min_f1": min(s["f1"] for s in scores.values()),  # the worst class
+        "sec": round(seconds, 3),
+    }
+    info = {"dataset": meta.dataset, "images": int(len(actual)), "device": str(device), "tta_flip": tta}
+    write_confusion(confusion_path, actual, predicted, meta.classes)
+    write_per_class(per_class_path, scores)
+    write_metrics(metrics_path, metrics, info)
+    log.info("test accuracy %.4f  loss %.4f  on %d images", metrics["acc"], loss, len(actual))
+    return metrics | info | {"per_class": scores}

@@ -1,0 +1,101 @@
+"""Stage 5, export: models/model.onnx with a dynamic batch dimension, checked and compared with PyTorch.
+
+One function exports, runs the ONNX checker, runs onnxruntime on test images and compares with PyTorch
+(max |difference| of the logits and argmax agreement). Beyond export.atol the stage fails and no file
+is left. Class names, input shape and normalization go into the ONNX metadata for the server.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from cnnpipe.core.checkpoint import load_checkpoint
+from cnnpipe.core.data import load_split
+from cnnpipe.core.errors import CnnpipeError
+from cnnpipe.core.fsutil import atomic_path, file_digest, write_metrics
+from cnnpipe.core.models import fold_batchnorm
+from cnnpipe.core.onnx_io import normalize_pixels
+from cnnpipe.core.params import ExportParams
+
+log = logging.getLogger(__name__)
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+
+
+def onnx_metadata(state: dict) -> dict[str, str]:
+    """What a server needs besides the graph; values are JSON strings (ONNX metadata is str -> str)."""
+    return {
+        "cnnpipe.model": state["model"],
+        "cnnpipe.dataset": state["dataset"],
+        "cnnpipe.classes": json.dumps(state["classes"]),
+        "cnnpipe.input_shape": json.dumps(state["input_shape"]),
+        "cnnpipe.mean": json.dumps(state["mean"]),
+        "cnnpipe.std": json.dumps(state["std"]),
+        "cnnpipe.input_scale": "255",  # inputs are (pixels/255 - mean) / std, float32, N×C×H×W
+    }
+
+
+def to_onnx(model: torch.nn.Module, input_shape: list[int], opset: int) -> onnx.ModelProto:
+    """Export with the torch.export-based exporter; the batch dimension is dynamic."""
+    example = torch.zeros(2, *input_shape)
+    program = torch.onnx.export(
+        model, (example,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME], dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False,
+    )
+    return program.model_proto
+
+
+def compare(path: Path, model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> dict:
+    """Run the ONNX file with onnxruntime (CPU) and PyTorch on the same batch."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    onnx_logits = session.run(None, {session.get_inputs()[0].name: x})[0]
+    with torch.no_grad():
+        torch_logits = model(torch.from_numpy(x)).numpy()
+    onnx_pred, torch_pred = onnx_logits.argmax(1), torch_logits.argmax(1)
+    return {
+        "max_abs_diff": float(np.abs(onnx_logits - torch_logits).max()),
+        "argmax_agreement": float((onnx_pred == torch_pred).mean()),
+        "onnx_accuracy": float((onnx_pred == y).mean()),
+        "torch_accuracy": float((torch_pred == y).mean()),
+        "check_images": int(len(y)),
+        "onnxruntime": ort.__version__,
+        "providers": session.get_providers(),
+    }
+
+
+def export(p: ExportParams, prepared: str | Path = "data/prepared", model_path: str | Path = "models/model.pt",
+           onnx_path: str | Path = "models/model.onnx", metrics_path: str | Path = "metrics/export.json") -> dict:
+    model, state = load_checkpoint(model_path, "cpu")
+    x_test, y_test = load_split(prepared, "test", mmap=True)
+    n = min(p.check_images, len(y_test))
+    x = normalize_pixels(np.asarray(x_test[:n]), state["mean"], state["std"])
+    y = np.asarray(y_test[:n])
+    onnx_path = Path(onnx_path)
+    with atomic_path(onnx_path) as tmp:
+        # the graph is the BN-folded model; it is compared below with the checkpoint's own model
+        proto = to_onnx(fold_batchnorm(model), state["input_shape"], p.opset)
+        for key, value in onnx_metadata(state).items():
+            proto.metadata_props.add(key=key, value=value)
+        onnx.checker.check_model(proto, full_check=True)
+        onnx.save_model(proto, tmp)
+        result = compare(tmp, model, x, y)
+        if result["max_abs_diff"] > p.atol:
+            raise CnnpipeError(
+                f"ONNX output differs from PyTorch by {result['max_abs_diff']:.2e} (> export.atol {p.atol}); "
+                "try another export.opset or raise export.atol"
+            )
+    metrics = {"bytes": onnx_path.stat().st_size, "agree": result.pop("argmax_agreement")}
+    info = {"opset": p.opset, "sha256": file_digest(onnx_path, "sha256"), **result}
+    write_metrics(metrics_path, metrics, info)
+    log.info("exported %s (%d bytes): max |onnx - torch| %.2e, argmax agreement %.4f",
+             onnx_path, metrics["bytes"], result["max_abs_diff"], metrics["agree"])
+    return metrics | info
