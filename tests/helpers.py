@@ -6,18 +6,16 @@ import hashlib
 import io
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import yaml
 
-from cnnpipe.bench.serve import free_port
+from cnnpipe.bench import launch
+from cnnpipe.bench.launch import free_port
 from cnnpipe.core.formats import CIFAR_TEST, CIFAR_TRAIN, write_idx
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,31 +134,11 @@ def commit(repo: Path, message: str) -> None:
 
 
 def start_server(model: Path, *extra: str) -> tuple[subprocess.Popen, str]:
-    """`cnnpipe serve` on a free loopback port, once /readyz answers 200."""
+    """`cnnpipe serve MODEL` on a free loopback port, once /readyz answers 200."""
     port = free_port()
     cli = str(Path(sys.executable).parent / "cnnpipe")
-    proc = subprocess.Popen([cli, "serve", str(model), "--port", str(port), "--threads", "1", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited: {proc.stdout.read()}")
-        try:
-            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise AssertionError("server did not become ready in 60 s")
+    proc = launch.start_server([cli, "serve", str(model), "--port", str(port), "--threads", "1", *extra], port)
+    return proc, proc.url
 
 
-def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM (graceful shutdown), then kill after 30 s."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+stop = launch.stop

@@ -62,3 +62,29 @@ def stage_closure(command: str) -> set[str]:
 
 def dvc_stages() -> dict[str, dict]:
     return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def rewrite_deps(path: Path = ROOT / "dvc.yaml") -> None:
+    """Rewrite the src/ deps of every stage in dvc.yaml to its import closure (cli.py and the stage's module
+    first, the rest sorted), keeping every other line and comment as it is."""
+    stages = dvc_stages()
+    lines, out, stage = path.read_text().splitlines(), [], None
+    i = 0
+    while i < len(lines):
+        name = lines[i].strip().removesuffix(":")
+        if lines[i].startswith("  ") and not lines[i].startswith("   ") and name in stages:
+            stage = name
+        if lines[i].startswith("      - src/cnnpipe/"):
+            while i < len(lines) and lines[i].startswith("      - src/cnnpipe/"):
+                i += 1
+            first = ["src/cnnpipe/cli.py", f"src/cnnpipe/stages/{stage}.py"]
+            rest = sorted(stage_closure(stages[stage]["cmd"].split()[1]) - set(first))
+            out += [f"      - {m}" for m in first + rest]
+            continue
+        out.append(lines[i])
+        i += 1
+    path.write_text("\n".join(out) + "\n")
+
+
+if __name__ == "__main__":  # python tests/stagedeps.py: make dvc.yaml's code deps match the imports
+    rewrite_deps()

@@ -64,9 +64,9 @@ def _serve(args: argparse.Namespace) -> None:
     import os
 
     from cnnpipe.serve.server import ServeOptions, serve
-    options = ServeOptions(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_body_bytes=args.max_body_bytes,
-                           max_images=args.max_images, resize=not args.no_resize, max_pixels=args.max_pixels,
-                           body_timeout=args.body_timeout)
+    given = {k: getattr(args, k) for k in ("max_batch", "max_wait_ms", "max_body_bytes", "max_images", "max_pixels",
+                                           "body_timeout") if getattr(args, k) is not None}
+    options = ServeOptions(resize=not args.no_resize, **given)  # unset flags keep ServeOptions' defaults
     follow = None
     if args.registry:  # needs the registry's tools (GTO, DVC): the pipeline extra
         from cnnpipe.serve.follow import Follow
@@ -187,15 +187,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", default="models/model.onnx", help="ONNX model (default: %(default)s)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch", type=int, default=64, help="images per onnxruntime run; 1 = no batching")
-    p.add_argument("--max-wait-ms", type=float, default=1.0, help="how long a batch waits to fill")
-    p.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024, help="larger bodies get 413")
-    p.add_argument("--max-images", type=int, default=64, help="images per request")
+    p.add_argument("--max-batch", type=int, help="images per onnxruntime run; 1 = no batching (default: 64)")
+    p.add_argument("--max-wait-ms", type=float, help="how long a batch waits to fill (default: 1.0)")
+    p.add_argument("--max-body-bytes", type=int, help="larger bodies get 413 (default: 8388608)")
+    p.add_argument("--max-images", type=int, help="images per request (default: 64)")
     p.add_argument("--no-resize", action="store_true", help="refuse images of another size instead of resizing")
-    p.add_argument("--max-pixels", type=int, default=0,
+    p.add_argument("--max-pixels", type=int,
                    help="pixels an image may declare, checked before decoding; a request, 4 times that "
-                        "(0 = auto: 16 model-sized images, within 1 to 25 megapixels)")
-    p.add_argument("--body-timeout", type=float, default=10.0, help="seconds a request body may take (then 408)")
+                        "(default: 0 = auto: 16 model-sized images, within 1 to 25 megapixels)")
+    p.add_argument("--body-timeout", type=float, help="seconds a request body may take, then 408 (default: 10)")
     p.add_argument("--threads", type=int, default=0,
                    help="onnxruntime threads per process (0 = the process's share of the cores)")
     p.add_argument("--workers", type=int, default=1,

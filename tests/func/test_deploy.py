@@ -17,7 +17,7 @@ import pytest
 import yaml
 from helpers import commit, make_repo, write_mnist_mirror
 
-from cnnpipe.bench.serve import free_port
+from cnnpipe.bench.launch import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from helpers import train_workdir
 
-from cnnpipe.bench.serve import free_port
+from cnnpipe.bench.launch import free_port
 from cnnpipe.core.checkpoint import load_checkpoint
 from cnnpipe.core.params import TrainParams
 

@@ -20,7 +20,7 @@ from helpers import commit, dvc, make_repo, run, set_params, write_mnist_mirror
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from cnnpipe.bench.serve import free_port
+from cnnpipe.bench.launch import free_port, start_server
 
 pytestmark = pytest.mark.slow
 CLI = str(Path(sys.executable).parent / "cnnpipe")
@@ -56,21 +56,9 @@ def repo(tmp_path_factory) -> Path:
 
 def serve(repo: Path, *extra: str, env: dict | None = None) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    proc = subprocess.Popen([CLI, "serve", "--registry", "image-classifier#prod", "--repo", str(repo), "--port",
-                             str(port), "--threads", "1", *extra], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(proc.stdout.read())
-        try:
-            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            time.sleep(0.2)
-    proc.kill()
-    raise AssertionError("server not ready in 90 s")
+    proc = start_server([CLI, "serve", "--registry", "image-classifier#prod", "--repo", str(repo), "--port", str(port),
+                         "--threads", "1", *extra], port, env=env)
+    return proc, proc.url
 
 
 def reloads(url: str) -> dict[str, float]:

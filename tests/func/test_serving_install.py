@@ -17,7 +17,7 @@ import pytest
 from helpers import ROOT, make_images
 from PIL import Image
 
-from cnnpipe.bench.serve import free_port
+from cnnpipe.bench.launch import free_port
 from cnnpipe.serve.predictor import Predictor
 
 pytestmark = pytest.mark.slow

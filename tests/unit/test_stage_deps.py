@@ -15,7 +15,7 @@ def test_every_stage_lists_exactly_its_import_closure():
         deps = {d for d in stage["deps"] if d.startswith("src/")}
         expected = stage_closure(command[1])
         assert deps == expected, (f"{name}: dvc.yaml lists {sorted(deps - expected)} that it does not run, "
-                                  f"misses {sorted(expected - deps)}")
+                                  f"misses {sorted(expected - deps)}; `python tests/stagedeps.py` rewrites them")
 
 
 def test_no_stage_imports_another_stage():

@@ -180,8 +180,8 @@ def trajectory(history: Path) -> list[dict]:
 
 def test_rng_states_round_trip():
     """What the resume state keeps of the random streams sets them back exactly."""
+    from cnnpipe.core.resume import restore_rng, rng_states
     from cnnpipe.core.runtime import Dist
-    from cnnpipe.stages.train import restore_rng, rng_states
 
     torch.manual_seed(123)
     states = rng_states(torch.device("cpu"), Dist())

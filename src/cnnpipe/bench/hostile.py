@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnpipe.bench.serve import cnnpipe_server, cpu_model, free_port, start_server
+from cnnpipe.bench.launch import free_port, start_server, stop
+from cnnpipe.bench.serve import cnnpipe_server, cpu_model
 from cnnpipe.core.fsutil import write_json
 
 
@@ -184,8 +185,7 @@ def bench_hostile(model: Path, out: Path, seconds: float, per_attack: int, pause
         waits, failures = results.get(timeout=60)
         prober.join(30)
     finally:
-        proc.terminate()
-        proc.wait(30)
+        stop(proc)
     result = {"probe": summary(waits, failures, every_ms / 1000), "attacks": attacked}
     result.update({"seconds": seconds, "connections_per_attack": per_attack, "pause_s": pause,
                    "body_timeout_s": body_timeout,

@@ -15,7 +15,6 @@ import asyncio
 import io
 import json
 import logging
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,8 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnpipe.core.data import load_split
+from cnnpipe.bench.launch import free_port, start_server, stop
 from cnnpipe.core.fsutil import write_json
+from cnnpipe.core.prepared import load_split
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +83,6 @@ def engine_latency(onnx_path: Path, int8_path: Path | None, checkpoint: Path, x:
     return rows
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 WRK_SCRIPT = r"""
 local f = io.open(os.getenv("CNNPIPE_BODY"), "rb")
 wrk.method = "POST"
@@ -121,25 +115,6 @@ class Load:
         extra = f"{self.header[0]}: {self.header[1]}\r\n" if self.header else ""
         return (f"POST {self.path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {self.content_type}\r\n{extra}"
                 f"Content-Length: {len(self.body)}\r\n\r\n").encode() + self.body
-
-
-def start_server(cmd: list[str], port: int, ready_path: str, env: dict | None = None) -> subprocess.Popen:
-    import os
-    import urllib.request
-
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-500:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}{ready_path}", timeout=1) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server did not become ready within 60 s")
 
 
 def cnnpipe_server(model: Path, port: int, *args: str) -> list[str]:
@@ -252,8 +227,7 @@ def run_setups(setups: list[Setup], clients: int, seconds: float, repeats: int, 
                     runs[(setup.model, setup.name)].append(
                         measure(port, setup.load, clients, seconds, generator, Path(tmp)))
                 finally:
-                    proc.terminate()
-                    proc.wait(30)
+                    stop(proc)
     rows = []
     for setup in setups:
         results = runs[(setup.model, setup.name)]

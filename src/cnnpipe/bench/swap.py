@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnpipe.bench.serve import Load, cpu_model, free_port, png_bytes, start_server
+from cnnpipe.bench.launch import free_port, start_server, stop
+from cnnpipe.bench.serve import Load, cpu_model, png_bytes
 from cnnpipe.core.fsutil import write_json
 from cnnpipe.mlops.registry import ARTIFACTS, register_and_assign
 
@@ -127,8 +128,7 @@ def bench_swap(onnx: Path, int8: Path, out: Path, seconds: float = 15.0, promote
             asyncio.run(load())
             mover.join(timeout=60)
         finally:
-            proc.terminate()
-            proc.wait(30)
+            stop(proc)
     if "served" not in marks:
         raise RuntimeError(f"the server did not follow prod to {marks.get('version')} within the run")
     start, end = marks["promoted"], marks["served"] + 1.0

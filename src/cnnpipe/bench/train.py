@@ -28,11 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnpipe.core.data import load_meta, load_split, stats_tensors, to_device
+from cnnpipe.core.data import stats_tensors, to_device
 from cnnpipe.core.errors import CnnpipeError
 from cnnpipe.core.formats import write_idx
 from cnnpipe.core.fsutil import write_json
 from cnnpipe.core.params import TrainParams
+from cnnpipe.core.prepared import Meta, load_meta, load_split, write_meta
 from cnnpipe.core.runtime import Dist, resolve_device
 
 
@@ -193,9 +194,8 @@ def synthetic_throughput(p: TrainParams, n: int = 50_000, shape: tuple[int, int,
         for split, size in (("train", n), ("val", 1000)):
             np.save(d / f"{split}_x.npy", rng.integers(0, 256, (size, *shape), dtype=np.uint8))
             np.save(d / f"{split}_y.npy", rng.integers(0, 10, size, dtype=np.uint8))
-        write_json(d / "meta.json", {"dataset": "synthetic-cifar10-shape", "classes": [str(i) for i in range(10)],
-                                     "shape": list(shape), "mean": [0.5] * shape[0], "std": [0.25] * shape[0],
-                                     "flip": True})
+        write_meta(d, Meta("synthetic-cifar10-shape", [str(i) for i in range(10)], shape, [0.5] * shape[0],
+                           [0.25] * shape[0], flip=True))
         metrics = train(p, d, d / "model.pt", d / "train.json", d / "history.csv",
                         on_epoch=lambda row, model: seconds.append(row["seconds"]))
     per_epoch = n // p.batch_size * p.batch_size

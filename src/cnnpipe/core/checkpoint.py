@@ -13,10 +13,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from cnnpipe.core.data import Meta
 from cnnpipe.core.errors import CnnpipeError
 from cnnpipe.core.fsutil import atomic_path
 from cnnpipe.core.models import build_model
+from cnnpipe.core.prepared import Meta
 
 FORMAT = "cnnpipe-checkpoint-1"
 

@@ -34,7 +34,7 @@ class Classifier(nn.Module):
 def lenet(in_shape: Shape, num_classes: int) -> nn.Module:
     """Tutorial 000: LeNet with 20/50 channels and a 500-unit hidden layer."""
     # The tutorial applies ReLU then pools; pooling first is the same function (ReLU is monotonic) with ReLU on a
-    # quarter of the values: measured 5,273 against 4,255 training images/s at batch 100 on 2 CPU cores.
+    # quarter of the values, so faster (docs/benchmarks.md).
     c = in_shape[0]
     features = nn.Sequential(
         nn.Conv2d(c, 20, 5), nn.MaxPool2d(2), nn.ReLU(inplace=True),  # 28 -> 24 -> 12

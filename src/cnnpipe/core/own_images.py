@@ -1,4 +1,4 @@
-"""The user's own images: `imagefolder` (root/<class>/*.png|jpg|jpeg|webp) and `csv` (columns path,label).
+"""The user's own images: `imagefolder` (root/<class>/*.png, .jpg, ...) and `csv` (columns path,label).
 
 Sources are local directories or CSV files, file:// URLs, or http(s) .zip / .tar.gz archives, unpacked
 safely (no member may escape the target folder, no links, a total size limit). Images are decoded with
@@ -19,7 +19,8 @@ import numpy as np
 from cnnpipe.core.errors import CnnpipeError
 
 KINDS = ("imagefolder", "csv")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+# image files, by suffix: what own-image folders, CSVs and `cnnpipe predict DIR` read (all decoded by Pillow)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".pgm", ".ppm")
 ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz")
 
 
@@ -36,7 +37,8 @@ def list_imagefolder(root: Path) -> tuple[list[tuple[str, str]], list[str]]:
                 (items if f.suffix.lower() in IMAGE_SUFFIXES else unsupported).append(
                     (rel, class_dir.name) if f.suffix.lower() in IMAGE_SUFFIXES else rel)
     if not items:
-        raise CnnpipeError(f"{root}: no images in class folders (root/<class>/*.png|jpg|jpeg|webp); check the path")
+        raise CnnpipeError(f"{root}: no images in class folders (root/<class>/*{'|'.join(IMAGE_SUFFIXES)}); "
+                           "check the path")
     return items, unsupported
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from cnnpipe.core.errors import CnnpipeError
+from cnnpipe.core.own_images import IMAGE_SUFFIXES
 from cnnpipe.serve.predictor import InputError, Predictor
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm"}
 BATCH = 256
 
 

@@ -2,7 +2,8 @@
 
 Writes metrics/eval.json (accuracy, loss, macro and worst-class F1, seconds), metrics/eval.info.json (dataset, device,
 TTA), plots/per_class.csv (precision, recall, F1 per class) and plots/confusion.csv, one {actual, predicted} row
-per test image: DVC's confusion-matrix plot format.
+per test image: DVC's confusion-matrix plot format. Beside them, pictures: confusion.png (normalized, with class
+names), per_class.png (bars) and mistakes.png (the test images the model is most confident about and wrong).
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ import torch
 import torch.nn.functional as F
 
 from cnnpipe.core.checkpoint import load_checkpoint, meta_of
-from cnnpipe.core.data import load_meta, load_split, stats_tensors, to_device
+from cnnpipe.core.data import stats_tensors, to_device
 from cnnpipe.core.errors import CnnpipeError
+from cnnpipe.core.figures import confusion_figure, mistakes_grid, per_class_figure
 from cnnpipe.core.fsutil import atomic_path, write_metrics
 from cnnpipe.core.inference import tta_logits
 from cnnpipe.core.params import EvaluateParams
+from cnnpipe.core.prepared import load_meta, load_split
 from cnnpipe.core.runtime import resolve_device
 
 log = logging.getLogger(__name__)
@@ -60,6 +63,16 @@ def write_per_class(path: str | Path, scores: dict[str, dict[str, float]]) -> No
         writer.writerows([name, v["precision"], v["recall"], v["f1"], v["support"]] for name, v in scores.items())
 
 
+def draw(confusion_path: Path, per_class_path: Path, cm: np.ndarray, scores: dict, x: torch.Tensor,
+         actual: np.ndarray, logits: torch.Tensor, classes: list[str]) -> None:
+    """The pictures beside the tables: confusion.png, per_class.png, and mistakes.png (the most confident
+    wrong answers) in the same folder."""
+    confusion_figure(cm, classes, confusion_path.with_suffix(".png"))
+    per_class_figure(scores, per_class_path.with_suffix(".png"))
+    probs = torch.softmax(logits.float(), 1).cpu().numpy()
+    mistakes_grid(x.cpu().numpy(), actual, probs, classes, confusion_path.with_name("mistakes.png"))
+
+
 def evaluate(p: EvaluateParams, prepared: str | Path = "data/prepared", model_path: str | Path = "models/model.pt",
              metrics_path: str | Path = "metrics/eval.json",
              confusion_path: str | Path = "plots/confusion.csv",
@@ -95,6 +108,7 @@ def evaluate(p: EvaluateParams, prepared: str | Path = "data/prepared", model_pa
     info = {"dataset": meta.dataset, "images": int(len(actual)), "device": str(device), "tta_flip": tta}
     write_confusion(confusion_path, actual, predicted, meta.classes)
     write_per_class(per_class_path, scores)
+    draw(Path(confusion_path), Path(per_class_path), cm, scores, x, actual, logits, meta.classes)
     write_metrics(metrics_path, metrics, info)
     log.info("test accuracy %.4f  loss %.4f  on %d images", metrics["acc"], loss, len(actual))
     return metrics | info | {"per_class": scores}

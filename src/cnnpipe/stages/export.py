@@ -16,12 +16,12 @@ import onnx
 import torch
 
 from cnnpipe.core.checkpoint import load_checkpoint
-from cnnpipe.core.data import load_split
 from cnnpipe.core.errors import CnnpipeError
 from cnnpipe.core.fsutil import atomic_path, file_digest, write_metrics
 from cnnpipe.core.models import fold_batchnorm
 from cnnpipe.core.onnx_io import normalize_pixels
 from cnnpipe.core.params import ExportParams
+from cnnpipe.core.prepared import load_split
 
 log = logging.getLogger(__name__)
 

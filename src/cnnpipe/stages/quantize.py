@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from cnnpipe.core.data import load_meta, load_split
 from cnnpipe.core.errors import CnnpipeError
 from cnnpipe.core.fsutil import atomic_path, write_metrics
 from cnnpipe.core.onnx_io import normalize_pixels
 from cnnpipe.core.params import QuantizeParams
+from cnnpipe.core.prepared import load_meta, load_split
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,9 @@ from cnnpipe.core import own_images
 from cnnpipe.core.catalog import get_dataset
 from cnnpipe.core.errors import CnnpipeError
 from cnnpipe.core.formats import CIFAR_TEST, CIFAR_TRAIN, read_cifar_tar, read_idx
-from cnnpipe.core.fsutil import atomic_dir, write_json, write_metrics
+from cnnpipe.core.fsutil import atomic_dir, write_metrics
 from cnnpipe.core.params import SplitParams
+from cnnpipe.core.prepared import Meta, write_meta
 
 log = logging.getLogger(__name__)
 
@@ -201,32 +202,25 @@ def split(params: SplitParams, raw_dir: str | Path = "data/raw", out_dir: str | 
         paths["train"] = [src.paths[i] for i in tr]
         paths["val"] = [src.paths[i] for i in va]
     mean, std = channel_stats(arrays["train"][0])
-    meta = {
-        "dataset": dataset,
-        "classes": list(src.classes),
-        "shape": list(src.shape),
-        "mean": mean,
-        "std": std,
-        "flip": src.flip,
-        "sizes": {s: int(len(arrays[s][1])) for s in SPLITS},
-    }
+    meta = Meta(dataset, list(src.classes), tuple(src.shape), mean, std, src.flip,
+                {s: int(len(arrays[s][1])) for s in SPLITS})
     with atomic_dir(out_dir) as tmp:
         for s, (x, y) in arrays.items():
             np.save(tmp / f"{s}_x.npy", np.ascontiguousarray(x, dtype=np.uint8))
             np.save(tmp / f"{s}_y.npy", np.ascontiguousarray(y, dtype=np.uint8))
-        write_json(tmp / "meta.json", meta)
+        write_meta(tmp, meta)
         if src.paths is not None:
             write_manifest(tmp / "manifest.csv", paths, arrays, src.classes, src.skipped or {})
     counts = {s: np.bincount(arrays[s][1], minlength=k) for s in SPLITS}
     per_class = [{"class": name, **{s: int(counts[s][c]) for s in SPLITS}} for c, name in enumerate(src.classes)]
-    metrics: dict = dict(meta["sizes"])  # images per split
+    metrics: dict = dict(meta.sizes)  # images per split
     info: dict = {"dataset": dataset, "per_class": per_class}
     if src.skipped is not None:
         info["skipped"] = len(src.skipped)
         info["decode_images_per_second"] = src.decode_images_per_second
         info["skipped_files"] = sorted(src.skipped)[:100]
     write_metrics(metrics_path, metrics, info)
-    log.info("split %s: %s", dataset, meta["sizes"])
+    log.info("split %s: %s", dataset, meta.sizes)
     return Path(out_dir)
 
 

@@ -4,15 +4,13 @@ Data lives on the device as uint8 for the whole run; each step gathers a batch b
 augments it there, in autocast (bf16/fp16) on GPUs. Under torchrun every process holds the data, takes its
 shard of each global batch and DistributedDataParallel averages the gradients; only rank 0 writes.
 Writes models/model.pt, metrics/train.json (accuracy, loss, speed), metrics/train.info.json (device, precision,
-versions) and plots/train_history.csv.
+versions), plots/train_history.csv and its curves, plots/train_history.png.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
-import hashlib
-import json
 import logging
 import math
 import sys
@@ -20,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -27,13 +26,17 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from cnnpipe.core import resume
 from cnnpipe.core.checkpoint import save_checkpoint
-from cnnpipe.core.data import augment, draw_augment, load_meta, load_split, normalize, stats_tensors, to_device
+from cnnpipe.core.data import augment, draw_augment, normalize, stats_tensors, to_device
 from cnnpipe.core.errors import CnnpipeError
+from cnnpipe.core.figures import training_curves
 from cnnpipe.core.fsutil import atomic_path, write_metrics
 from cnnpipe.core.inference import autocast, predict_logits
 from cnnpipe.core.models import build_model
 from cnnpipe.core.params import TrainParams
+from cnnpipe.core.prepared import load_meta, load_split
+from cnnpipe.core.resume import Progress
 from cnnpipe.core.runtime import (
     Dist,
     configure_backends,
@@ -48,12 +51,11 @@ from cnnpipe.core.runtime import (
 log = logging.getLogger(__name__)
 
 HISTORY_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
-STATE_FORMAT = 3  # bump when the resume state's layout changes: older states are then ignored
 
 
 def make_optimizer(model: nn.Module, p: TrainParams) -> torch.optim.Optimizer:
     # No weight decay on BN and bias parameters (1-D tensors), as is standard. Fused kernels: one op for
-    # all parameters (measured on LeNet, CPU: 4,463 against 4,255 images/s).
+    # all parameters.
     decay = [t for t in model.parameters() if t.ndim > 1]
     no_decay = [t for t in model.parameters() if t.ndim <= 1]
     groups = [{"params": decay, "weight_decay": p.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -184,74 +186,11 @@ def write_history(path: str | Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def fingerprint(p: TrainParams, meta, n_train: int, world: int, device: torch.device,
-                amp: torch.dtype | None) -> str:
-    """What a resume state must have been made with: every param but `resume`, the data's shape, the number of
-    processes (each has its own random streams), and the device type and precision `auto` resolved to."""
-    params = {k: v for k, v in dataclasses.asdict(p).items() if k != "resume"}
-    blob = json.dumps([STATE_FORMAT, params, meta.dataset, list(meta.shape), meta.classes, n_train, world,
-                       device.type, str(amp)], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def rng_states(device: torch.device, d: Dist) -> list[dict[str, torch.Tensor]]:
-    """Every rank's global random streams (CPU, and CUDA on a GPU: dropout draws from them), by rank."""
-    mine = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        mine["cuda"] = torch.cuda.get_rng_state(device)
-    if d.world == 1:
-        return [mine]
-    states: list = [None] * d.world
-    dist.all_gather_object(states, mine)
-    return states
-
-
-def restore_rng(states: list[dict[str, torch.Tensor]], device: torch.device, d: Dist) -> None:
-    torch.set_rng_state(states[d.rank]["cpu"])
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(states[d.rank]["cuda"], device)
-
-
-def save_state(path: Path, state: dict) -> None:
-    """The last completed epoch: model, optimizer, schedule and RNG states, history (atomic)."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        torch.save(state, f)
-
-
-def load_state(path: Path, expected: str) -> dict | None:
-    """The resume state if it belongs to this run; None if there is none or it is from other params."""
-    if not path.is_file():
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        ok = isinstance(state, dict) and "fingerprint" in state and "epoch" in state
-    except Exception as e:  # torch raises several types for a damaged file
-        raise CnnpipeError(f"resume state {path} is corrupt ({str(e).splitlines()[0][:100]}); "
-                           "delete it to start over") from e
-    if not ok:
-        raise CnnpipeError(f"resume state {path} is not a cnnpipe training state; delete it to start over")
-    if state["fingerprint"] != expected:
-        log.warning("ignoring %s: it was made with other params or data", path)
-        return None
-    return state
-
-
-def shared_state(path: Path, expected: str, d: Dist) -> dict | None:
-    """Rank 0 reads the resume state; under torchrun it (or rank 0's error) goes to every rank, so all
-    continue from the same epoch even without a shared filesystem."""
-    state, error = None, None
-    if d.main:
-        try:
-            state = load_state(path, expected)
-        except CnnpipeError as e:
-            error = str(e)
-    if d.world > 1:
-        box = [state, error]
-        dist.broadcast_object_list(box, src=0)
-        state, error = box
-    if error:
-        raise CnnpipeError(error)
-    return state
+def train_note(p: TrainParams, flip_safe: bool) -> str:
+    """Why train loss and accuracy read differently from validation's: what the training batches went through."""
+    parts = [f"label smoothing {p.label_smoothing:g}"] if p.label_smoothing else []
+    parts += ["augmented batches"] if p.translate or (p.flip and flip_safe) else []
+    return ", ".join(parts)
 
 
 def check_fits(p: TrainParams, meta) -> None:
@@ -290,99 +229,105 @@ def train(p: TrainParams, prepared: str | Path = "data/prepared", model_path: st
             dist.destroy_process_group()
 
 
-def _train(p: TrainParams, prepared: Path, model_path: Path, metrics_path: Path, history_path: Path,
-           state_path: Path, device: torch.device, d: Dist, on_epoch) -> dict:
-    set_threads(p.threads)
-    seed_everything(p.seed)
-    configure_backends(device, p.deterministic)
-    if not d.main:
-        logging.getLogger("cnnpipe").setLevel(logging.WARNING)
+@dataclass
+class Run:
+    """What the epochs work on, built once: the engine, the data on the device, the batch generator."""
+
+    engine: Engine
+    meta: Any
+    x: torch.Tensor  # train images, uint8 on the device
+    y: torch.Tensor
+    vx: torch.Tensor  # validation
+    vy: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    flip: bool  # flip augmentation: asked for and label-safe for this data
+    generator: torch.Generator  # batches and augmentation, the same on every rank
+    key: str  # the resume fingerprint
+
+
+def build_run(p: TrainParams, prepared: Path, device: torch.device, d: Dist) -> Run:
+    """Check the params against the data, load it onto the device and build the engine."""
     meta = load_meta(prepared)
     check_fits(p, meta)
     x_np, y_np = load_split(prepared, "train")
     check_fits(p, dataclasses.replace(meta, sizes={"train": len(y_np)}))
-    steps_per_epoch = len(y_np) // p.batch_size
-    engine = build_engine(p, meta, steps_per_epoch, device, d)
+    engine = build_engine(p, meta, len(y_np) // p.batch_size, device, d)
     x, y = to_device(x_np, y_np, device)
     vx, vy = to_device(*load_split(prepared, "val"), device)
     mean, std = stats_tensors(meta, device)
-    flip = p.flip and meta.flip
     generator = torch.Generator(device=device).manual_seed(p.seed)
-
     if d.world > 1:
         log.info("torchrun: %d processes (%s), each %d images of every %d-image batch", d.world,
                  dist.get_backend(), p.batch_size // d.world, p.batch_size)
-    key = fingerprint(p, meta, len(y_np), d.world, device, engine.amp)
-    history: list[dict] = []
-    best: dict | None = None
-    best_state = None
-    images, elapsed, first = 0, 0.0, 1
-    state = shared_state(state_path, key, d) if p.resume else None
-    if state is not None:  # continue after the last completed epoch, exactly as if never stopped
-        engine.net.load_state_dict(state["model"])
-        engine.optimizer.load_state_dict(state["optimizer"])
-        engine.scheduler.load_state_dict(state["scheduler"])
-        engine.scaler.load_state_dict(state["scaler"])
-        generator.set_state(state["generator"])
-        restore_rng(state["rng"], device, d)
-        history, best, best_state = state["history"], state["best"], state["best_state"]
-        images, elapsed, first = state["images"], state["seconds"], state["epoch"] + 1
-        log.info("resuming after epoch %d from %s", state["epoch"], state_path)
+    key = resume.fingerprint(p, meta, len(y_np), d.world, device, engine.amp)
+    return Run(engine, meta, x, y, vx, vy, mean, std, p.flip and meta.flip, generator, key)
+
+
+def run_epochs(p: TrainParams, run: Run, progress: Progress, state_path: Path, d: Dist,
+               on_epoch: Callable[[dict, nn.Module], None] | None) -> tuple[Progress, bool]:
+    """Train from the epoch after `progress.epoch` to the last (or an early stop), validating each epoch and
+    saving the resume state after it. Returns the progress and whether it stopped early."""
+    engine = run.engine
+    steps = len(run.y) // p.batch_size
     interactive = sys.stderr.isatty() and d.main  # a bar on a terminal; plain lines in CI, DVC, Prefect
-    start = time.perf_counter() - elapsed
+    start = time.perf_counter() - progress.seconds
     stopped_early = False
-    for epoch in range(first, p.epochs + 1):
+    for epoch in range(progress.epoch + 1, p.epochs + 1):
         t0 = time.perf_counter()
-        bar = tqdm(total=steps_per_epoch * p.batch_size, unit="img", desc=f"epoch {epoch}/{p.epochs}",
+        bar = tqdm(total=steps * p.batch_size, unit="img", desc=f"epoch {epoch}/{p.epochs}",
                    leave=False, disable=None) if interactive else None
-        tr_loss, tr_acc, seen = train_epoch(engine, x, y, mean, std, flip, generator, bar)
+        tr_loss, tr_acc, seen = train_epoch(engine, run.x, run.y, run.mean, run.std, run.flip, run.generator, bar)
         if bar is not None:
             bar.close()
-        images += seen
-        va_loss, va_acc = evaluate_split(engine, vx, vy, mean, std, 1000)
+        va_loss, va_acc = evaluate_split(engine, run.vx, run.vy, run.mean, run.std, 1000)
         seconds = time.perf_counter() - t0
         row = {"epoch": epoch, "train_loss": round(tr_loss, 5), "train_acc": round(tr_acc, 5),
                "val_loss": round(va_loss, 5), "val_acc": round(va_acc, 5),
                "lr": round(engine.optimizer.param_groups[0]["lr"], 8), "seconds": round(seconds, 2)}
-        history.append(row)
         log.info("epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  %.0f img/s  %.1fs",
                  epoch, p.epochs, tr_loss, tr_acc, va_loss, va_acc, seen / seconds, seconds)
-        if best is None or va_acc > best["val_acc"]:
-            best = row
-            best_state = {k: v.detach().clone() for k, v in engine.net.state_dict().items()}
+        progress.history.append(row)
+        progress.images += seen
+        progress.epoch = epoch
+        if progress.best is None or va_acc > progress.best["val_acc"]:
+            progress.best = row
+            progress.best_state = {k: v.detach().clone() for k, v in engine.net.state_dict().items()}
+        progress.seconds = time.perf_counter() - start
         if p.resume:
-            rng = rng_states(device, d)  # a collective: every rank takes part
-            if d.main:
-                save_state(state_path, {
-                    "fingerprint": key, "epoch": epoch, "model": engine.net.state_dict(),
-                    "optimizer": engine.optimizer.state_dict(), "scheduler": engine.scheduler.state_dict(),
-                    "scaler": engine.scaler.state_dict(), "generator": generator.get_state(), "rng": rng,
-                    "history": history, "best": best, "best_state": best_state,
-                    "images": images, "seconds": time.perf_counter() - start})
+            resume.save(state_path, run.key, engine, run.generator, progress, d)
         if on_epoch is not None:
             t1 = time.perf_counter()
             on_epoch(dict(row, train_seconds=round(t1 - start, 2)), engine.net)
             start += time.perf_counter() - t1
-        if p.patience > 0 and epoch - best["epoch"] >= p.patience:
+        if p.patience > 0 and epoch - progress.best["epoch"] >= p.patience:
             log.info("early stop: no better validation accuracy for %d epochs", p.patience)
             stopped_early = True
             break
-    seconds = time.perf_counter() - start
+    progress.seconds = time.perf_counter() - start
+    return progress, stopped_early
 
-    engine.net.load_state_dict(best_state)
+
+def finish(p: TrainParams, run: Run, progress: Progress, stopped_early: bool, model_path: Path,
+           metrics_path: Path, history_path: Path, state_path: Path, d: Dist) -> dict:
+    """Keep the best epoch's weights; rank 0 writes the checkpoint, history, curves and metrics, and removes
+    the resume state."""
+    engine, best = run.engine, progress.best
+    engine.net.load_state_dict(progress.best_state)
     metrics = {  # short names: `dvc metrics show` puts every stage's metrics side by side (see dvc.yaml)
         "val_acc": best["val_acc"],
         "val_loss": best["val_loss"],
         "epoch": best["epoch"],  # the best epoch: the one saved
-        "sec": round(seconds, 2),
+        "sec": round(progress.seconds, 2),
     }
+    device = engine.device
     info = {
         "model": p.model,
-        "dataset": meta.dataset,
+        "dataset": run.meta.dataset,
         "epochs": p.epochs,
-        "epochs_run": len(history),
+        "epochs_run": len(progress.history),
         "stopped_early": stopped_early,
-        "images_per_second": round(images / seconds, 1),
+        "images_per_second": round(progress.images / progress.seconds, 1),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "processes": d.world,
         "precision": str(engine.amp).removeprefix("torch.") if engine.amp else "float32",
@@ -391,9 +336,28 @@ def _train(p: TrainParams, prepared: Path, model_path: Path, metrics_path: Path,
         "threads": torch.get_num_threads(),
     }
     if d.main:
-        save_checkpoint(model_path, engine.net, p.model, meta,
+        save_checkpoint(model_path, engine.net, p.model, run.meta,
                         {"epoch": best["epoch"], "val_acc": best["val_acc"], "train_params": dataclasses.asdict(p)})
-        write_history(history_path, history)
+        write_history(history_path, progress.history)
+        training_curves(progress.history, history_path.with_suffix(".png"), train_note(p, run.meta.flip))
         write_metrics(metrics_path, metrics, info)
         state_path.unlink(missing_ok=True)  # finished: the next run starts fresh
     return metrics | info
+
+
+def _train(p: TrainParams, prepared: Path, model_path: Path, metrics_path: Path, history_path: Path,
+           state_path: Path, device: torch.device, d: Dist, on_epoch) -> dict:
+    """build -> loop -> finish, continuing from the resume state when there is one for these params."""
+    set_threads(p.threads)
+    seed_everything(p.seed)
+    configure_backends(device, p.deterministic)
+    if not d.main:
+        logging.getLogger("cnnpipe").setLevel(logging.WARNING)
+    run = build_run(p, prepared, device, d)
+    progress = Progress()
+    state = resume.shared(state_path, run.key, d) if p.resume else None
+    if state is not None:  # continue after the last completed epoch, exactly as if never stopped
+        progress = resume.restore(state, run.engine, run.generator, d)
+        log.info("resuming after epoch %d from %s", progress.epoch, state_path)
+    progress, stopped_early = run_epochs(p, run, progress, state_path, d, on_epoch)
+    return finish(p, run, progress, stopped_early, model_path, metrics_path, history_path, state_path, d)

@@ -1,0 +1,51 @@
+"""The prepared data folder the split stage writes (data/prepared): meta.json and one pair of uint8 arrays per
+split. numpy only: what every stage and the benchmarks read, and the one writer of meta.json."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cnnpipe.core.errors import CnnpipeError
+from cnnpipe.core.fsutil import write_json
+
+
+@dataclass(frozen=True)
+class Meta:
+    dataset: str
+    classes: list[str]
+    shape: tuple[int, int, int]  # C, H, W
+    mean: list[float]  # per channel, 0-1 scale
+    std: list[float]
+    flip: bool  # is a horizontal flip label-preserving for this dataset?
+    sizes: dict[str, int] | None = None  # images per split (train, val, test), as written by the split stage
+
+
+def load_meta(prepared: str | Path) -> Meta:
+    path = Path(prepared) / "meta.json"
+    if not path.is_file():
+        raise CnnpipeError(f"{path}: not found; run the split stage first (dvc repro split)")
+    m = json.loads(path.read_text())
+    return Meta(m["dataset"], m["classes"], tuple(m["shape"]), m["mean"], m["std"], m["flip"], m.get("sizes"))
+
+
+def write_meta(directory: str | Path, meta: Meta) -> Path:
+    data = dataclasses.asdict(meta)
+    data["shape"] = list(meta.shape)
+    if meta.sizes is None:
+        del data["sizes"]
+    return write_json(Path(directory) / "meta.json", data)
+
+
+def load_split(prepared: str | Path, name: str, mmap: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(images N×C×H×W uint8, labels N uint8) of one split."""
+    prepared = Path(prepared)
+    mode = "r" if mmap else None
+    try:
+        return np.load(prepared / f"{name}_x.npy", mmap_mode=mode), np.load(prepared / f"{name}_y.npy")
+    except FileNotFoundError as e:
+        raise CnnpipeError(f"{e.filename}: not found; run the split stage first (dvc repro split)") from e
