@@ -9,7 +9,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup dataset run test lint deploy worker
+.PHONY: setup dataset run test lint docs plots-template deploy worker
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "error: Python 3.11+ needed (set PYTHON=python3.11)")'
@@ -31,7 +31,16 @@ test: setup
 	$(PY) -m pytest -n 2 --dist loadfile
 
 lint: setup
-	$(PY) -m ruff check src tests pipeline
+	$(PY) -m ruff check src tests pipeline scripts
+
+# README.md's results table and docs/benchmarks.md, rewritten from metrics/*.json and bench/*.json
+DOCS := README.md docs/benchmarks.md
+docs: setup
+	$(VENV)/bin/cog -r -I scripts -p "import docfigures as figures" $(DOCS)
+
+# the offline HTML template of `dvc plots show` (vega, vega-lite, vega-embed inlined from the npm registry)
+plots-template: setup
+	$(PY) scripts/plots_template.py .dvc/offline-plots.html
 
 # Prefect: a process work pool and the scheduled deployments of pipeline/prefect.yaml.
 # Needs a Prefect API: `prefect server start` in another shell, then

@@ -123,6 +123,8 @@ def make_repo(tmp_path: Path, source: str, md5: dict[str, str]) -> Path:
     run(repo, "git", "config", "user.name", "CI")
     dvc(repo, "init", "-q")
     dvc(repo, "config", "core.autostage", "true")
+    shutil.copy(ROOT / ".dvc/offline-plots.html", repo / ".dvc/offline-plots.html")  # as the project: plots offline
+    dvc(repo, "config", "plots.html_template", "offline-plots.html")
     run(repo, "git", "add", "-A")
     run(repo, "git", "commit", "-qm", "project")
     return repo

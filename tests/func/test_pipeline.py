@@ -148,3 +148,18 @@ def test_editing_a_module_makes_exactly_its_importers_stale(baseline):
         assert expected, module
         assert stale == expected, module
     assert "up to date" in dvc(repo, "status")
+
+
+def test_plots_show_renders_offline_with_the_pictures(baseline, tmp_path):
+    """`dvc plots show` writes a page whose charting scripts are inline (no CDN) and which shows the stages'
+    pictures beside the charts."""
+    repo = baseline
+    dvc(repo, "plots", "show", "-o", str(tmp_path / "html"))
+    html = (tmp_path / "html" / "index.html").read_text()
+    assert "cdn.jsdelivr" not in html and "<script src" not in html
+    assert html.count("vegaEmbed('#") >= 4  # loss, accuracy, confusion matrix, F1 per class
+    for name in ("vega@", "vega-lite@", "vega-embed@"):
+        assert f"/* {name}" in html, name
+    for picture in ("train_history.png", "confusion.png", "per_class.png", "mistakes.png"):
+        assert picture in html, picture
+        assert list((tmp_path / "html").rglob(f"*{picture}")), picture  # the image file beside the page

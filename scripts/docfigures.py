@@ -1,0 +1,151 @@
+"""The figures in README.md and docs/benchmarks.md, written from the files that hold them (metrics/*.json of the
+committed run, bench/*.json of the benchmark commands), so a quoted figure cannot drift from its file.
+
+The documents call these functions from cog blocks (`<!-- [[[cog figures.results()]]] -->`); `make docs`
+rewrites the blocks (cog -r) and tests/unit/test_docs.py fails when a block differs from its files (cog --check).
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+
+import cog
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@cache
+def load(path: str) -> dict:
+    return json.loads((ROOT / path).read_text())
+
+
+def pct(x: float, digits: int = 2) -> str:
+    return f"{x * 100:.{digits}f} %"
+
+
+def num(x: float, digits: int = 1) -> str:
+    return f"{x:,.{digits}f}"
+
+
+def out(lines: list[str]) -> None:
+    for line in lines:
+        cog.outl(line)
+
+
+def table(header: list[str], rows: list[list[str]]) -> None:
+    out(["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)])
+
+
+def service_row(setup: str, model: str = "default") -> dict:
+    return next(r for r in load("bench/serve.json")["service"] if r["setup"] == setup and r["model"] == model)
+
+
+# --- README ----------------------------------------------------------------------------------------------
+
+def results() -> None:
+    """The README's results table: the committed run of the default pipeline and the serving benchmark."""
+    ev, tr, tri = load("metrics/eval.json"), load("metrics/train.json"), load("metrics/train.info.json")
+    q, qi, ex, exi = (load("metrics/quantize.json"), load("metrics/quantize.info.json"), load("metrics/export.json"),
+                      load("metrics/export.info.json"))
+    base = service_row("baseline (FastAPI + onnxruntime, inline)")["requests_per_s"]
+    predict = service_row("cnnpipe /predict")["requests_per_s"]
+    table(["what", "figure", "from"], [
+        ["test accuracy (10,000 images, flip TTA)", f"**{pct(ev['acc'])}**, macro-F1 {ev['f1']:.3f}, worst class F1 "
+         f"{ev['min_f1']:.3f}", "`metrics/eval.json`"],
+        ["training (CPU)", f"{num(tr['sec'])} s, {num(tri['images_per_second'], 0)} images/s, "
+         f"{tri['epochs']} epochs, {tri['threads']} threads, {tri['precision']}",
+         "`metrics/train.json`, `metrics/train.info.json`"],
+        ["best validation accuracy", f"{pct(tr['val_acc'])} (epoch {tr['epoch']})", "`metrics/train.json`"],
+        ["ONNX against PyTorch", f"argmax agreement {pct(ex['agree'], 1)}, max abs diff {exi['max_abs_diff']:.1e}",
+         "`metrics/export.json`, `.info.json`"],
+        ["int8 against fp32 (onnxruntime, no TTA)",
+         f"{pct(qi['int8']['accuracy'])} vs {pct(qi['fp32']['accuracy'])}; {qi['size_ratio']:.1f}× smaller; "
+         f"batch-1 p50 {q['ms']} vs {qi['fp32']['latency_ms_p50']} ms", "`metrics/quantize.json`, `.info.json`"],
+        ["HTTP `/predict`, 32 connections", f"{num(predict, 0)} requests/s, {predict / base:.2f}× a plain FastAPI "
+         "handler", "`bench/serve.json`"],
+    ])
+
+
+# --- docs/benchmarks.md -----------------------------------------------------------------------------------
+
+def machine() -> None:
+    m = load("bench/serve.json")["machine"]
+    out([f"{m['processor']}, {m['cpus']} CPUs, flags {', '.join(m['cpu_flags']) or 'none of note'}; "
+         f"onnxruntime {m['onnxruntime']}, Python {m['python']}."])
+
+
+def train_throughput() -> None:
+    rows = []
+    for path in ("bench/train.json", "bench/train_lenet_3_repeats.json", "bench/train_lenet_5_repeats.json"):
+        t = load(path)["throughput"]
+        rows.append([f"`{path}` ({t['repeats']} repeats)", num(t["tutorial_loop_median"]), num(t["engine_median"]),
+                     f"**{t['ratio_of_medians']}×**",
+                     f"{num(t['engine_tutorial_module_median'])} ({t['ratio_tutorial_module']}×)"])
+    table(["run", "tutorial 000 loop, images/s", "cnnpipe engine, images/s", "ratio",
+           "engine on the tutorial's LeNet module"], rows)
+
+
+def time_to_accuracy() -> None:
+    rows = []
+    for path, label in (("bench/train.json", "default (10 epochs)"), ("bench/train_4_epochs.json", "`epochs=4`"),
+                        ("bench/train_3_epochs.json", "`epochs=3`"), ("bench/train_20_epochs.json", "`epochs=20`"),
+                        ("bench/train_20_epochs_translate1.json", "`epochs=20 translate=1`")):
+        a = load(path)["accuracy"]
+        reached = a["seconds_to_test_acc"]
+        cells = [("" if k not in reached else "not reached" if reached[k] is None else f"{num(reached[k])} s")
+                 for k in ("0.90", "0.92", "0.93", "0.94")]
+        rows.append([f"{label}, `{path}`", *cells, f"{pct(a['final_test_acc'])} after {num(a['train_seconds'])} s"])
+    table(["config", "≥ 90 %", "≥ 92 %", "≥ 93 %", "≥ 94 %", "final test accuracy"], rows)
+    out(["", "Seconds of training until the test accuracy reached each level (blank: that run did not track it)."])
+
+
+def serve_latency() -> None:
+    rows = {}
+    for r in load("bench/serve.json")["latency"]:
+        rows.setdefault(r["engine"], {})[r["batch"]] = f"{r['p50_ms']} / {r['p99_ms']} ms"
+    table(["engine (default model)", "batch 1 p50 / p99", "batch 64 p50 / p99"],
+          [[engine, b.get(1, "—"), b.get(64, "—")] for engine, b in rows.items()])
+
+
+def serve_service() -> None:
+    s = load("bench/serve.json")
+    table(["model", "setup", "requests/s", "p50", "p99", "errors"],
+          [[r["model"], r["setup"], num(r["requests_per_s"]), f"{r['p50_ms']} ms", f"{r['p99_ms']} ms",
+            str(r["errors"])] for r in s["service"]])
+    out(["", f"Load generator: {s['load_generator']}."])
+
+
+def serve_ratios() -> None:
+    r, per = load("bench/serve.json")["ratios"], load("bench/serve.json")["onnxruntime_ms_per_image"]
+    d, air = per["default"], per["airnet 32×32×3"]
+    out([f"- `/predict` {r['predict_over_baseline_rps']}×, `/v2 infer` {r['v2_infer_over_baseline_rps']}×, "
+         f"`--workers 2` {r['workers_2_over_baseline_rps']}×, batching off {r['batching_off_over_baseline_rps']}×; "
+         f"airnet `/predict` {r['airnet_predict_over_baseline_rps']}× (requests/s against the baseline)",
+         f"- onnxruntime per image, batch 1 → 64: default model {d['batch_1']} → {d['batch_64']} ms, airnet "
+         f"{air['batch_1']} → {air['batch_64']} ms",
+         f"- torch eager against onnxruntime fp32, batch-1 p50: {r['torch_over_ort_fp32_batch1_p50']}× slower"])
+
+
+def hostile() -> None:
+    rows = []
+    for path, label in (("bench/hostile.json", "each attacker pausing 50 ms"),
+                        ("bench/hostile_flood.json", "flood (`--pause 0`)")):
+        p = load(path)["probe"]
+        rows.append([f"{label}, `{path}`", str(p["probes"]), f"{p['p50_ms']} ms", f"{p['p99_ms']} ms",
+                     f"{p['max_ms']} ms", str(len(p["failures"]))])
+    table(["traffic", "probes", "p50 wait", "p99 wait", "max wait", "failed probes"], rows)
+    out(["", "Answers per attack (status: count), `bench/hostile.json`:", ""])
+    table(["attack", "answers"], [[name, ", ".join(f"{k}: {v:,}" for k, v in counts.items())]
+                                  for name, counts in load("bench/hostile.json")["attacks"].items()])
+
+
+def swap() -> None:
+    s = load("bench/swap.json")
+    out([f"prod moved from {s['versions'][0]} to {s['versions'][1]} {s['promoted_at_s']:g} s into "
+         f"{s['seconds']:g} s of load from {s['clients']} connections; the server (polling every {s['poll_s']} s) "
+         f"served the new version {s['follow_s']} s later.", ""])
+    table(["window", "requests", "errors", "p50", "p99", "max"],
+          [[name, f"{s[name]['requests']:,}", str(s[name]["errors"]), f"{s[name]['p50_ms']} ms",
+            f"{s[name]['p99_ms']} ms", f"{s[name]['max_ms']} ms"] for name in ("before", "during", "after")])

@@ -1,0 +1,52 @@
+"""The documents hold figures only through generated blocks (README.md, docs/benchmarks.md), read from the JSON
+file each figure comes from; comments in code and params.yaml say what a setting does, without measurements."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCS = ["README.md", "docs/benchmarks.md"]
+COG = [sys.executable, "-m", "cogapp", "-I", str(ROOT / "scripts"), "-p", "import docfigures as figures"]
+# a measurement: a number with a unit of time, speed or share (e.g. "26 s each", "93.64 %", "1,702 img/s")
+MEASURED = re.compile(r"\d[\d,.]*\s?(%|ms\b|s each|img/s|images/s|MB\b|GB\b)|\d[\d.]*x (faster|slower)")
+
+
+def cog(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*COG, *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_generated_figures_match_their_files():
+    proc = cog("--check", "--diff", *DOCS)
+    assert proc.returncode == 0, f"run `make docs`:\n{proc.stdout[-3000:]}{proc.stderr[-2000:]}"
+
+
+def test_a_figure_edited_by_hand_is_caught(tmp_path):
+    copy = tmp_path / "README.md"
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"\[\[\[cog figures\.results\(\)\]\]\] -->\n(.*?)<!-- \[\[\[end\]\]\]", text, re.S)
+    assert block and "test accuracy" in block.group(1)
+    edited = block.group(1).replace("test accuracy (10,000 images", "test accuracy (9,999 images", 1)
+    copy.write_text(text.replace(block.group(1), edited))
+    assert cog("--check", str(copy)).returncode != 0
+
+
+def test_readme_is_a_short_guide_with_the_two_commands():
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) < 200
+    assert "make run" in text and "make test" in text
+
+
+@pytest.mark.parametrize("path", ["params.yaml", *sorted(p.relative_to(ROOT).as_posix()
+                                                          for p in (ROOT / "src").rglob("*.py"))])
+def test_comments_carry_no_measurements(path):
+    lines = (ROOT / path).read_text().splitlines()
+    comments = [(i, line.split("#", 1)[1]) for i, line in enumerate(lines, 1) if "#" in line]
+    found = [f"{path}:{i}: #{c.strip()}" for i, c in comments if MEASURED.search(c)]
+    assert not found, "measured figures belong in docs/benchmarks.md:\n" + "\n".join(found)
+
