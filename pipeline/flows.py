@@ -3,7 +3,8 @@
 dvc.yaml stays the single source of truth: the run is `dvc exp run --temp -n <flow run name> -S ...`, so DVC
 decides which stages are stale (or restores them from its run cache), the overrides apply to that experiment
 only, and `dvc exp show` lists every run with its params and metrics. Prefect adds schedules, logs, the UI,
-artifacts (metrics, the diff against production, the experiment's name and commit) and the promotion gate.
+artifacts (metrics, the diff against production, the plots and pictures of both, the experiment's name
+and commit) and the promotion gate.
 
     python pipeline/flows.py                       # one run (ephemeral API unless PREFECT_API_URL is set)
     python pipeline/flows.py '{"train.epochs": 3}'   # with param overrides, as `dvc exp run -S`
@@ -30,6 +31,7 @@ from cnnpipe.mlops.dvcops import (
     check_overrides,
     metrics_at,
     metrics_diff_markdown,
+    plots_markdown,
     run_experiment,
     stage_order,
 )
@@ -53,6 +55,8 @@ def publish_metrics(repo: str, exp: Experiment, baseline: str) -> list[dict[str,
     create_table_artifact(key="cnnpipe-metrics", table=rows, description=f"dvc metrics of experiment {exp.name}")
     create_markdown_artifact(key="cnnpipe-metrics-diff", description=f"dvc metrics diff {baseline} {exp.name}",
                              markdown=metrics_diff_markdown(repo, baseline, exp.commit))
+    create_markdown_artifact(key="cnnpipe-plots", description=f"dvc plots diff {baseline} {exp.name}",
+                             markdown=plots_markdown(repo, baseline, exp.commit, exp.name))
     create_markdown_artifact(key="cnnpipe-experiment", description="the run as a DVC experiment", markdown="\n".join([
         f"DVC experiment **{exp.name}** at commit `{exp.commit}`", "",
         "- see it beside the others: `dvc exp show`", f"- its files in the checkout: `dvc exp apply {exp.name}`",

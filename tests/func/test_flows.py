@@ -6,6 +6,8 @@ import json
 import re
 import subprocess
 import sys
+import urllib.parse
+from pathlib import Path
 
 import pytest
 import yaml
@@ -92,6 +94,13 @@ def test_each_run_is_an_experiment_overrides_stay_in_it_and_the_gate_decides(har
     assert at(repo, third, "metrics/train.info.json")["epochs_run"] == 3
     diff = artifacts("cnnpipe-metrics-diff")[0].data  # against production (the first run): training time moved
     assert "metrics/train.json" in diff and "sec" in diff
+    plots = artifacts("cnnpipe-plots")[0].data  # the pictures of production and of this run, linked
+    page = repo / "dvc_plots" / "third" / "index.html"
+    assert page.as_uri() in plots and "cdn.jsdelivr" not in page.read_text()
+    for picture in ("train_history.png", "confusion.png", "per_class.png", "mistakes.png"):
+        links = re.findall(rf"\| {re.escape(picture)} \| \[{first[:10]}\]\((file://[^)]+)\) \| "
+                           rf"\[{third[:10]}\]\((file://[^)]+)\) \|", plots)
+        assert links and all(Path(urllib.parse.urlparse(u).path).is_file() for u in links[0]), picture
     # the override stayed in its experiment: the checkout's params and the next run are the defaults
     assert (repo / "params.yaml").read_text() == params
     assert train_pipeline(repo=str(repo), name="fourth") == {s: "skipped" for s in ALL}

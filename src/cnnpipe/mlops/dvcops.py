@@ -200,3 +200,23 @@ def metrics_diff_markdown(repo: str | Path, baseline: str = "HEAD", target: str 
     if proc.returncode != 0:
         return f"No comparison with {baseline}: {proc.stderr.strip()[-300:]}"
     return f"## Metrics against {baseline}\n\n" + (proc.stdout.strip() or "No changes.")
+
+
+PICTURES = ("train_history.png", "confusion.png", "per_class.png", "mistakes.png")
+
+
+def plots_markdown(repo: str | Path, baseline: str, target: str, name: str) -> str:
+    """`dvc plots diff baseline target` written to dvc_plots/<name>/ in the repo (an ignored folder; the page
+    works offline), as Markdown linking the page and each picture of both revisions."""
+    out = Path(repo).resolve() / "dvc_plots" / name
+    proc = subprocess.run([sys.executable, "-m", "dvc", "plots", "diff", baseline, target, "-o", str(out)],
+                          cwd=repo, env=dvc_env(), capture_output=True, text=True)
+    if proc.returncode != 0:
+        return f"No plots against {baseline}: {proc.stderr.strip()[-300:]}"
+    static = sorted((out / "static").glob("*.png"))
+    rows = [f"| {picture} | " + " | ".join(
+        f"[{rev[:10]}]({f.as_uri()})" for rev in (baseline, target)
+        for f in static if f.name.startswith(rev) and f.name.endswith(picture)) + " |" for picture in PICTURES]
+    return "\n".join([f"## Plots: {baseline[:10]} against {target[:10]}", "",
+                      f"All charts and pictures side by side: [{out / 'index.html'}]({(out / 'index.html').as_uri()})",
+                      "", f"| picture | {baseline[:10]} | {target[:10]} |", "|---|---|---|", *rows])
