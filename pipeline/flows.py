@@ -148,7 +148,9 @@ def main(argv: list[str]) -> int:
     try:
         overrides = json.loads(argv[0]) if argv else None
         if overrides is not None and not isinstance(overrides, dict):
-            raise json.JSONDecodeError(f"got {type(overrides).__name__}", argv[0], 0)
+            print(f"train_pipeline: error: overrides must be a JSON object such as '{{\"train.epochs\": 5}}', "
+                  f"got a JSON {type(overrides).__name__}", file=sys.stderr)
+            return 1
         check_api()
         statuses = train_pipeline(overrides=overrides)
     except CnnpipeError as e:

@@ -46,15 +46,18 @@ def service_row(setup: str, model: str = "default") -> dict:
 
 def results() -> None:
     """The README's results table: the committed run of the default pipeline and the serving benchmark."""
-    ev, tr, tri = load("metrics/eval.json"), load("metrics/train.json"), load("metrics/train.info.json")
+    ev, evi = load("metrics/eval.json"), load("metrics/eval.info.json")
+    tr, tri = load("metrics/train.json"), load("metrics/train.info.json")
     q, qi, ex, exi = (load("metrics/quantize.json"), load("metrics/quantize.info.json"), load("metrics/export.json"),
                       load("metrics/export.info.json"))
-    base = service_row("baseline (FastAPI + onnxruntime, inline)")["requests_per_s"]
-    predict = service_row("cnnpipe /predict")["requests_per_s"]
+    baseline, served = service_row("baseline (FastAPI + onnxruntime, inline)"), service_row("cnnpipe /predict")
+    base, predict = baseline["requests_per_s"], served["requests_per_s"]
+    m = load("bench/serve.json")["machine"]
+    tta = ", flip TTA" if evi["tta_flip"] else ""
     table(["what", "figure", "from"], [
-        ["test accuracy (10,000 images, flip TTA)", f"**{pct(ev['acc'])}**, macro-F1 {ev['f1']:.3f}, worst class F1 "
-         f"{ev['min_f1']:.3f}", "`metrics/eval.json`"],
-        ["training (CPU)", f"{num(tr['sec'])} s, {num(tri['images_per_second'], 0)} images/s, "
+        [f"test accuracy ({evi['images']:,} {evi['dataset']} test images{tta})",
+         f"**{pct(ev['acc'])}**, macro-F1 {ev['f1']:.3f}, worst class F1 {ev['min_f1']:.3f}", "`metrics/eval.json`"],
+        [f"training ({tri['device']})", f"{num(tr['sec'])} s, {num(tri['images_per_second'], 0)} images/s, "
          f"{tri['epochs']} epochs, {tri['threads']} threads, {tri['precision']}",
          "`metrics/train.json`, `metrics/train.info.json`"],
         ["best validation accuracy", f"{pct(tr['val_acc'])} (epoch {tr['epoch']})", "`metrics/train.json`"],
@@ -63,8 +66,8 @@ def results() -> None:
         ["int8 against fp32 (onnxruntime, no TTA)",
          f"{pct(qi['int8']['accuracy'])} vs {pct(qi['fp32']['accuracy'])}; {qi['size_ratio']:.1f}× smaller; "
          f"batch-1 p50 {q['ms']} vs {qi['fp32']['latency_ms_p50']} ms", "`metrics/quantize.json`, `.info.json`"],
-        ["HTTP `/predict`, 32 connections", f"{num(predict, 0)} requests/s, {predict / base:.2f}× a plain FastAPI "
-         "handler", "`bench/serve.json`"],
+        [f"HTTP `/predict`, {served['clients']} connections ({m['processor']}, {m['cpus']} CPUs)",
+         f"{num(predict, 0)} requests/s, {predict / base:.2f}× a plain FastAPI handler", "`bench/serve.json`"],
     ])
 
 

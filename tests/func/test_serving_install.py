@@ -95,4 +95,4 @@ def test_serving_venv_is_far_smaller(base_venv):
 
     full = Path(sys.prefix)
     print(f"serving venv {size(base_venv) / 1e6:.0f} MB, full venv {size(full) / 1e6:.0f} MB")
-    assert size(full) > 3 * size(base_venv)
+    assert size(full) >= 10 * size(base_venv)

@@ -89,13 +89,20 @@ def _served_version(port: int) -> str:
         return json.loads(r.read())["version"]
 
 
-def _move_prod(repo: Path, port: int, at: float, marks: dict) -> None:
-    time.sleep(at)
-    marks["promoted"] = time.perf_counter()
-    marks["version"] = register_and_assign(repo, "prod", "second model")
-    while _served_version(port) != marks["version"]:
-        time.sleep(0.01)
-    marks["served"] = time.perf_counter()
+def _move_prod(repo: Path, port: int, at: float, marks: dict, timeout: float = 60.0) -> None:
+    """After `at` seconds, move prod to the next version; mark when the tags are written and when the server
+    first reports the new version (asked every 50 ms). An error is kept in marks["error"]."""
+    try:
+        time.sleep(at)
+        marks["version"] = register_and_assign(repo, "prod", "second model")
+        marks["promoted"] = time.perf_counter()
+        while _served_version(port) != marks["version"]:
+            if time.perf_counter() - marks["promoted"] > timeout:
+                raise RuntimeError(f"still serving the old version {timeout:g} s after the tags moved")
+            time.sleep(0.05)
+        marks["served"] = time.perf_counter()
+    except Exception as e:  # reported by bench_swap, in the main thread
+        marks["error"] = f"{type(e).__name__}: {e}"
 
 
 def window(records: list[tuple[float, float, int]]) -> dict:
@@ -130,7 +137,8 @@ def bench_swap(onnx: Path, int8: Path, out: Path, seconds: float = 15.0, promote
         finally:
             stop(proc)
     if "served" not in marks:
-        raise RuntimeError(f"the server did not follow prod to {marks.get('version')} within the run")
+        raise RuntimeError(f"the server did not follow prod to {marks.get('version', 'a new version')} within the "
+                           f"run: {marks.get('error', 'the load ended first; give it more --seconds')}")
     start, end = marks["promoted"], marks["served"] + 1.0
     result = {
         "follow_s": round(marks["served"] - marks["promoted"], 2),

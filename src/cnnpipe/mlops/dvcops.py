@@ -213,10 +213,11 @@ def plots_markdown(repo: str | Path, baseline: str, target: str, name: str) -> s
                           cwd=repo, env=dvc_env(), capture_output=True, text=True)
     if proc.returncode != 0:
         return f"No plots against {baseline}: {proc.stderr.strip()[-300:]}"
-    static = sorted((out / "static").glob("*.png"))
-    rows = [f"| {picture} | " + " | ".join(
-        f"[{rev[:10]}]({f.as_uri()})" for rev in (baseline, target)
-        for f in static if f.name.startswith(rev) and f.name.endswith(picture)) + " |" for picture in PICTURES]
+    def cell(rev: str, picture: str) -> str:  # DVC names the copies <rev, "/" as "_">_plots_<picture>
+        f = out / "static" / f"{rev.replace('/', '_')}_plots_{picture}"
+        return f"[{rev[:10]}]({f.as_uri()})" if f.is_file() else "—"
+
+    rows = [f"| {picture} | {cell(baseline, picture)} | {cell(target, picture)} |" for picture in PICTURES]
     return "\n".join([f"## Plots: {baseline[:10]} against {target[:10]}", "",
                       f"All charts and pictures side by side: [{out / 'index.html'}]({(out / 'index.html').as_uri()})",
                       "", f"| picture | {baseline[:10]} | {target[:10]} |", "|---|---|---|", *rows])
