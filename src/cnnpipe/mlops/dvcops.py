@@ -7,6 +7,7 @@ import copy
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -203,6 +204,15 @@ def metrics_diff_markdown(repo: str | Path, baseline: str = "HEAD", target: str 
 
 
 PICTURES = ("train_history.png", "confusion.png", "per_class.png", "mistakes.png")
+PLOT_PAGES_KEPT = 30  # runs whose dvc_plots/<run>/ page is kept; older ones are removed
+
+
+def prune_plot_pages(folder: Path, keep: int) -> list[Path]:
+    """Remove all but the `keep` newest run folders of `folder` (dvc_plots/); returns the removed ones."""
+    pages = sorted((d for d in folder.iterdir() if d.is_dir()), key=lambda d: d.stat().st_mtime, reverse=True)
+    for old in pages[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+    return pages[keep:]
 
 
 def plots_markdown(repo: str | Path, baseline: str, target: str, name: str) -> str:
@@ -213,6 +223,8 @@ def plots_markdown(repo: str | Path, baseline: str, target: str, name: str) -> s
                           cwd=repo, env=dvc_env(), capture_output=True, text=True)
     if proc.returncode != 0:
         return f"No plots against {baseline}: {proc.stderr.strip()[-300:]}"
+    prune_plot_pages(out.parent, keep=PLOT_PAGES_KEPT)
+
     def cell(rev: str, picture: str) -> str:  # DVC names the copies <rev, "/" as "_">_plots_<picture>
         f = out / "static" / f"{rev.replace('/', '_')}_plots_{picture}"
         return f"[{rev[:10]}]({f.as_uri()})" if f.is_file() else "—"
