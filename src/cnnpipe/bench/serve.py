@@ -126,9 +126,11 @@ def baseline_server(port: int) -> list[str]:
             "--log-level", "warning", "--no-access-log"]
 
 
-async def _client(port: int, request: bytes, deadline: float, latencies: list[float], errors: list[int]) -> None:
-    """One keep-alive connection sending `request` until the deadline; reconnects when the server closes it
-    (as wrk does). 200s go to latencies, other statuses and broken connections to errors."""
+async def closed_loop_client(port: int, request: bytes, deadline: float,
+                             records: list[tuple[float, float, int]]) -> None:
+    """One keep-alive connection sending `request` until the deadline; records (start, ms, status) per request.
+    A broken connection is status 0; it reconnects then, and when the server closes the connection (as wrk
+    does)."""
     loop = asyncio.get_running_loop()
     while loop.time() < deadline:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -136,33 +138,31 @@ async def _client(port: int, request: bytes, deadline: float, latencies: list[fl
             while loop.time() < deadline:
                 t0 = time.perf_counter()
                 writer.write(request)
-                head = await reader.readuntil(b"\r\n\r\n")
-                status = int(head[9:12])
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line[:15].lower() == b"content-length:":
-                        length = int(line[15:])
-                await reader.readexactly(length)
-                if status == 200:
-                    latencies.append((time.perf_counter() - t0) * 1000)
-                else:
-                    errors.append(status)
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    length = next((int(line[15:]) for line in head.split(b"\r\n")
+                                   if line[:15].lower() == b"content-length:"), 0)
+                    await reader.readexactly(length)
+                    status = int(head[9:12])
+                except (OSError, asyncio.IncompleteReadError, ValueError):
+                    records.append((t0, (time.perf_counter() - t0) * 1000, 0))
+                    break
+                records.append((t0, (time.perf_counter() - t0) * 1000, status))
                 if b"connection: close" in head.lower():
                     break
-        except (OSError, asyncio.IncompleteReadError):
-            errors.append(0)
         finally:
             writer.close()
 
 
 async def _python_load(port: int, request: bytes, clients: int, seconds: float) -> dict:
-    latencies: list[float] = []
-    errors: list[int] = []
+    records: list[tuple[float, float, int]] = []
     deadline = asyncio.get_running_loop().time() + seconds
     t0 = time.perf_counter()
-    await asyncio.gather(*(_client(port, request, deadline, latencies, errors) for _ in range(clients)))
+    await asyncio.gather(*(closed_loop_client(port, request, deadline, records) for _ in range(clients)))
     elapsed = time.perf_counter() - t0
-    return {"requests": len(latencies), "errors": len(errors), "seconds": elapsed, **percentiles(latencies)}
+    latencies = [ms for _, ms, status in records if status == 200]
+    return {"requests": len(latencies), "errors": len(records) - len(latencies), "seconds": elapsed,
+            **percentiles(latencies)}
 
 
 def _wrk_load(port: int, load: Load, clients: int, seconds: float, workdir: Path) -> dict:

@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from cnnpipe.bench.launch import free_port, start_server, stop
-from cnnpipe.bench.serve import Load, cpu_model, png_bytes
+from cnnpipe.bench.serve import Load, closed_loop_client, cpu_model, png_bytes
 from cnnpipe.core.fsutil import write_json
-from cnnpipe.mlops.registry import ARTIFACTS, register_and_assign
+from cnnpipe.mlops.registry import ARTIFACTS, git, register_and_assign
 
 DVC_YAML = """artifacts:
   {fp32}:
@@ -36,50 +36,22 @@ DVC_YAML = """artifacts:
 """
 
 
-def _git(repo: Path, *args: str) -> None:
-    subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True)
-
-
 def registry_repo(directory: Path, onnx: Path, int8: Path) -> Path:
     """A Git + DVC repo whose registry has v1.0.0 in prod and v1.1.0 registered one commit later, unassigned."""
     repo = directory / "registry"
     repo.mkdir()
-    _git(repo, "init", "-q")
-    _git(repo, "config", "user.name", "cnnpipe bench")
-    _git(repo, "config", "user.email", "bench@cnnpipe.invalid")
+    git(repo, "init", "-q")
+    git(repo, "config", "user.name", "cnnpipe bench")
+    git(repo, "config", "user.email", "bench@cnnpipe.invalid")
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=repo, check=True, capture_output=True)
     shutil.copyfile(onnx, repo / "model.onnx")
     shutil.copyfile(int8, repo / "model.int8.onnx")
     (repo / "dvc.yaml").write_text(DVC_YAML.format(fp32=ARTIFACTS[0], int8=ARTIFACTS[1]))
-    _git(repo, "add", "-A")
-    _git(repo, "commit", "-q", "-m", "first model")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "first model")
     register_and_assign(repo, "prod", "first model")
-    _git(repo, "commit", "-q", "--allow-empty", "-m", "second model")
+    git(repo, "commit", "-q", "--allow-empty", "-m", "second model")
     return repo
-
-
-async def _client(port: int, request: bytes, deadline: float, records: list[tuple[float, float, int]]) -> None:
-    """One keep-alive connection sending `request` until the deadline; records (start, ms, status); a broken
-    connection is status 0 and a new connection."""
-    loop = asyncio.get_running_loop()
-    while loop.time() < deadline:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        try:
-            while loop.time() < deadline:
-                t0 = time.perf_counter()
-                writer.write(request)
-                try:
-                    head = await reader.readuntil(b"\r\n\r\n")
-                    length = next((int(line[15:]) for line in head.split(b"\r\n")
-                                   if line[:15].lower() == b"content-length:"), 0)
-                    await reader.readexactly(length)
-                    status = int(head[9:12])
-                except (OSError, asyncio.IncompleteReadError, ValueError):
-                    records.append((t0, (time.perf_counter() - t0) * 1000, 0))
-                    break
-                records.append((t0, (time.perf_counter() - t0) * 1000, status))
-        finally:
-            writer.close()
 
 
 def _served_version(port: int) -> str:
@@ -130,7 +102,7 @@ def bench_swap(onnx: Path, int8: Path, out: Path, seconds: float = 15.0, promote
 
             async def load() -> None:
                 deadline = asyncio.get_running_loop().time() + seconds
-                await asyncio.gather(*(_client(port, request, deadline, records) for _ in range(clients)))
+                await asyncio.gather(*(closed_loop_client(port, request, deadline, records) for _ in range(clients)))
 
             asyncio.run(load())
             mover.join(timeout=60)
