@@ -9,16 +9,31 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup dataset run test lint docs plots-template deploy worker
+.PHONY: setup lock dataset run test lint docs plots-template deploy worker
 
-$(STAMP): pyproject.toml
+# The environment is uv.lock's, exactly: requirements/*.txt are its pins and hashes, exported by `make lock`
+# (uv), and pip installs them with --require-hashes and no other dependency, then the project itself.
+REQUIREMENTS := requirements/all.txt
+
+$(STAMP): pyproject.toml $(REQUIREMENTS)
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "error: Python 3.11+ needed (set PYTHON=python3.11)")'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[pipeline,test]'
+	$(PY) -m pip install -q --require-hashes --no-deps -r $(REQUIREMENTS)
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	cp uv.lock $(VENV)/uv.lock  # the stages' provenance names it by hash (src/cnnpipe/core/provenance.py)
 	touch $@
 
 setup: $(STAMP)
+
+# uv.lock after a change to pyproject.toml (pins kept where they still fit), or with UPGRADE=1 the newest
+# releases pyproject.toml allows; then requirements/*.txt from it. Commit them with the `dvc repro` results
+# the new environment makes (the stages record the lock's hash in metrics/*.info.json).
+EXPORT := $(VENV)/bin/uv export -q --frozen --no-emit-project --no-header
+lock: setup
+	$(VENV)/bin/uv lock $(if $(UPGRADE),--upgrade)
+	$(EXPORT) --extra pipeline --extra test -o requirements/all.txt
+	$(EXPORT) -o requirements/serve.txt
 
 dataset: setup
 	PY=$(PY) scripts/ensure_dataset.sh

@@ -1,6 +1,6 @@
-"""The base install serves and predicts on its own: a fresh venv with `pip install .` (what the Dockerfile
-runs) has no torch, DVC or Prefect, answers `cnnpipe predict` and `cnnpipe serve`, and a pipeline command
-there says in one line what to install."""
+"""The base install serves and predicts on its own: a fresh venv with uv.lock's serving pins and the project
+(what the Dockerfile runs) has no torch, DVC or Prefect, answers `cnnpipe predict` and `cnnpipe serve`, and a
+pipeline command there says in one line what to install."""
 
 from __future__ import annotations
 
@@ -31,9 +31,11 @@ def base_venv(tmp_path_factory) -> Path:
     for name in ("pyproject.toml", "README.md"):
         (src / name).write_bytes((ROOT / name).read_bytes())
     subprocess.run(["cp", "-r", str(ROOT / "src"), str(src / "src")], check=True)
-    proc = subprocess.run([str(env / "bin/python"), "-m", "pip", "install", "-q", str(src)], capture_output=True,
-                          text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    for args in (["--require-hashes", "--no-deps", "-r", str(ROOT / "requirements/serve.txt")],  # as the Dockerfile
+                 ["--no-deps", str(src)]):
+        proc = subprocess.run([str(env / "bin/python"), "-m", "pip", "install", "-q", *args], capture_output=True,
+                              text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
     return env
 
 

@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from cnnpipe.core.provenance import environment
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -64,7 +66,8 @@ def info_path(metrics_path: str | Path) -> Path:
 def write_metrics(metrics_path: str | Path, metrics: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
     """Measurements a change can move go to `metrics_path` (numbers only, what `dvc metrics diff` compares);
     provenance (device, versions, hashes, names) goes to its info file, an output that is not a metric.
-    Returns both in one dict, for callers."""
+    The info file also names the environment (its uv.lock's hash). Returns both in one dict, for callers."""
+    info = info | {"environment": environment()}
     write_json(info_path(metrics_path), info)
     write_json(metrics_path, metrics)
     return metrics | info

@@ -4,11 +4,11 @@ into its input, and how an onnxruntime session is set up. numpy and onnxruntime 
 from __future__ import annotations
 
 import ctypes
-import os
 from collections.abc import Sequence
 
 import numpy as np
 
+from cnnpipe.core import cpushare
 from cnnpipe.core.errors import CnnpipeError
 
 
@@ -48,7 +48,7 @@ def session_options(threads: int = 0):
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = threads or (os.cpu_count() or 1)
+    opts.intra_op_num_threads = threads or cpushare.share()
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     # Idle threads sleep instead of spinning: a server that waits for requests should not burn CPU.

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from cnnpipe.core import cpushare
 from cnnpipe.core.errors import CnnpipeError
 
 
@@ -102,6 +103,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def set_threads(threads: int) -> None:
-    if threads > 0:
-        torch.set_num_threads(threads)
+def set_threads(threads: int) -> int:
+    """torch's CPU threads: `threads` when set, else this process's share of the cores (core/cpushare.py).
+    Returns the count."""
+    n = threads if threads > 0 else cpushare.share()
+    if n != torch.get_num_threads():
+        torch.set_num_threads(n)
+    return n

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cnnpipe.core import cpushare
 from cnnpipe.core.checkpoint import load_checkpoint, meta_of
 from cnnpipe.core.data import stats_tensors, to_device
 from cnnpipe.core.errors import CnnpipeError
@@ -25,7 +26,7 @@ from cnnpipe.core.fsutil import atomic_path, write_metrics
 from cnnpipe.core.inference import tta_logits
 from cnnpipe.core.params import EvaluateParams
 from cnnpipe.core.prepared import load_meta, load_split
-from cnnpipe.core.runtime import resolve_device
+from cnnpipe.core.runtime import resolve_device, set_threads
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +74,13 @@ def draw(confusion_path: Path, per_class_path: Path, cm: np.ndarray, scores: dic
     mistakes_grid(x.cpu().numpy(), actual, probs, classes, confusion_path.with_name("mistakes.png"))
 
 
+@cpushare.registered
 def evaluate(p: EvaluateParams, prepared: str | Path = "data/prepared", model_path: str | Path = "models/model.pt",
              metrics_path: str | Path = "metrics/eval.json",
              confusion_path: str | Path = "plots/confusion.csv",
              per_class_path: str | Path = "plots/per_class.csv") -> dict:
     device = resolve_device(p.device)
+    set_threads(0)
     model, state = load_checkpoint(model_path, device)
     meta = meta_of(state)
     data_meta = load_meta(prepared)

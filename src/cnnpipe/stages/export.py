@@ -15,11 +15,12 @@ import numpy as np
 import onnx
 import torch
 
+from cnnpipe.core import cpushare
 from cnnpipe.core.checkpoint import load_checkpoint
 from cnnpipe.core.errors import CnnpipeError
 from cnnpipe.core.fsutil import atomic_path, file_digest, write_metrics
 from cnnpipe.core.models import fold_batchnorm
-from cnnpipe.core.onnx_io import normalize_pixels
+from cnnpipe.core.onnx_io import normalize_pixels, session_options
 from cnnpipe.core.params import ExportParams
 from cnnpipe.core.prepared import load_split
 
@@ -56,7 +57,7 @@ def compare(path: Path, model: torch.nn.Module, x: np.ndarray, y: np.ndarray) ->
     """Run the ONNX file with onnxruntime (CPU) and PyTorch on the same batch."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
     onnx_logits = session.run(None, {session.get_inputs()[0].name: x})[0]
     with torch.no_grad():
         torch_logits = model(torch.from_numpy(x)).numpy()
@@ -72,6 +73,7 @@ def compare(path: Path, model: torch.nn.Module, x: np.ndarray, y: np.ndarray) ->
     }
 
 
+@cpushare.registered
 def export(p: ExportParams, prepared: str | Path = "data/prepared", model_path: str | Path = "models/model.pt",
            onnx_path: str | Path = "models/model.onnx", metrics_path: str | Path = "metrics/export.json") -> dict:
     model, state = load_checkpoint(model_path, "cpu")

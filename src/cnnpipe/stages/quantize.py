@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from cnnpipe.core import cpushare
 from cnnpipe.core.errors import CnnpipeError
 from cnnpipe.core.fsutil import atomic_path, write_metrics
 from cnnpipe.core.onnx_io import normalize_pixels
@@ -83,6 +84,7 @@ def ort_version() -> str:
     return ort.__version__
 
 
+@cpushare.registered
 def quantize(p: QuantizeParams, prepared: str | Path = "data/prepared", onnx_path: str | Path = "models/model.onnx",
              int8_path: str | Path = "models/model.int8.onnx",
              metrics_path: str | Path = "metrics/quantize.json") -> dict:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from cnnpipe.core import resume
+from cnnpipe.core import cpushare, resume
 from cnnpipe.core.checkpoint import save_checkpoint
 from cnnpipe.core.data import augment, draw_augment, normalize, stats_tensors, to_device
 from cnnpipe.core.errors import CnnpipeError
@@ -205,6 +205,7 @@ def check_fits(p: TrainParams, meta) -> None:
                            f"set train.translate below {min(h, w)}")
 
 
+@cpushare.registered
 def train(p: TrainParams, prepared: str | Path = "data/prepared", model_path: str | Path = "models/model.pt",
           metrics_path: str | Path = "metrics/train.json", history_path: str | Path = "plots/train_history.csv",
           state_path: str | Path | None = None,
@@ -244,6 +245,7 @@ class Run:
     flip: bool  # flip augmentation: asked for and label-safe for this data
     generator: torch.Generator  # batches and augmentation, the same on every rank
     key: str  # the resume fingerprint
+    threads: list[int] = dataclasses.field(default_factory=list)  # CPU threads of each epoch run here
 
 
 def build_run(p: TrainParams, prepared: Path, device: torch.device, d: Dist) -> Run:
@@ -274,6 +276,7 @@ def run_epochs(p: TrainParams, run: Run, progress: Progress, state_path: Path, d
     start = time.perf_counter() - progress.seconds
     stopped_early = False
     for epoch in range(progress.epoch + 1, p.epochs + 1):
+        run.threads.append(set_threads(p.threads))  # the share can change as other jobs start and end
         t0 = time.perf_counter()
         bar = tqdm(total=steps * p.batch_size, unit="img", desc=f"epoch {epoch}/{p.epochs}",
                    leave=False, disable=None) if interactive else None
@@ -333,7 +336,7 @@ def finish(p: TrainParams, run: Run, progress: Progress, stopped_early: bool, mo
         "precision": str(engine.amp).removeprefix("torch.") if engine.amp else "float32",
         "compiled": p.compile,
         "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        "threads": run.threads,  # per epoch run by this process; results repeat bitwise for equal counts
     }
     if d.main:
         save_checkpoint(model_path, engine.net, p.model, run.meta,
@@ -348,7 +351,7 @@ def finish(p: TrainParams, run: Run, progress: Progress, stopped_early: bool, mo
 def _train(p: TrainParams, prepared: Path, model_path: Path, metrics_path: Path, history_path: Path,
            state_path: Path, device: torch.device, d: Dist, on_epoch) -> dict:
     """build -> loop -> finish, continuing from the resume state when there is one for these params."""
-    set_threads(p.threads)
+    set_threads(p.threads)  # build and the first epoch's validation
     seed_everything(p.seed)
     configure_backends(device, p.deterministic)
     if not d.main:
