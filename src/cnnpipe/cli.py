@@ -16,7 +16,7 @@ from cnnpipe.core.errors import CnnpipeError
 log = logging.getLogger("cnnpipe")
 # Top-level modules of the pipeline extra (pyproject.toml), as imported
 PIPELINE_MODULES = {"torch", "torchvision", "pandas", "yaml", "tqdm", "dvc", "prefect", "sqlalchemy", "onnx",
-                    "onnxscript", "networkx", "ruamel", "gto"}
+                    "onnxscript", "networkx", "ruamel", "gto", "optuna"}
 
 
 def _download(args: argparse.Namespace) -> None:
@@ -167,6 +167,20 @@ STAGES: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
 }
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from cnnpipe.mlops import sweep
+    repo = Path(args.repo)
+    spec = sweep.check_budget(sweep.load_spec(args.file, repo / "params.yaml"), args.trials, args.parallel)
+    if args.show:
+        table = sweep.rows(sweep.open_study(spec, args.storage or sweep.default_storage(repo, spec)))
+    else:
+        table = sweep.run(spec, repo, args.storage)
+    print(sweep.summary(spec, table))
+    return 0 if sweep.best_row(table) else 3
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cnnpipe", description=__doc__)
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
@@ -222,6 +236,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--get", metavar="REF", help="fetch a model instead: NAME#STAGE or NAME@vX.Y.Z")
     p.add_argument("-o", "--out", default="model.onnx", help="where --get writes the file")
     p.set_defaults(func=_registry)
+
+    p = sub.add_parser("sweep", help="search params.yaml keys with Optuna; every trial a DVC experiment (DVC's queue)")
+    p.add_argument("file", help="the sweep: keys of params.yaml and their ranges (see sweeps/example.yaml)")
+    p.add_argument("--trials", type=int, help="trial budget (default: the file's trials, else 12)")
+    p.add_argument("--parallel", type=int, help="trials at once: dvc queue workers (default: the file's, else 1)")
+    p.add_argument("--storage", help="the Optuna study's storage: a journal file (shared disk) or a database URL "
+                                     "(default: .dvc/tmp/sweeps/<name>.journal)")
+    p.add_argument("--repo", default=".", help="the project checkout (default: %(default)s)")
+    p.add_argument("--show", action="store_true", help="print the trials so far; run nothing")
+    p.set_defaults(func=_sweep)
 
     p = sub.add_parser("example-images", help="write a tiny generated image set (coloured shapes)")
     p.add_argument("dir")

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from cnnpipe.core import cpushare, resume
+from cnnpipe.core import cpushare, resume, trial
 from cnnpipe.core.checkpoint import save_checkpoint
 from cnnpipe.core.data import augment, draw_augment, normalize, stats_tensors, to_device
 from cnnpipe.core.errors import CnnpipeError
@@ -266,15 +266,27 @@ def build_run(p: TrainParams, prepared: Path, device: torch.device, d: Dist) -> 
     return Run(engine, meta, x, y, vx, vy, mean, std, p.flip and meta.flip, generator, key)
 
 
+def should_stop(report: trial.Reporter | None, epoch: int, val_acc: float, d: Dist) -> bool:
+    """A sweep's pruner decides on rank 0; under torchrun every rank learns the decision."""
+    stop = bool(report(epoch, val_acc)) if report is not None and d.main else False
+    if d.world > 1:
+        flag = torch.tensor([int(stop)])
+        dist.broadcast(flag, 0)
+        stop = bool(flag.item())
+    return stop
+
+
 def run_epochs(p: TrainParams, run: Run, progress: Progress, state_path: Path, d: Dist,
-               on_epoch: Callable[[dict, nn.Module], None] | None) -> tuple[Progress, bool]:
-    """Train from the epoch after `progress.epoch` to the last (or an early stop), validating each epoch and
-    saving the resume state after it. Returns the progress and whether it stopped early."""
+               on_epoch: Callable[[dict, nn.Module], None] | None,
+               report: trial.Reporter | None = None) -> tuple[Progress, str | None]:
+    """Train from the epoch after `progress.epoch` to the last, validating each epoch and saving the resume
+    state after it. Stops early on train.patience or when a sweep's pruner says so (`report`). Returns the
+    progress and why it stopped early ("patience", "pruned") or None."""
     engine = run.engine
     steps = len(run.y) // p.batch_size
     interactive = sys.stderr.isatty() and d.main  # a bar on a terminal; plain lines in CI, DVC, Prefect
     start = time.perf_counter() - progress.seconds
-    stopped_early = False
+    stopped_early = None
     for epoch in range(progress.epoch + 1, p.epochs + 1):
         run.threads.append(set_threads(p.threads))  # the share can change as other jobs start and end
         t0 = time.perf_counter()
@@ -305,13 +317,18 @@ def run_epochs(p: TrainParams, run: Run, progress: Progress, state_path: Path, d
             start += time.perf_counter() - t1
         if p.patience > 0 and epoch - progress.best["epoch"] >= p.patience:
             log.info("early stop: no better validation accuracy for %d epochs", p.patience)
-            stopped_early = True
+            stopped_early = "patience"
+            break
+        if should_stop(report, epoch, va_acc, d) and epoch < p.epochs:
+            log.info("pruned by the sweep after epoch %d: validation accuracy %.4f is below the median of "
+                     "earlier trials at this epoch", epoch, va_acc)
+            stopped_early = "pruned"
             break
     progress.seconds = time.perf_counter() - start
     return progress, stopped_early
 
 
-def finish(p: TrainParams, run: Run, progress: Progress, stopped_early: bool, model_path: Path,
+def finish(p: TrainParams, run: Run, progress: Progress, stopped_early: str | None, model_path: Path,
            metrics_path: Path, history_path: Path, state_path: Path, d: Dist) -> dict:
     """Keep the best epoch's weights; rank 0 writes the checkpoint, history, curves and metrics, and removes
     the resume state."""
@@ -329,7 +346,8 @@ def finish(p: TrainParams, run: Run, progress: Progress, stopped_early: bool, mo
         "dataset": run.meta.dataset,
         "epochs": p.epochs,
         "epochs_run": len(progress.history),
-        "stopped_early": stopped_early,
+        "stopped_early": stopped_early is not None,
+        "pruned": stopped_early == "pruned",  # a sweep's trial, stopped by its pruner (the outputs are whole)
         "images_per_second": round(progress.images / progress.seconds, 1),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "processes": d.world,
@@ -362,5 +380,6 @@ def _train(p: TrainParams, prepared: Path, model_path: Path, metrics_path: Path,
     if state is not None:  # continue after the last completed epoch, exactly as if never stopped
         progress = resume.restore(state, run.engine, run.generator, d)
         log.info("resuming after epoch %d from %s", progress.epoch, state_path)
-    progress, stopped_early = run_epochs(p, run, progress, state_path, d, on_epoch)
+    report = trial.reporter_from_env() if d.main else None
+    progress, stopped_early = run_epochs(p, run, progress, state_path, d, on_epoch, report)
     return finish(p, run, progress, stopped_early, model_path, metrics_path, history_path, state_path, d)

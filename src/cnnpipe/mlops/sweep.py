@@ -1,0 +1,400 @@
+"""cnnpipe sweep: search params.yaml keys with Optuna, every trial a DVC experiment run by DVC's queue.
+
+A sweep file names the keys and their ranges; Optuna (grid, random or TPE) proposes each trial's values; the
+trial is queued as `dvc exp run --queue -n <sweep>-<NNN> -S key=value ... <stage>` and `dvc queue start -j
+<parallel>` runs it, so `dvc exp show` lists every trial with its params and metrics. The train stage reports
+validation accuracy after every epoch to the study (core/trial.py) and Optuna's median pruner stops hopeless
+trials early; a pruned trial ends like any other run, with whole outputs and a model of its best epoch.
+
+The study lives in a storage many processes share (a journal file, or a database URL), so a sweep that is
+stopped and started again keeps its finished trials and runs only what is left. At the end: a table of the
+trials, the best one (`dvc exp apply <name>`), and sweeps/<name>/trials.csv with a dvc.yaml beside it whose
+plots `dvc plots show` draws: validation accuracy against each swept key.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cnnpipe.core import trial as trialmod
+from cnnpipe.core.errors import CnnpipeError
+from cnnpipe.core.fsutil import atomic_path, write_json
+from cnnpipe.mlops.dvcops import EXP_NAME, check_overrides, dvc_env
+
+SAMPLERS = ("grid", "random", "tpe")
+PRUNERS = ("median", "none")
+RESULTS = Path("sweeps")
+STATES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed"}  # Optuna's, as the table shows them
+
+
+@dataclass(frozen=True)
+class Dim:
+    """One swept key: a list of choices, or an int/float range (optionally log-scaled or stepped)."""
+
+    key: str
+    choices: list | None = None
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+
+    @property
+    def is_int(self) -> bool:
+        return self.choices is None and all(isinstance(v, int) for v in (self.low, self.high)) and (
+            self.step is None or isinstance(self.step, int))
+
+    def grid(self) -> list:
+        if self.choices is not None:
+            return list(self.choices)
+        if self.step is None and not self.is_int:
+            raise CnnpipeError(f"sweep space {self.key}: a grid needs choices or a step for a float range; "
+                               "add step: or use sampler: tpe")
+        step = self.step or 1
+        n = int(math.floor((self.high - self.low) / step + 1e-9)) + 1
+        return [self.low + i * step if not self.is_int else int(self.low + i * step) for i in range(n)]
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    space: list[Dim]
+    sampler: str = "tpe"
+    trials: int = 12
+    parallel: int = 1
+    stage: str = "train"  # trials run the DAG up to this stage; the test set stays unseen until you apply one
+    pruner: dict[str, Any] = field(default_factory=lambda: {"kind": "median", "startup_trials": 4,
+                                                              "warmup_epochs": 1})
+    seed: int = 0
+
+
+def _fail(path: Path, problem: str) -> CnnpipeError:
+    return CnnpipeError(f"{path}: {problem}")
+
+
+def _dim(path: Path, key: str, raw: Any) -> Dim:
+    if isinstance(raw, list):
+        raw = {"choices": raw}
+    if not isinstance(raw, dict):
+        raise _fail(path, f"space {key}: give choices: [...] or low:/high: (and log: true, step:)")
+    unknown = set(raw) - {"choices", "low", "high", "log", "step"}
+    if unknown:
+        raise _fail(path, f"space {key}: unknown field {sorted(unknown)[0]}; use choices, low, high, log, step")
+    if "choices" in raw:
+        if not isinstance(raw["choices"], list) or not raw["choices"]:
+            raise _fail(path, f"space {key}: choices must be a non-empty list")
+        return Dim(key, choices=raw["choices"])
+    low, high = raw.get("low"), raw.get("high")
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (low, high)):
+        raise _fail(path, f"space {key}: low and high must both be numbers")
+    if low > high:
+        raise _fail(path, f"space {key}: low {low} is above high {high}; swap them")
+    log = bool(raw.get("log", False))
+    if log and low <= 0:
+        raise _fail(path, f"space {key}: a log range must be above 0 (low is {low}); raise low or drop log")
+    step = raw.get("step")
+    if step is not None and (not isinstance(step, int | float) or step <= 0 or log):
+        raise _fail(path, f"space {key}: step must be a positive number, and not with log")
+    return Dim(key, low=low, high=high, log=log, step=step)
+
+
+def load_spec(path: str | Path, params_path: str | Path = "params.yaml") -> Spec:
+    """Read and check a sweep file: every key must be in params.yaml and every value it can take must pass
+    that key's checks (the same as `dvc exp run -S`), before anything is queued."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise CnnpipeError(f"{path}: sweep file not found; see sweeps/example.yaml") from None
+    except yaml.YAMLError as e:
+        raise _fail(path, f"not valid YAML ({str(e).splitlines()[0]})") from e
+    if not isinstance(raw, dict):
+        raise _fail(path, "a sweep file is a mapping with space: and optional name, sampler, trials, parallel")
+    unknown = set(raw) - {"name", "space", "sampler", "trials", "parallel", "stage", "pruner", "seed"}
+    if unknown:
+        raise _fail(path, f"unknown field {sorted(unknown)[0]}; use name, space, sampler, trials, parallel, "
+                          "stage, pruner, seed")
+    space_raw = raw.get("space")
+    if not isinstance(space_raw, dict) or not space_raw:
+        raise _fail(path, "the space is empty; add keys of params.yaml, e.g. space: {train.lr: {low: 0.001, "
+                          "high: 0.01, log: true}}")
+    space = [_dim(path, str(k), v) for k, v in space_raw.items()]
+    for dim in space:
+        values = dim.choices if dim.choices is not None else [dim.low, dim.high]
+        for value in values:
+            try:
+                check_overrides(params_path, {dim.key: value})
+            except CnnpipeError as e:
+                raise _fail(path, f"space {dim.key}: {str(e).removeprefix(f'override {dim.key}: ')}") from e
+    name = str(raw.get("name") or path.stem)
+    if not EXP_NAME.fullmatch(name) or len(name) > 90:
+        raise _fail(path, f"name {name!r}: use letters, digits, '.', '_' or '-' (at most 90)")
+    sampler = raw.get("sampler", "tpe")
+    if sampler not in SAMPLERS:
+        raise _fail(path, f"sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
+    ints = {}
+    for key, default in (("trials", 12), ("parallel", 1), ("seed", 0)):
+        value = raw.get(key, default)
+        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "seed" else 1):
+            raise _fail(path, f"{key} {value!r}: must be a whole number of at least {0 if key == 'seed' else 1}")
+        ints[key] = value
+    pruner = {"kind": "median", "startup_trials": 4, "warmup_epochs": 1}
+    given = raw.get("pruner", "median")
+    given = {"kind": given} if isinstance(given, str) else given
+    if not isinstance(given, dict) or given.get("kind", "median") not in PRUNERS or set(given) - set(pruner):
+        raise _fail(path, "pruner: median or none, or {kind: median, startup_trials: N, warmup_epochs: M}")
+    pruner.update(given)
+    return Spec(name, space, sampler, ints["trials"], ints["parallel"], str(raw.get("stage", "train")),
+                pruner, ints["seed"])
+
+
+def check_budget(spec: Spec, trials: int | None, parallel: int | None) -> Spec:
+    """Command-line overrides of the budget and the parallelism."""
+    import dataclasses
+
+    for flag, value in (("--trials", trials), ("--parallel", parallel)):
+        if value is not None and value < 1:
+            raise CnnpipeError(f"{flag} {value}: must be at least 1")
+    spec = dataclasses.replace(spec, trials=trials or spec.trials, parallel=parallel or spec.parallel)
+    if spec.sampler == "grid":
+        size = math.prod(len(d.grid()) for d in spec.space)
+        spec = dataclasses.replace(spec, trials=min(spec.trials, size))
+    return spec
+
+
+def distributions(spec: Spec) -> dict[str, Any]:
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    out = {}
+    for d in spec.space:
+        if d.choices is not None:
+            out[d.key] = CategoricalDistribution(d.choices)
+        elif d.is_int:
+            out[d.key] = IntDistribution(int(d.low), int(d.high), log=d.log, step=int(d.step or 1))
+        else:
+            out[d.key] = FloatDistribution(float(d.low), float(d.high), log=d.log, step=d.step)
+    return out
+
+
+def open_study(spec: Spec, storage: str):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if spec.sampler in ("grid", "random"):  # a grid: every point enqueued below, in order
+        sampler = optuna.samplers.RandomSampler(seed=spec.seed)
+    else:
+        sampler = optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=min(4, spec.trials))
+    study = optuna.create_study(study_name=spec.name, storage=trialmod.open_storage(storage), sampler=sampler,
+                                pruner=trialmod.make_pruner(spec.pruner), direction="maximize",
+                                load_if_exists=True)
+    n = len(study.trials)
+    if spec.sampler == "grid" and not n:
+        import itertools
+
+        keys = [d.key for d in spec.space]
+        for values in itertools.product(*(d.grid() for d in spec.space)):
+            study.enqueue_trial(dict(zip(keys, values, strict=True)))
+    elif n:  # a resumed sweep: new draws, not the first run's again
+        study.sampler = type(sampler)(seed=spec.seed + n, **({"n_startup_trials": min(4, spec.trials)}
+                                                              if spec.sampler == "tpe" else {}))
+    return study
+
+
+def default_storage(repo: str | Path, spec: Spec) -> str:
+    return str(Path(repo).resolve() / ".dvc/tmp/sweeps" / f"{spec.name}.journal")
+
+
+def exp_name(spec: Spec, number: int) -> str:
+    return f"{spec.name}-{number:03d}"
+
+
+def write_ticket(repo: str | Path, name: str, spec: Spec, storage: str, trial_id: int) -> None:
+    write_json(trialmod.ticket_path(repo, name), {"study": spec.name, "storage": storage, "trial_id": trial_id,
+                                                  "pruner": spec.pruner})
+
+
+def counted(t) -> bool:
+    """Trials that count against the budget: finished ones, not those a stopped sweep left behind."""
+    from optuna.trial import TrialState
+
+    return t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL) and not t.user_attrs.get("requeued")
+
+
+# ---- DVC's queue ------------------------------------------------------------------------------------------
+
+def queue_trial(repo: str | Path, spec: Spec, trial, storage: str) -> str:
+    name = exp_name(spec, trial.number)
+    trial.set_user_attr("dvc_exp", name)
+    write_ticket(repo, name, spec, storage, trial._trial_id)
+    sets = [f"-S{key}={json.dumps(value)}" for key, value in trial.params.items()]
+    proc = subprocess.run([sys.executable, "-m", "dvc", "exp", "run", "--queue", "-n", name, *sets, spec.stage],
+                          cwd=repo, env=dvc_env(), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise CnnpipeError(f"dvc exp run --queue failed for {name}: "
+                           f"{(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
+    return name
+
+
+def start_workers(repo: str | Path, jobs: int) -> None:
+    """`dvc queue start -j N` starts only the workers that are missing; they stop when the queue is empty."""
+    subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", str(jobs)], cwd=repo, env=dvc_env(),
+                   capture_output=True, text=True, check=True)
+
+
+def queue_states(repo: str | Path) -> dict[str, str]:
+    """Experiment name -> Queued | Running | Success | Failed, as `dvc queue status` reports them."""
+    from dvc.repo import Repo
+
+    with Repo(str(repo)) as dvc_repo:
+        return {e["name"]: e["status"] for e in dvc_repo.experiments.celery_queue.status() if e.get("name")}
+
+
+# ---- results ----------------------------------------------------------------------------------------------
+
+def conclude(study, trial_number: int, succeeded: bool, why: str = "") -> str:
+    """Tell the study how a trial ended: its best validation accuracy (complete, or pruned early), or failed."""
+    from optuna.trial import TrialState
+
+    t = study.trials[trial_number]
+    values = t.intermediate_values
+    if succeeded and values:
+        state = TrialState.PRUNED if "pruned_after_epoch" in t.user_attrs else TrialState.COMPLETE
+        if state == TrialState.PRUNED:  # keep the pruned trial's best accuracy for the table
+            study._storage.set_trial_user_attr(t._trial_id, "best_val_acc", max(values.values()))
+        study.tell(t.number, max(values.values()) if state == TrialState.COMPLETE else None, state=state)
+        return state.name.lower()
+    study._storage.set_trial_user_attr(t._trial_id, "failure", why or "reported no validation accuracy")
+    study.tell(t.number, state=TrialState.FAIL)
+    return "failed"
+
+
+def rows(study) -> list[dict[str, Any]]:
+    """One row per trial that counts: its experiment, state, epochs run, best validation accuracy, params."""
+    out = []
+    for t in study.trials:
+        if not counted(t):
+            continue
+        acc = t.value if t.value is not None else t.user_attrs.get("best_val_acc")
+        out.append({"trial": t.number, "experiment": t.user_attrs.get("dvc_exp", ""), "state": STATES[t.state.name],
+                    "epochs": len(t.intermediate_values), "val_acc": acc, **t.params})
+    return out
+
+
+def best_row(table: list[dict[str, Any]]) -> dict[str, Any] | None:
+    done = [r for r in table if r["state"] == "complete"]
+    return max(done, key=lambda r: r["val_acc"]) if done else None
+
+
+def format_table(table: list[dict[str, Any]], keys: list[str]) -> str:
+    head = ["trial", "experiment", "state", "epochs", "val_acc", *keys]
+    lines = [head] + [[str(r["trial"]), r["experiment"], r["state"], str(r["epochs"]),
+                       f"{r['val_acc']:.4f}" if r["val_acc"] is not None else "-",
+                       *(f"{r.get(k):.4g}" if isinstance(r.get(k), float) else str(r.get(k)) for k in keys)]
+                      for r in table]
+    widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in lines)
+
+
+def write_results(repo: str | Path, spec: Spec, table: list[dict[str, Any]]) -> Path:
+    """sweeps/<name>/trials.csv and a dvc.yaml beside it: a scatter plot of val_acc against each swept key."""
+    folder = Path(repo) / RESULTS / spec.name
+    keys = [d.key for d in spec.space]
+    with atomic_path(folder / "trials.csv") as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["trial", "experiment", "state", "epochs", "val_acc", *keys])
+        writer.writeheader()
+        writer.writerows([{k: ("" if v is None else v) for k, v in r.items()} for r in table])
+    plots = [{f"{spec.name}: val_acc vs {k}": {"template": "scatter", "x": {"trials.csv": k},
+                                               "y": {"trials.csv": "val_acc"}, "title": f"{spec.name}: {k}"}}
+             for k in keys]
+    with atomic_path(folder / "dvc.yaml") as tmp:
+        tmp.write_text("# written by cnnpipe sweep: `dvc plots show` draws validation accuracy against each key\n"
+                       + yaml.safe_dump({"plots": plots}, sort_keys=False))
+    return folder / "trials.csv"
+
+
+# ---- the loop ---------------------------------------------------------------------------------------------
+
+def recover(study, spec: Spec, states: dict[str, str]) -> list[int]:
+    """Trials a stopped sweep left running: still in DVC's queue -> wait for them; finished -> conclude;
+    lost -> re-propose the same params to a new trial. Returns the numbers still in flight."""
+    from optuna.trial import TrialState
+
+    waiting = []
+    for t in study.trials:
+        if t.state != TrialState.RUNNING:
+            continue
+        status = states.get(t.user_attrs.get("dvc_exp", ""))
+        if status in ("Queued", "Running"):
+            waiting.append(t.number)
+        elif status in ("Success", "Failed"):
+            conclude(study, t.number, status == "Success", "the experiment failed (dvc queue logs)")
+        else:
+            study._storage.set_trial_user_attr(t._trial_id, "requeued", True)
+            study.tell(t.number, state=TrialState.FAIL)
+            study.enqueue_trial(t.params, skip_if_exists=False)
+    return waiting
+
+
+def run(spec: Spec, repo: str | Path = ".", storage: str | None = None, poll: float = 1.0,
+        log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Run the sweep to its budget through DVC's queue; returns the table (also written to sweeps/<name>/)."""
+    repo = Path(repo).resolve()
+    storage = storage or default_storage(repo, spec)
+    study = open_study(spec, storage)
+    dists = distributions(spec)
+    in_flight = recover(study, spec, queue_states(repo))
+    done = sum(counted(t) for t in study.trials)
+    if done or in_flight:
+        log(f"sweep {spec.name}: resuming with {done} finished trials, {len(in_flight)} still queued")
+    seen: dict[int, int] = {}
+    while done + len(in_flight) < spec.trials or in_flight:
+        while done + len(in_flight) < spec.trials and len(in_flight) < spec.parallel:
+            t = study.ask(dists)
+            name = queue_trial(repo, spec, t, storage)
+            in_flight.append(t.number)
+            log(f"trial {t.number} queued as {name}: {json.dumps(t.params)}")
+        start_workers(repo, spec.parallel)
+        time.sleep(poll)
+        states = queue_states(repo)
+        for number in list(in_flight):
+            t = study.trials[number]
+            epochs = len(t.intermediate_values)
+            if epochs != seen.get(number, 0):
+                seen[number] = epochs
+                log(f"trial {number}: epoch {epochs} val_acc {t.intermediate_values[max(t.intermediate_values)]:.4f}")
+            status = states.get(t.user_attrs["dvc_exp"])
+            if status in ("Success", "Failed"):
+                state = conclude(study, number, status == "Success",
+                                 f"the experiment failed: dvc queue logs {t.user_attrs['dvc_exp']}")
+                in_flight.remove(number)
+                done += 1
+                log(f"trial {number} {state} after {epochs} epochs"
+                    + (f" (see `dvc queue logs {t.user_attrs['dvc_exp']}`)" if state == "failed" else ""))
+    table = rows(study)
+    write_results(repo, spec, table)
+    return table
+
+
+def summary(spec: Spec, table: list[dict[str, Any]]) -> str:
+    keys = [d.key for d in spec.space]
+    best = best_row(table)
+    counts = {s: sum(r["state"] == s for r in table) for s in ("complete", "pruned", "failed")}
+    epochs = sum(r["epochs"] for r in table)
+    lines = [format_table(table, keys), "",
+             f"{len(table)} trials: {counts['complete']} complete, {counts['pruned']} pruned, "
+             f"{counts['failed']} failed; {epochs} epochs in all"]
+    if best:
+        lines.append(f"best: trial {best['trial']} ({best['experiment']}), val_acc {best['val_acc']:.4f}; "
+                     f"to use it: dvc exp apply {best['experiment']} && dvc repro")
+    lines.append(f"plots: dvc plots show {RESULTS / spec.name / 'dvc.yaml'}")
+    return "\n".join(lines)

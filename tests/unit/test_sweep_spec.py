@@ -1,0 +1,59 @@
+"""A sweep file is checked before anything is queued: bad input gets one line, exit 1, and no study, ticket or
+result is written."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cnnpipe.core.errors import CnnpipeError
+from cnnpipe.mlops.sweep import Dim, load_spec
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("space, problem", [
+    ({"train.nosuch": [1]}, "train.nosuch"),
+    ({}, "the space is empty"),
+    ({"train.lr": {"low": 0.1, "high": 0.01}}, "low 0.1 is above high 0.01"),
+    ({"train.lr": {"low": 0, "high": 0.01, "log": True}}, "a log range must be above 0"),
+    ({"train.model": ["resnet9000"]}, "train.model"),
+])
+def test_bad_sweep_files_queue_nothing(tmp_path, space, problem):
+    assert_refused(tmp_path, {"name": "bad", "space": space}, problem)
+
+
+def test_a_zero_budget_queues_nothing(tmp_path):
+    assert_refused(tmp_path, {"space": {"train.lr": [0.01]}, "trials": 0}, "trials 0")
+    assert_refused(tmp_path, {"space": {"train.lr": [0.01]}}, "--trials 0", "--trials", "0")
+
+
+def assert_refused(tmp_path: Path, spec: dict, problem: str, *args: str) -> None:
+    root = Path(__file__).resolve().parents[2]
+    (tmp_path / "params.yaml").write_text((root / "params.yaml").read_text())
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(spec))
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    proc = subprocess.run([sys.executable, "-m", "cnnpipe.cli", "sweep", "bad.yaml", *args], cwd=tmp_path,
+                          capture_output=True, text=True, env=dict(os.environ))
+    assert proc.returncode == 1 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cnnpipe sweep: error: ") and problem in lines[0], proc.stderr
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # no study, ticket or result
+
+
+def test_the_example_sweep_file_loads(tmp_path):
+    spec = load_spec(ROOT / "sweeps/example.yaml", ROOT / "params.yaml")
+    assert spec.name == "example" and spec.sampler == "tpe" and spec.parallel == 2
+    assert [d.key for d in spec.space] == ["train.lr", "train.weight_decay", "train.label_smoothing"]
+
+
+def test_grid_values_and_budget():
+    assert Dim("k", low=1, high=7, step=3).grid() == [1, 4, 7]
+    assert Dim("k", low=0.0, high=0.2, step=0.1).grid() == pytest.approx([0.0, 0.1, 0.2])
+    with pytest.raises(CnnpipeError, match="a grid needs choices or a step"):
+        Dim("k", low=0.0, high=1.0).grid()
