@@ -9,7 +9,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup lock dataset run test lint docs plots-template deploy worker
+.PHONY: setup lock dataset run test lint docs plots-template deploy worker sweep-worker
 
 # The environment is uv.lock's, exactly: requirements/*.txt are its pins and hashes, exported by `make lock`
 # (uv), and pip installs them with --require-hashes and no other dependency, then the project itself.
@@ -61,9 +61,16 @@ plots-template: setup
 # Needs a Prefect API: `prefect server start` in another shell, then
 # `prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api`.
 POOL ?= cnnpipe-process
+SWEEP_POOL ?= cnnpipe-sweeps
 deploy: setup
-	prefect work-pool inspect $(POOL) >/dev/null 2>&1 || prefect work-pool create $(POOL) --type process
-	CNNPIPE_PROJECT=$(CURDIR) prefect --no-prompt deploy --all --prefect-file pipeline/prefect.yaml
+	for pool in $(POOL) $(SWEEP_POOL); do \
+	  prefect work-pool inspect $$pool >/dev/null 2>&1 || prefect work-pool create $$pool --type process; done
+	env -u CNNPIPE_CLONE CNNPIPE_PROJECT=$(CURDIR) prefect --no-prompt deploy --all --prefect-file pipeline/prefect.yaml
 
 worker: setup
 	prefect worker start --pool $(POOL)
+
+# On every host that takes sweep trials: a clone of the project (git remote `origin`, the DVC remote in its
+# .dvc/config), then this. Trials run in this clone and are pushed to the remotes (pipeline/sweeps.py).
+sweep-worker: setup
+	CNNPIPE_CLONE=$(CURDIR) prefect worker start --pool $(SWEEP_POOL)

@@ -114,3 +114,15 @@ def onnx_model(tmp_path_factory) -> Path:
           d / "prepared", d / "model.pt", d / "train.json", d / "history.csv")
     export(ExportParams(check_images=32), d / "prepared", d / "model.pt", d / "model.onnx", d / "export.json")
     return d / "model.onnx"
+
+
+@pytest.fixture
+def prefect_server(tmp_path):
+    """A real `prefect server start` on loopback: (env that reaches it, list of processes stopped afterwards)."""
+    from helpers import start_prefect_server, stop_all
+
+    procs: list = []
+    try:
+        yield start_prefect_server(tmp_path, procs), procs
+    finally:
+        stop_all(procs)

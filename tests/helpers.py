@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import os
 import re
 import shutil
 import subprocess
 import sys
 import tarfile
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +23,7 @@ from cnnpipe.bench.launch import free_port
 from cnnpipe.core.formats import CIFAR_TEST, CIFAR_TRAIN, write_idx
 
 ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
 
 IDX_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
              "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
@@ -130,6 +135,13 @@ def make_repo(tmp_path: Path, source: str, md5: dict[str, str]) -> Path:
     return repo
 
 
+def add_makefile(repo: Path) -> None:
+    """The Makefile and what its targets depend on, for tests that run `make` in a project copy."""
+    for name in ("Makefile", "pyproject.toml", "uv.lock", "requirements/all.txt", "requirements/serve.txt"):
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / name, repo / name)
+
+
 def commit(repo: Path, message: str) -> None:
     run(repo, "git", "add", "-A")
     run(repo, "git", "commit", "-qm", message)
@@ -144,3 +156,55 @@ def start_server(model: Path, *extra: str) -> tuple[subprocess.Popen, str]:
 
 
 stop = launch.stop
+
+
+# --- a real Prefect server on loopback ------------------------------------------------------------
+
+def api(url: str, path: str, body: dict | None = None):
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url + path, data=data, method="POST" if data is not None else "GET",
+                                 headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read() or b"null")
+
+
+def sh(env: dict, cwd: Path, *args: str) -> str:
+    proc = subprocess.run(list(args), cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{args}: {proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def start_prefect_server(home: Path, procs: list) -> dict:
+    """`prefect server start` on a free loopback port (appended to `procs`); returns the env that reaches it."""
+    port = free_port()
+    env = dict(os.environ, PREFECT_HOME=str(home / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_API_URL=f"http://127.0.0.1:{port}/api", DO_NOT_TRACK="1",
+               PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    env.pop("PREFECT_LOCAL_STORAGE_PATH", None)
+    log = home / "server.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
+                                   str(port)], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    procs.append(server)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            api(env["PREFECT_API_URL"], "/health")
+            return env
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(log.read_text()[-2000:]) from None
+            time.sleep(0.5)
+
+
+def stop_all(procs: list) -> None:
+    """Every process group started by a test stops, also on failure."""
+    import signal
+
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)

@@ -10,76 +10,21 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from datetime import datetime
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import commit, make_repo, write_mnist_mirror
-
-from cnnpipe.bench.launch import free_port
+from helpers import BIN, add_makefile, api, commit, make_repo, sh, write_mnist_mirror
 
 pytestmark = pytest.mark.slow
-
-BIN = Path(sys.executable).parent
-
-
-
-def api(url: str, path: str, body: dict | None = None):
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url + path, data=data, method="POST" if data is not None else "GET",
-                                 headers={"content-type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.loads(r.read() or b"null")
-
-
-@pytest.fixture
-def prefect_server(tmp_path):
-    port = free_port()
-    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PREFECT_API_URL=f"http://127.0.0.1:{port}/api", DO_NOT_TRACK="1",
-               PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
-    env.pop("PREFECT_LOCAL_STORAGE_PATH", None)
-    log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    procs = [server]
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                api(env["PREFECT_API_URL"], "/health")
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError((tmp_path / "server.log").read_text()[-2000:]) from None
-                time.sleep(0.5)
-        yield env, procs
-    finally:
-        for p in procs:  # every process started here stops, also on failure
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-                try:
-                    p.wait(20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(p.pid, signal.SIGKILL)
-        log.close()
-
-
-def sh(env: dict, cwd: Path, *args: str) -> str:
-    proc = subprocess.run(list(args), cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"{args}: {proc.stdout}\n{proc.stderr}"
-    return proc.stdout
-
 
 def test_deploy_schedule_and_worker_run(prefect_server, tmp_path):
     env, procs = prefect_server
     md5 = write_mnist_mirror(tmp_path / "mirror")
     repo = make_repo(tmp_path, str(tmp_path / "mirror"), md5)
     root = Path(__file__).resolve().parents[2]
-    for name in ("Makefile", "pyproject.toml"):
-        (repo / name).write_text((root / name).read_text())
+    add_makefile(repo)
     commit(repo, "with Makefile")
     url = env["PREFECT_API_URL"]
 
@@ -88,9 +33,10 @@ def test_deploy_schedule_and_worker_run(prefect_server, tmp_path):
     stamp.touch()
     sh(env, repo, "make", "deploy", f"VENV={BIN.parent}", f"STAMP={stamp}")
 
-    deployments = api(url, "/deployments/filter", {})
-    assert [d["name"] for d in deployments] == ["nightly"]
-    deployment = deployments[0]
+    deployments = {d["name"]: d for d in api(url, "/deployments/filter", {})}
+    assert sorted(deployments) == ["nightly", "trial"]  # the nightly run, and the sweeps' trials
+    assert deployments["trial"]["work_pool_name"] == "cnnpipe-sweeps"
+    deployment = deployments["nightly"]
     schedules = [s["schedule"] for s in deployment["schedules"]]
     assert schedules and schedules[0]["cron"] == "0 2 * * *"
     assert deployment["work_pool_name"] == "cnnpipe-process"

@@ -10,7 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,14 +103,15 @@ EXP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 def run_experiment(repo: str | Path, name: str, overrides: dict[str, Any],
-                   log: Callable[[str], None] = print) -> Experiment:
-    """`dvc exp run --temp -n NAME -S key=value ...`: the pipeline in a temporary copy of the checkout, recorded
-    as the experiment NAME (`dvc exp show` lists it); the checkout, params.yaml included, is left as it was."""
+                   log: Callable[[str], None] = print, targets: Sequence[str] = ()) -> Experiment:
+    """`dvc exp run --temp -n NAME -S key=value ... [targets]`: the pipeline (up to the target stages) in a
+    temporary copy of the checkout, recorded as the experiment NAME (`dvc exp show` lists it); the checkout,
+    params.yaml included, is left as it was."""
     if not EXP_NAME.fullmatch(name):
         raise CnnpipeError(f"experiment name {name!r} is not valid; use letters, digits, '.', '_' or '-'")
     sets = [f"-S{key}={json.dumps(value)}" for key, value in overrides.items()]
-    proc = subprocess.Popen([sys.executable, "-m", "dvc", "exp", "run", "--temp", "-n", name, *sets], cwd=repo,
-                            env=dvc_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", "exp", "run", "--temp", "-n", name, *sets, *targets],
+                            cwd=repo, env=dvc_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     for line in proc.stdout:  # one merged stream, read as it comes: no pipe can fill up
         line = line.rstrip()

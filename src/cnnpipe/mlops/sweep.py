@@ -232,31 +232,34 @@ def counted(t) -> bool:
 
 # ---- DVC's queue ------------------------------------------------------------------------------------------
 
-def queue_trial(repo: str | Path, spec: Spec, trial, storage: str) -> str:
-    name = exp_name(spec, trial.number)
-    trial.set_user_attr("dvc_exp", name)
-    write_ticket(repo, name, spec, storage, trial._trial_id)
-    sets = [f"-S{key}={json.dumps(value)}" for key, value in trial.params.items()]
-    proc = subprocess.run([sys.executable, "-m", "dvc", "exp", "run", "--queue", "-n", name, *sets, spec.stage],
-                          cwd=repo, env=dvc_env(), capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise CnnpipeError(f"dvc exp run --queue failed for {name}: "
-                           f"{(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
-    return name
+class DvcQueue:
+    """Trials as `dvc exp run --queue` entries of this checkout, run by `dvc queue start -j <parallel>`."""
 
+    where = "dvc queue logs"
 
-def start_workers(repo: str | Path, jobs: int) -> None:
-    """`dvc queue start -j N` starts only the workers that are missing; they stop when the queue is empty."""
-    subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", str(jobs)], cwd=repo, env=dvc_env(),
-                   capture_output=True, text=True, check=True)
+    def __init__(self, repo: Path, spec: Spec, storage: str):
+        self.repo, self.spec, self.storage = repo, spec, storage
 
+    def submit(self, trial, name: str) -> None:
+        write_ticket(self.repo, name, self.spec, self.storage, trial._trial_id)
+        sets = [f"-S{key}={json.dumps(value)}" for key, value in trial.params.items()]
+        proc = subprocess.run([sys.executable, "-m", "dvc", "exp", "run", "--queue", "-n", name, *sets,
+                               self.spec.stage], cwd=self.repo, env=dvc_env(), capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise CnnpipeError(f"dvc exp run --queue failed for {name}: "
+                               f"{(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
 
-def queue_states(repo: str | Path) -> dict[str, str]:
-    """Experiment name -> Queued | Running | Success | Failed, as `dvc queue status` reports them."""
-    from dvc.repo import Repo
+    def tick(self) -> None:
+        """`dvc queue start -j N` starts only the workers that are missing; they stop when the queue is empty."""
+        subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", str(self.spec.parallel)],
+                       cwd=self.repo, env=dvc_env(), capture_output=True, text=True, check=True)
 
-    with Repo(str(repo)) as dvc_repo:
-        return {e["name"]: e["status"] for e in dvc_repo.experiments.celery_queue.status() if e.get("name")}
+    def states(self, study) -> dict[str, str]:
+        """Experiment name -> Queued | Running | Success | Failed, as `dvc queue status` reports them."""
+        from dvc.repo import Repo
+
+        with Repo(str(self.repo)) as dvc_repo:
+            return {e["name"]: e["status"] for e in dvc_repo.experiments.celery_queue.status() if e.get("name")}
 
 
 # ---- results ----------------------------------------------------------------------------------------------
@@ -324,8 +327,8 @@ def write_results(repo: str | Path, spec: Spec, table: list[dict[str, Any]]) -> 
 
 # ---- the loop ---------------------------------------------------------------------------------------------
 
-def recover(study, spec: Spec, states: dict[str, str]) -> list[int]:
-    """Trials a stopped sweep left running: still in DVC's queue -> wait for them; finished -> conclude;
+def recover(study, states: dict[str, str], where: str) -> list[int]:
+    """Trials a stopped sweep left running: still queued or running -> wait for them; finished -> conclude;
     lost -> re-propose the same params to a new trial. Returns the numbers still in flight."""
     from optuna.trial import TrialState
 
@@ -333,16 +336,58 @@ def recover(study, spec: Spec, states: dict[str, str]) -> list[int]:
     for t in study.trials:
         if t.state != TrialState.RUNNING:
             continue
-        status = states.get(t.user_attrs.get("dvc_exp", ""))
+        name = t.user_attrs.get("dvc_exp", "")
+        status = states.get(name)
         if status in ("Queued", "Running"):
             waiting.append(t.number)
         elif status in ("Success", "Failed"):
-            conclude(study, t.number, status == "Success", "the experiment failed (dvc queue logs)")
+            conclude(study, t.number, status == "Success", f"the trial failed: {where} {name}")
         else:
             study._storage.set_trial_user_attr(t._trial_id, "requeued", True)
             study.tell(t.number, state=TrialState.FAIL)
             study.enqueue_trial(t.params, skip_if_exists=False)
     return waiting
+
+
+def drive(spec: Spec, study, backend, poll: float = 1.0, log: Callable[[str], None] = print) -> None:
+    """Keep `spec.parallel` trials in flight on the backend (DVC's queue, or a Prefect work pool) until the
+    budget is spent; conclude each trial as it ends (unless its runner already did) and log the progress."""
+    from optuna.trial import TrialState
+
+    dists = distributions(spec)
+    in_flight = recover(study, backend.states(study), backend.where)
+    done = sum(counted(t) for t in study.trials)
+    if done or in_flight:
+        log(f"sweep {spec.name}: resuming with {done} finished trials, {len(in_flight)} still queued")
+    seen: dict[int, int] = {}
+    while done + len(in_flight) < spec.trials or in_flight:
+        while done + len(in_flight) < spec.trials and len(in_flight) < spec.parallel:
+            t = study.ask(dists)
+            name = exp_name(spec, t.number)
+            t.set_user_attr("dvc_exp", name)
+            backend.submit(t, name)
+            in_flight.append(t.number)
+            log(f"trial {t.number} queued as {name}: {json.dumps(t.params)}")
+        backend.tick()
+        time.sleep(poll)
+        states = backend.states(study)
+        for number in list(in_flight):
+            t = study.trials[number]
+            name, epochs = t.user_attrs["dvc_exp"], len(t.intermediate_values)
+            if epochs != seen.get(number, 0):
+                seen[number] = epochs
+                log(f"trial {number}: epoch {epochs} val_acc {t.intermediate_values[max(t.intermediate_values)]:.4f}")
+            status = states.get(name)
+            if t.state == TrialState.RUNNING:  # else its runner has told the study already
+                if status not in ("Success", "Failed"):
+                    continue
+                conclude(study, number, status == "Success", f"the trial failed: {backend.where} {name}")
+            t = study.trials[number]
+            in_flight.remove(number)
+            done += 1
+            state = STATES.get(t.state.name, t.state.name.lower())
+            log(f"trial {number} {state} after {len(t.intermediate_values)} epochs"
+                + (f" (see `{backend.where} {name}`)" if state == "failed" else ""))
 
 
 def run(spec: Spec, repo: str | Path = ".", storage: str | None = None, poll: float = 1.0,
@@ -351,35 +396,7 @@ def run(spec: Spec, repo: str | Path = ".", storage: str | None = None, poll: fl
     repo = Path(repo).resolve()
     storage = storage or default_storage(repo, spec)
     study = open_study(spec, storage)
-    dists = distributions(spec)
-    in_flight = recover(study, spec, queue_states(repo))
-    done = sum(counted(t) for t in study.trials)
-    if done or in_flight:
-        log(f"sweep {spec.name}: resuming with {done} finished trials, {len(in_flight)} still queued")
-    seen: dict[int, int] = {}
-    while done + len(in_flight) < spec.trials or in_flight:
-        while done + len(in_flight) < spec.trials and len(in_flight) < spec.parallel:
-            t = study.ask(dists)
-            name = queue_trial(repo, spec, t, storage)
-            in_flight.append(t.number)
-            log(f"trial {t.number} queued as {name}: {json.dumps(t.params)}")
-        start_workers(repo, spec.parallel)
-        time.sleep(poll)
-        states = queue_states(repo)
-        for number in list(in_flight):
-            t = study.trials[number]
-            epochs = len(t.intermediate_values)
-            if epochs != seen.get(number, 0):
-                seen[number] = epochs
-                log(f"trial {number}: epoch {epochs} val_acc {t.intermediate_values[max(t.intermediate_values)]:.4f}")
-            status = states.get(t.user_attrs["dvc_exp"])
-            if status in ("Success", "Failed"):
-                state = conclude(study, number, status == "Success",
-                                 f"the experiment failed: dvc queue logs {t.user_attrs['dvc_exp']}")
-                in_flight.remove(number)
-                done += 1
-                log(f"trial {number} {state} after {epochs} epochs"
-                    + (f" (see `dvc queue logs {t.user_attrs['dvc_exp']}`)" if state == "failed" else ""))
+    drive(spec, study, DvcQueue(repo, spec, storage), poll, log)
     table = rows(study)
     write_results(repo, spec, table)
     return table

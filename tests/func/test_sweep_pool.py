@@ -1,0 +1,77 @@
+"""A sweep spread over machines, on loopback: a real Prefect server, `make deploy`, two process workers in two
+separate clones of a bare git remote with a local DVC remote, a journal-file study both reach. Trials are
+flow runs the workers take; each runs in its worker's clone and pushes its experiment to both remotes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import optuna
+import pytest
+import yaml
+from helpers import BIN, add_makefile, commit, dvc, make_repo, run, sh, write_mnist_mirror
+
+pytestmark = pytest.mark.slow
+
+
+def test_sweep_trials_run_on_two_workers_in_their_own_clones(prefect_server, tmp_path):
+    env, procs = prefect_server
+    md5 = write_mnist_mirror(tmp_path / "mirror")
+    repo = make_repo(tmp_path, str(tmp_path / "mirror"), md5)
+    add_makefile(repo)
+    spec = {"sampler": "random", "seed": 4, "trials": 4, "parallel": 2,
+            "space": {"train.lr": {"low": 0.001, "high": 0.03, "log": True}, "train.epochs": [2]}}
+    (repo / "sweeps").mkdir()
+    (repo / "sweeps/pool.yaml").write_text(yaml.safe_dump(spec))
+    remote, store = tmp_path / "remote.git", tmp_path / "dvc-store"
+    run(tmp_path, "git", "init", "-q", "--bare", str(remote))
+    run(repo, "git", "remote", "add", "origin", str(remote))
+    dvc(repo, "remote", "add", "-d", "store", str(store))
+    dvc(repo, "repro")
+    commit(repo, "baseline")
+    run(repo, "git", "push", "-q", "origin", "HEAD")
+
+    stamp = tmp_path / "installed"  # this interpreter's venv stands in for `make setup`
+    stamp.touch()
+    sh(env, repo, "make", "deploy", f"VENV={BIN.parent}", f"STAMP={stamp}")
+    clones = []
+    for i in (1, 2):  # two hosts' clones, each with its worker, one trial at a time
+        clone = tmp_path / f"host{i}" / "cnnpipe"
+        run(tmp_path, "git", "clone", "-q", str(remote), str(clone))
+        log = open(tmp_path / f"worker{i}.log", "w")
+        procs.append(subprocess.Popen(
+            [str(BIN / "prefect"), "worker", "start", "--pool", "cnnpipe-sweeps", "--limit", "1"], cwd=clone,
+            env=dict(env, CNNPIPE_CLONE=str(clone), PREFECT_WORKER_QUERY_SECONDS="1"), stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True))
+        clones.append(clone)
+
+    journal = tmp_path / "shared" / "pool.journal"  # a shared disk, here a folder both clones reach
+    proc = subprocess.run([sys.executable, "pipeline/sweeps.py", "sweeps/pool.yaml", "--storage", str(journal)],
+                          cwd=repo, env=env, capture_output=True, text=True, timeout=500)
+    logs = "".join((tmp_path / f"worker{i}.log").read_text()[-1500:] for i in (1, 2))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + logs
+    assert "4 trials: 4 complete, 0 pruned, 0 failed" in proc.stdout + proc.stderr  # Prefect logs to stderr
+
+    study = optuna.load_study(study_name="pool", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(journal))))
+    trials = study.trials
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 4
+    assert {t.user_attrs["worker"].split(":", 1)[1] for t in trials} == {str(c) for c in clones}  # both hosts
+
+    names = [t.user_attrs["dvc_exp"] for t in trials]
+    refs = run(tmp_path, "git", "ls-remote", str(remote), "refs/exps/*")
+    assert sorted(r.rsplit("/", 1)[1] for r in refs.split()[1::2]) == sorted(names)  # pushed to git
+    for t, line in zip(trials, sorted(refs.splitlines(), key=lambda r: names.index(r.rsplit("/", 1)[1])),
+                       strict=True):
+        commit_sha = line.split()[0]
+        run(repo, "git", "fetch", "-q", "origin", line.split()[1])
+        params = yaml.safe_load(run(repo, "git", "show", f"{commit_sha}:params.yaml"))
+        assert params["train"]["lr"] == pytest.approx(t.params["train.lr"])
+        lock = yaml.safe_load(run(repo, "git", "show", f"{commit_sha}:dvc.lock"))
+        model = next(o for o in lock["stages"]["train"]["outs"] if o["path"] == "models/model.pt")
+        assert (store / "files/md5" / model["md5"][:2] / model["md5"][2:]).is_file()  # and its model to DVC's
+        metrics = json.loads(run(repo, "git", "show", f"{commit_sha}:metrics/train.json"))
+        assert metrics["val_acc"] == pytest.approx(t.value)
+    assert (repo / "sweeps/pool/trials.csv").is_file()
