@@ -44,6 +44,12 @@ def service_row(setup: str, model: str = "default") -> dict:
 
 # --- README ----------------------------------------------------------------------------------------------
 
+def threads_text(per_epoch: list) -> str:
+    """metrics/train.info.json's threads: one count, or the range the run's share moved through."""
+    counts = sorted({n for epoch in per_epoch for n in (epoch if isinstance(epoch, list) else [epoch])})
+    return f"{counts[0]} threads" if len(counts) == 1 else f"{counts[0]}–{counts[-1]} threads"
+
+
 def results() -> None:
     """The README's results table: the committed run of the default pipeline and the serving benchmark."""
     ev, evi = load("metrics/eval.json"), load("metrics/eval.info.json")
@@ -58,7 +64,7 @@ def results() -> None:
         [f"test accuracy ({evi['images']:,} {evi['dataset']} test images{tta})",
          f"**{pct(ev['acc'])}**, macro-F1 {ev['f1']:.3f}, worst class F1 {ev['min_f1']:.3f}", "`metrics/eval.json`"],
         [f"training ({tri['device']})", f"{num(tr['sec'])} s, {num(tri['images_per_second'], 0)} images/s, "
-         f"{tri['epochs']} epochs, {tri['threads']} threads, {tri['precision']}",
+         f"{tri['epochs']} epochs, {threads_text(tri['threads'])}, {tri['precision']}",
          "`metrics/train.json`, `metrics/train.info.json`"],
         ["best validation accuracy", f"{pct(tr['val_acc'])} (epoch {tr['epoch']})", "`metrics/train.json`"],
         ["ONNX against PyTorch", f"argmax agreement {pct(ex['agree'], 1)}, max abs diff {exi['max_abs_diff']:.1e}",
@@ -68,7 +74,22 @@ def results() -> None:
          f"batch-1 p50 {q['ms']} vs {qi['fp32']['latency_ms_p50']} ms", "`metrics/quantize.json`, `.info.json`"],
         [f"HTTP `/predict`, {served['clients']} connections ({m['processor']}, {m['cpus']} CPUs)",
          f"{num(predict, 0)} requests/s, {predict / base:.2f}× a plain FastAPI handler", "`bench/serve.json`"],
+        *experiments_rows(),
     ])
+
+
+def experiments_rows() -> list[list[str]]:
+    q = load("bench/queue.json")
+    j1, j2, old = q["rows"]
+    rows = [[f"{j1['experiments']} one-epoch experiments, `dvc queue start -j 2` against `-j 1`",
+             f"{q['ratio_j2_to_j1']:.2f}× the wall time ({num(j2['wall_seconds'])} s vs {num(j1['wall_seconds'])} s; "
+             f"every process on all cores: {q['ratio_j2_all_cores_to_j1']:.2f}×)", "`bench/queue.json`"]]
+    if Path("bench/sweep.json").is_file():
+        sw = load("bench/sweep.json")
+        rows.append([f"{sw['trials']}-trial sweep, median pruner against none",
+                     f"{sw['epochs_ratio']:.2f}× the epochs, best validation accuracy {sw['best_gap_points']:+.2f} "
+                     f"points from the unpruned sweep's", "`bench/sweep.json`"])
+    return rows
 
 
 # --- docs/benchmarks.md -----------------------------------------------------------------------------------
@@ -152,3 +173,25 @@ def swap() -> None:
     table(["window", "requests", "errors", "p50", "p99", "max"],
           [[name, f"{s[name]['requests']:,}", str(s[name]["errors"]), f"{s[name]['p50_ms']} ms",
             f"{s[name]['p99_ms']} ms", f"{s[name]['max_ms']} ms"] for name in ("before", "during", "after")])
+
+
+def queue() -> None:
+    q = load("bench/queue.json")
+    table(["run", "wall time", "images/s per process", "threads per process"],
+          [[f"`-j {r['jobs']}`" + (f", `train.threads={r['train_threads_param']}`" if r["train_threads_param"] else
+                                   ", threads: its share"),
+            f"{num(r['wall_seconds'])} s", ", ".join(num(v, 0) for v in r["images_per_second"]),
+            ", ".join(threads_text(t) for t in r["threads"])] for r in q["rows"]])
+    out(["", f"`-j 2` takes {q['ratio_j2_to_j1']:.2f}× the wall time of `-j 1`; with every process on all "
+             f"{q['cores']} cores, {q['ratio_j2_all_cores_to_j1']:.2f}×."])
+
+
+def sweep() -> None:
+    sw = load("bench/sweep.json")
+    table(["pruner", "trials: complete / pruned / failed", "epochs run", "best validation accuracy", "wall time"],
+          [[name, " / ".join(str(sw[name]["states"][k]) for k in ("complete", "pruned", "failed")),
+            str(sw[name]["epochs"]), pct(sw[name]["best_val_acc"]), f"{num(sw[name]['wall_seconds'])} s"]
+           for name in ("median", "none")])
+    out(["", f"The pruned sweep ran {sw['epochs_ratio']:.2f}× the epochs in {sw['wall_ratio']:.2f}× the time; its "
+             f"best trial is {abs(sw['best_gap_points']):.2f} points "
+             f"{'below' if sw['best_gap_points'] > 0 else 'above'} the unpruned sweep's best."])

@@ -130,6 +130,20 @@ def _bench_swap(args: argparse.Namespace) -> None:
                args.poll)
 
 
+def _bench_queue(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from cnnpipe.bench.experiments import bench_queue
+    bench_queue(Path(args.repo), Path(args.out), args.experiments, args.epochs)
+
+
+def _bench_sweep(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from cnnpipe.bench.experiments import bench_sweep
+    bench_sweep(Path(args.repo), Path(args.out), args.trials, args.parallel, args.epochs, args.train_size or None)
+
+
 def _bench_train(args: argparse.Namespace) -> None:
     from pathlib import Path
 
@@ -290,6 +304,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clients", type=int, default=16, help="concurrent closed-loop clients")
     p.add_argument("--poll", type=float, default=0.2, help="the server's --poll")
     p.set_defaults(func=_bench_swap)
+
+    p = bench.add_parser("queue", help="four one-epoch experiments through dvc queue start -j 1 and -j 2")
+    p.add_argument("--repo", default=".", help="the checkout whose commit is measured (in a throwaway clone)")
+    p.add_argument("--out", default="bench/queue.json")
+    p.add_argument("--experiments", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=1)
+    p.set_defaults(func=_bench_queue)
+
+    p = bench.add_parser("sweep", help="one sweep's random draws with the median pruner and without")
+    p.add_argument("--repo", default=".", help="the checkout whose commit is measured (in a throwaway clone)")
+    p.add_argument("--out", default="bench/sweep.json")
+    p.add_argument("--trials", type=int, default=12)
+    p.add_argument("--parallel", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=6, help="train.epochs of every trial")
+    p.add_argument("--train-size", type=int, default=10000, help="split.train_size (0 = the whole split)")
+    p.set_defaults(func=_bench_sweep)
 
     p = bench.add_parser("train", help="tutorial 000's training loop vs our engine, same model and batch size")
     p.add_argument("--prepared", default="data/prepared")

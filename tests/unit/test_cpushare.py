@@ -90,8 +90,8 @@ def test_train_takes_its_share_and_an_explicit_count_wins(tmp_path, prepared, jo
         train(params, prepared, out / "model.pt", out / "train.json", out / "history.csv")
         return json.loads((out / "train.info.json").read_text())["threads"]
 
-    assert threads("alone", p) == [cores, cores]
+    assert threads("alone", p) == [[cores], [cores]]
     start()  # another job on the same cores: this one is the second
-    assert threads("shared", p) == [max(1, cores // 2)] * 2
-    assert threads("pinned", dataclasses.replace(p, threads=3)) == [3, 3]
+    assert threads("shared", p) == [[max(1, cores // 2)]] * 2
+    assert threads("pinned", dataclasses.replace(p, threads=3)) == [[3], [3]]
     assert not list(directory.glob("[0-9]*"))[1:]  # the trainings unregistered: only the holder is left

@@ -57,3 +57,10 @@ def test_grid_values_and_budget():
     assert Dim("k", low=0.0, high=0.2, step=0.1).grid() == pytest.approx([0.0, 0.1, 0.2])
     with pytest.raises(CnnpipeError, match="a grid needs choices or a step"):
         Dim("k", low=0.0, high=1.0).grid()
+
+
+def test_exponents_without_a_dot_are_numbers(tmp_path):
+    """YAML 1.1 reads 1e-5 as a string; a sweep file means the number."""
+    (tmp_path / "s.yaml").write_text("space:\n  train.lr: {low: 1e-5, high: 1e-2, log: true}\n")
+    dim = load_spec(tmp_path / "s.yaml", ROOT / "params.yaml").space[0]
+    assert (dim.low, dim.high, dim.log) == (1e-5, 1e-2, True)

@@ -254,3 +254,64 @@ def test_progress_bar_on_a_terminal_log_lines_elsewhere(tmp_path, prepared):
     assert "acc=" not in piped.stderr and "\r" not in piped.stderr
     assert [line.split("INFO ")[1].split("  ")[0] for line in piped.stderr.splitlines()
             if "INFO epoch" in line] == ["epoch 1/2", "epoch 2/2"]
+
+
+def test_cpu_precision_auto_follows_the_flags_and_the_probe(caplog):
+    from cnnpipe.core import cpuprecision
+
+    calls = []
+
+    def speed(fp32: float, bf16: float):
+        def measure(dtype):
+            calls.append(dtype)
+            return bf16 if dtype == torch.bfloat16 else fp32
+        return measure
+
+    avx2 = frozenset({"sse4_2", "avx2", "fma"})
+    amx = avx2 | {"avx512f", "avx512_bf16", "amx_tile", "amx_bf16"}
+    dtype, why = cpuprecision.choose("auto", avx2, speed(100, 1000))
+    assert dtype is None and why["chose"] == "fp32" and "no native bf16" in why["why"] and not calls  # no probe
+    dtype, why = cpuprecision.choose("auto", amx, speed(100, 186))
+    assert dtype == torch.bfloat16 and why["probe_images_per_s"] == {"fp32": 100, "bf16": 186}
+    assert cpuprecision.choose("auto", amx, speed(100, 105))[0] is None  # native, but the probe finds no gain
+    assert cpuprecision.choose("fp32", amx, speed(100, 186))[0] is None  # an explicit choice wins
+    with caplog.at_level("WARNING"):
+        assert cpuprecision.choose("bf16", avx2, speed(100, 10))[0] == torch.bfloat16
+    slow = [r.getMessage() for r in caplog.records if "without native bf16" in r.getMessage()]
+    assert len(slow) == 1 and "slower" in slow[0] and "amx_bf16" in slow[0]
+
+
+def test_cpu_flags_come_from_cpuinfo(tmp_path):
+    from cnnpipe.core import cpuprecision
+
+    (tmp_path / "cpuinfo").write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 amx_bf16 amx_tile\n\n")
+    flags = cpuprecision.cpu_flags(tmp_path / "cpuinfo")
+    assert cpuprecision.native_bf16(flags) and "avx2" in flags
+    assert cpuprecision.cpu_flags(tmp_path / "absent") == frozenset()
+
+
+def test_the_real_probe_leaves_the_model_and_random_streams_alone():
+    from cnnpipe.core import cpuprecision
+    from cnnpipe.core.models import build_model
+
+    torch.manual_seed(3)
+    model = build_model("bncnn", (1, 28, 28), 10).to(memory_format=torch.channels_last)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = torch.get_rng_state()
+    fp32 = cpuprecision.probe(model, (1, 28, 28), 32, None, steps=2, warmup=1)
+    bf16 = cpuprecision.probe(model, (1, 28, 28), 32, torch.bfloat16, steps=2, warmup=1)
+    assert fp32 > 0 and bf16 > 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_bf16_cpu_training_exports_an_onnx_model_that_passes_the_parity_check(tmp_path, prepared):
+    from cnnpipe.core.params import ExportParams
+    from cnnpipe.stages.export import export
+
+    run(tmp_path, prepared, dataclasses.replace(TINY, precision="bf16", epochs=2))
+    info = json.loads((tmp_path / "train.info.json").read_text())
+    assert info["precision"] == "bfloat16" and info["precision_choice"]["asked"] == "bf16"
+    result = export(ExportParams(check_images=64), prepared, tmp_path / "model.pt", tmp_path / "model.onnx",
+                    tmp_path / "export.json")
+    assert result["agree"] == 1.0 and result["max_abs_diff"] < ExportParams().atol

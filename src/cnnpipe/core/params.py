@@ -85,11 +85,11 @@ class TrainParams:
     translate: int = param(0, ge=0, le=512, zero="off")  # random shift in pixels on the device (< image size)
     flip: bool = True  # random horizontal flip (only where the dataset's flips keep labels)
     device: str = param("auto", pattern=DEVICE)  # auto | cpu | cuda | cuda:N (torchrun: local rank's GPU)
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 (else fp16) on GPU, fp32 on CPU
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # GPU: bf16, else fp16; CPU: cpuprecision.py
     compile: bool = False  # torch.compile the training step: faster GPU steps after a one-off compile
     deterministic: bool = False  # GPU: deterministic kernels, no cudnn autotuning (CPU is deterministic anyway)
     seed: int = param(0, ge=0, le=SEED_MAX)
-    threads: int = param(0, ge=0, le=1024, zero="torch's default")  # CPU threads
+    threads: int = param(0, ge=0, le=1024, zero="its share of the cores")  # CPU threads
 
 
 @dataclass(frozen=True)

@@ -61,8 +61,8 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype, or None for plain fp32. auto: bf16 on GPUs that have it, fp16 (with a gradient
-    scaler) on older GPUs, fp32 on CPU (measured on this 2-core AVX2 CPU: bf16 autocast trains bncnn 10×
-    slower than fp32, 164 against 1,659 images/s)."""
+    scaler) on older GPUs; on the CPU the train stage then asks core/cpuprecision.py (bf16 only where the
+    processor has it natively and a probe finds it faster)."""
     if name == "fp32":
         return None
     if device.type == "cpu":

@@ -82,6 +82,16 @@ def _fail(path: Path, problem: str) -> CnnpipeError:
     return CnnpipeError(f"{path}: {problem}")
 
 
+def _number(value: Any) -> Any:
+    """YAML 1.1 reads 1e-5 (no dot) as a string: take it as the number it is meant to be."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def _dim(path: Path, key: str, raw: Any) -> Dim:
     if isinstance(raw, list):
         raw = {"choices": raw}
@@ -94,7 +104,7 @@ def _dim(path: Path, key: str, raw: Any) -> Dim:
         if not isinstance(raw["choices"], list) or not raw["choices"]:
             raise _fail(path, f"space {key}: choices must be a non-empty list")
         return Dim(key, choices=raw["choices"])
-    low, high = raw.get("low"), raw.get("high")
+    low, high = (_number(raw.get(k)) for k in ("low", "high"))
     if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (low, high)):
         raise _fail(path, f"space {key}: low and high must both be numbers")
     if low > high:
@@ -102,7 +112,7 @@ def _dim(path: Path, key: str, raw: Any) -> Dim:
     log = bool(raw.get("log", False))
     if log and low <= 0:
         raise _fail(path, f"space {key}: a log range must be above 0 (low is {low}); raise low or drop log")
-    step = raw.get("step")
+    step = _number(raw.get("step"))
     if step is not None and (not isinstance(step, int | float) or step <= 0 or log):
         raise _fail(path, f"space {key}: step must be a positive number, and not with log")
     return Dim(key, low=low, high=high, log=log, step=step)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from cnnpipe.core import cpushare, resume, trial
+from cnnpipe.core import cpuprecision, cpushare, resume, trial
 from cnnpipe.core.checkpoint import save_checkpoint
 from cnnpipe.core.data import augment, draw_augment, normalize, stats_tensors, to_device
 from cnnpipe.core.errors import CnnpipeError
@@ -95,6 +95,7 @@ class Engine:
     p: TrainParams
     d: Dist
     channels_last: bool = True  # measured faster for these convnets on CPU (oneDNN) and on GPU
+    precision_choice: dict = dataclasses.field(default_factory=dict)  # CPU: what decided the precision
 
     def step(self, xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward, backward, update; returns (loss, logits), both still on the device."""
@@ -123,10 +124,13 @@ def build_engine(p: TrainParams, meta, steps_per_epoch: int, device: torch.devic
     if p.compile:
         model = torch.compile(model)
     optimizer = make_optimizer(net, p)
-    amp = resolve_precision(p.precision, device)
+    amp, choice = resolve_precision(p.precision, device), {}
+    if device.type == "cpu":
+        amp, choice = cpuprecision.choose(p.precision, cpuprecision.cpu_flags(), lambda dtype: cpuprecision.probe(
+            net, tuple(meta.shape), p.batch_size // d.world, dtype))
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     scheduler = make_schedule(optimizer, p, p.epochs * steps_per_epoch)
-    return Engine(net, model, optimizer, scheduler, scaler, amp, device, p, d)
+    return Engine(net, model, optimizer, scheduler, scaler, amp, device, p, d, precision_choice=choice)
 
 
 def next_batch(engine: Engine, x: torch.Tensor, y: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
@@ -141,10 +145,15 @@ def next_batch(engine: Engine, x: torch.Tensor, y: torch.Tensor, mean: torch.Ten
     return xb, y[idx]
 
 
+RETUNE_STEPS = 25  # how often a run re-reads its share of the cores (core/cpushare.py)
+
+
 def train_epoch(engine: Engine, x: torch.Tensor, y: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
-                flip: bool, generator: torch.Generator, bar: tqdm | None) -> tuple[float, float, int]:
+                flip: bool, generator: torch.Generator, bar: tqdm | None,
+                retune: Callable[[], None] | None = None) -> tuple[float, float, int]:
     """One pass over a fresh permutation; returns (mean loss, accuracy, images seen by all ranks).
-    Every rank draws the same permutation and augmentation for the global batch and keeps its shard."""
+    Every rank draws the same permutation and augmentation for the global batch and keeps its shard.
+    `retune` is called every RETUNE_STEPS steps (CPU threads follow the jobs that start and end)."""
     p, d = engine.p, engine.d
     engine.model.train()
     perm = torch.randperm(len(x), generator=generator, device=generator.device).to(x.device)
@@ -152,6 +161,8 @@ def train_epoch(engine: Engine, x: torch.Tensor, y: torch.Tensor, mean: torch.Te
     loss_sum = torch.zeros((), device=x.device)
     correct = torch.zeros((), device=x.device, dtype=torch.long)
     for s in range(steps):
+        if retune is not None and s % RETUNE_STEPS == 0:
+            retune()
         xb, yb = next_batch(engine, x, y, mean, std, perm[s * p.batch_size: (s + 1) * p.batch_size], flip,
                             generator)
         loss, logits = engine.step(xb, yb)
@@ -245,7 +256,7 @@ class Run:
     flip: bool  # flip augmentation: asked for and label-safe for this data
     generator: torch.Generator  # batches and augmentation, the same on every rank
     key: str  # the resume fingerprint
-    threads: list[int] = dataclasses.field(default_factory=list)  # CPU threads of each epoch run here
+    threads: list[list[int]] = dataclasses.field(default_factory=list)  # CPU thread counts of each epoch
 
 
 def build_run(p: TrainParams, prepared: Path, device: torch.device, d: Dist) -> Run:
@@ -288,11 +299,13 @@ def run_epochs(p: TrainParams, run: Run, progress: Progress, state_path: Path, d
     start = time.perf_counter() - progress.seconds
     stopped_early = None
     for epoch in range(progress.epoch + 1, p.epochs + 1):
-        run.threads.append(set_threads(p.threads))  # the share can change as other jobs start and end
+        used: set[int] = set()
         t0 = time.perf_counter()
         bar = tqdm(total=steps * p.batch_size, unit="img", desc=f"epoch {epoch}/{p.epochs}",
                    leave=False, disable=None) if interactive else None
-        tr_loss, tr_acc, seen = train_epoch(engine, run.x, run.y, run.mean, run.std, run.flip, run.generator, bar)
+        tr_loss, tr_acc, seen = train_epoch(engine, run.x, run.y, run.mean, run.std, run.flip, run.generator, bar,
+                                            lambda used=used: used.add(set_threads(p.threads)))
+        run.threads.append(sorted(used))
         if bar is not None:
             bar.close()
         va_loss, va_acc = evaluate_split(engine, run.vx, run.vy, run.mean, run.std, 1000)
@@ -352,6 +365,7 @@ def finish(p: TrainParams, run: Run, progress: Progress, stopped_early: str | No
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "processes": d.world,
         "precision": str(engine.amp).removeprefix("torch.") if engine.amp else "float32",
+        **({"precision_choice": engine.precision_choice} if engine.precision_choice else {}),
         "compiled": p.compile,
         "torch": torch.__version__,
         "threads": run.threads,  # per epoch run by this process; results repeat bitwise for equal counts

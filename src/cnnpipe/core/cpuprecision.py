@@ -1,0 +1,81 @@
+"""`train.precision: auto` on the CPU: bf16 autocast where the processor computes bf16 natively (AMX-BF16 or
+AVX512-BF16) and a few timed training steps in each precision confirm it is faster; fp32 elsewhere, where
+autocast emulates bf16 and trains several times slower. The choice and the probe's figures go to the run's
+provenance (metrics/train.info.json)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+NATIVE_BF16 = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs that compute bf16 in hardware
+MIN_GAIN = 1.1  # bf16 must train at least this much faster than fp32 in the probe
+
+
+def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> frozenset[str]:
+    """The CPU's feature flags (Linux); empty where /proc/cpuinfo is absent."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def native_bf16(flags: frozenset[str]) -> bool:
+    return any(f in flags for f in NATIVE_BF16)
+
+
+def probe(model: nn.Module, shape: tuple[int, ...], batch_size: int, dtype: torch.dtype | None,
+          steps: int = 6, warmup: int = 2) -> float:
+    """Training images/s of a copy of `model` on random data, in autocast `dtype` (None: fp32). The caller's
+    model, optimizer state and random streams are untouched."""
+    net = copy.deepcopy(model).train()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch_size, *shape, generator=gen).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 2, (batch_size,), generator=gen)
+    with torch.random.fork_rng(devices=[]):
+        for i in range(warmup + steps):
+            if i == warmup:
+                t0 = time.perf_counter()
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+                loss = F.cross_entropy(net(x).float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return steps * batch_size / (time.perf_counter() - t0)
+
+
+def choose(name: str, flags: frozenset[str], speed: Callable[[torch.dtype | None], float]) -> tuple[
+        torch.dtype | None, dict[str, Any]]:
+    """The CPU autocast dtype for train.precision `name` (auto, fp32 or bf16) and what decided it."""
+    native = native_bf16(flags)
+    if name == "fp32":
+        return None, {"asked": name}
+    if name == "bf16":
+        if not native:
+            log.warning("train.precision bf16 on a CPU without native bf16 (no %s flag): autocast emulates it and "
+                        "trains several times slower than fp32; use precision auto or fp32", " or ".join(NATIVE_BF16))
+        return torch.bfloat16, {"asked": name, "native_bf16": native}
+    if not native:
+        return None, {"asked": name, "native_bf16": False, "chose": "fp32",
+                      "why": f"no native bf16 ({' or '.join(NATIVE_BF16)} absent from the CPU flags)"}
+    fp32, bf16 = speed(None), speed(torch.bfloat16)
+    chose_bf16 = bf16 >= MIN_GAIN * fp32
+    decision = {"asked": name, "native_bf16": True, "chose": "bf16" if chose_bf16 else "fp32",
+                "probe_images_per_s": {"fp32": round(fp32, 1), "bf16": round(bf16, 1)}}
+    log.info("precision auto: bf16 probe %.0f images/s, fp32 %.0f: training in %s", bf16, fp32, decision["chose"])
+    return (torch.bfloat16 if chose_bf16 else None), decision
