@@ -28,3 +28,16 @@ def test_unknown_model_lists_choices():
 def test_model_too_big_for_images():
     with pytest.raises(CnnpipeError, match=r"model 'lenet' does not fit 8×8 images"):
         build_model("lenet", (1, 8, 8), 10)
+
+
+def test_training_flops_per_image_match_a_hand_count():
+    """bench train's part (e) divides the engine's FLOP rate by a matmul peak: the count must be right.
+    bncnn at 28×28: forward MACs of three 3×3 convs and the head; training ≈ 3 × forward (the first conv
+    needs no input gradient, hence slightly less)."""
+    from cnnpipe.bench.train import train_flops_per_image
+    from cnnpipe.core.models import build_model
+
+    macs = 28 * 28 * 1 * 32 * 9 + 14 * 14 * 32 * 64 * 9 + 7 * 7 * 64 * 128 * 9 + 128 * 3 * 3 * 10
+    model = build_model("bncnn", (1, 28, 28), 10).to(memory_format=torch.channels_last)
+    flops = train_flops_per_image(model, (1, 28, 28))
+    assert 3 * 2 * macs - 2 * 28 * 28 * 32 * 9 <= flops <= 3 * 2 * macs * 1.01

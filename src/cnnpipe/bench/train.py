@@ -12,7 +12,10 @@
     overrides), scoring the test set after every epoch as the evaluate stage does; that scoring is not
     counted as training time;
 (d) with --synthetic-cifar instead: the config's training throughput on random CIFAR-shaped data, beside
-    airbench94's A100 figure. Prints tables and writes JSON.
+    airbench94's A100 figure;
+(e) on the CPU: the engine's FLOP rate (FlopCounterMode's count of a training image × images/s) as a fraction
+    of the matmul peak of the precision it ran in, fp32 and bf16 peaks both measured in the same run.
+    Prints tables and writes JSON.
 """
 
 from __future__ import annotations
@@ -207,6 +210,48 @@ def synthetic_throughput(p: TrainParams, n: int = 50_000, shape: tuple[int, int,
             "ratio_to_airbench94_a100": float(f"{per_epoch / steady / AIRBENCH94_A100:.3g}")}
 
 
+def train_flops_per_image(model: nn.Module, shape: tuple[int, ...], batch: int = 32) -> float:
+    """FLOPs of one training image through `model`: forward and backward, counted by torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(batch, *shape).contiguous(memory_format=torch.channels_last)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        F.cross_entropy(model(x), torch.zeros(batch, dtype=torch.long)).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / batch
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 1024, repeats: int = 5) -> float:
+    """GFLOP/s of an n×n matmul in `dtype` on the CPU (median of `repeats`): the peak this precision reaches."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def against_peak(model_name: str, shape: tuple[int, int, int], classes: int, images_per_s: float,
+                 precision: str) -> dict:
+    """Part (e): the engine's FLOP rate as a fraction of the matmul peak of the precision it trained in, both
+    peaks measured here (fp32 and bf16), so a bf16 run is not flattered by the fp32 peak."""
+    from cnnpipe.core.cpuprecision import cpu_flags, native_bf16
+    from cnnpipe.core.models import build_model
+
+    model = build_model(model_name, shape, classes).to(memory_format=torch.channels_last)
+    flops = train_flops_per_image(model, shape)
+    peaks = {"float32": matmul_peak(torch.float32), "bfloat16": matmul_peak(torch.bfloat16)}
+    engine = flops * images_per_s / 1e9
+    return {"model": model_name, "train_gflop_per_image": round(flops / 1e9, 6), "images_per_second": images_per_s,
+            "engine_gflops": round(engine, 2), "precision": precision,
+            "matmul_peak_gflops": {k: round(v, 1) for k, v in peaks.items()},
+            "fraction_of_peak": round(engine / peaks[precision], 3),
+            "native_bf16": native_bf16(cpu_flags())}
+
+
 def print_report(result: dict) -> None:
     t = result.get("throughput")
     if t:
@@ -224,6 +269,12 @@ def print_report(result: dict) -> None:
         for target, seconds in a["seconds_to_test_acc"].items():
             print(f"  >= {target}: " + (f"{seconds:.1f} s of training" if seconds is not None else "not reached"))
         print(f"  final test accuracy {a['final_test_acc']:.4f} after {a['train_seconds']:.1f} s")
+    for e in result.get("peak", []):
+        m = e["matmul_peak_gflops"]
+        print(f"(e) {e['model']} at {e['images_per_second']:.0f} images/s in {e['precision']}: "
+              f"{e['engine_gflops']:.1f} GFLOP/s, {100 * e['fraction_of_peak']:.1f} % of the {e['precision']} "
+              f"matmul peak ({m[e['precision']]:.0f} GFLOP/s; float32 {m['float32']:.0f}, "
+              f"bfloat16 {m['bfloat16']:.0f})")
     s = result.get("synthetic")
     if s:
         print(f"(d) {s['train_params']['model']} on {s['data']} ({s['device']}, {s['precision']}): "
@@ -252,4 +303,16 @@ def bench_train(prepared: Path, out: Path, steps: int, repeats: int, batch: int,
         result["accuracy"] = time_to_accuracy(prepared, accuracy, tta_flip, targets)
         write_json(out, result)
         print_report({"accuracy": result["accuracy"]})
+    if resolve_device(device).type == "cpu" and result:
+        meta = load_meta(prepared)
+        result["peak"] = []
+        if "throughput" in result:
+            result["peak"].append(against_peak("lenet", tuple(meta.shape), len(meta.classes),
+                                               result["throughput"]["engine_median"], "float32"))
+        if "accuracy" in result:
+            a = result["accuracy"]
+            result["peak"].append(against_peak(a["train_params"]["model"], tuple(meta.shape), len(meta.classes),
+                                               a["images_per_second"], a["precision"]))
+        write_json(out, result)
+        print_report({"peak": result["peak"]})
     return result
