@@ -71,6 +71,7 @@ worker: setup
 	prefect worker start --pool $(POOL)
 
 # On every host that takes sweep trials: a clone of the project (git remote `origin`, the DVC remote in its
-# .dvc/config), then this. Trials run in this clone and are pushed to the remotes (pipeline/sweeps.py).
+# .dvc/config), then this. Trials run in this clone, one at a time, and are pushed to the remotes
+# (pipeline/sweeps.py); more workers per host need more clones.
 sweep-worker: setup
-	CNNPIPE_CLONE=$(CURDIR) prefect worker start --pool $(SWEEP_POOL)
+	CNNPIPE_CLONE=$(CURDIR) prefect worker start --pool $(SWEEP_POOL) --limit 1

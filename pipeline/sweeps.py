@@ -15,7 +15,6 @@ finished trials. `dvc exp pull origin <name>` brings any trial's results to any 
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 import subprocess
 import sys
@@ -81,11 +80,13 @@ def sweep_trial(name: str, study: str, storage: str, trial_id: int, params: dict
     write_json(trialmod.ticket_path(clone, name), {"study": study, "storage": storage, "trial_id": trial_id,
                                                    "pruner": pruner or {}})
     try:
-        run_experiment(clone, name, params, logger.info, targets=[stage])
+        run_experiment(clone, name, {**params, "train.tag": name}, logger.info, targets=[stage])
         dvc(clone, "exp", "push", remote, name)
     except CnnpipeError as e:
         sw.conclude(the_study, number, False, str(e))
         raise
+    finally:
+        trialmod.ticket_path(clone, name).unlink(missing_ok=True)
     state = sw.conclude(the_study, number, True)
     logger.info("trial %d %s: experiment %s pushed to %s", number, state, name, remote)
     return state
@@ -101,14 +102,23 @@ class WorkPool:
         self.ref, self.commit, self.remote = ref, commit, remote
 
     def submit(self, trial, name: str) -> None:
-        run = run_deployment(self.deployment, timeout=0, as_subflow=False, parameters={
+        from prefect.exceptions import ObjectNotFound
+
+        try:
+            run = run_deployment(self.deployment, timeout=0, as_subflow=False, parameters={
             "name": name, "study": self.spec.name, "storage": self.storage, "trial_id": trial._trial_id,
-            "params": trial.params, "stage": self.spec.stage, "ref": self.ref, "commit": self.commit,
-            "pruner": self.spec.pruner, "remote": self.remote})
+                "params": trial.params, "stage": self.spec.stage, "ref": self.ref, "commit": self.commit,
+                "pruner": self.spec.pruner, "remote": self.remote})
+        except ObjectNotFound:
+            raise CnnpipeError(f"no deployment {self.deployment} on the Prefect server; run `make deploy` "
+                               "(and `make sweep-worker` on the hosts that take trials)") from None
         trial.set_user_attr("flow_run", str(run.id))
 
     def tick(self) -> None:
         pass
+
+    def finished(self, name: str) -> None:
+        pass  # the trial's own run removed its ticket in its clone
 
     def states(self, study) -> dict[str, str]:
         """Experiment name -> Queued | Running | Success | Failed, from the trial's flow run."""
@@ -116,7 +126,7 @@ class WorkPool:
         with get_client(sync_client=True) as client:
             for t in study.trials:
                 run_id = t.user_attrs.get("flow_run")
-                if run_id:
+                if run_id and t.state.name == "RUNNING":  # in flight: finished ones are settled in the study
                     state = client.read_flow_run(run_id).state
                     kind = state.type.value if state else "SCHEDULED"
                     out[t.user_attrs["dvc_exp"]] = FINAL.get(kind, "Running" if kind == "RUNNING" else "Queued")
@@ -149,6 +159,7 @@ def sweep(file: str = "sweeps/example.yaml", trials: int | None = None, parallel
     sh(root, "git", "push", "-q", "-f", remote, f"HEAD:{ref}")  # the workers check out exactly this
     dvc(root, "push", "-q")  # and find the data the trials need
     study = sw.open_study(spec, storage)
+    sw.pin_commit(study, spec, commit)
     sw.drive(spec, study, WorkPool(deployment, spec, storage, ref, commit, remote), poll, print)
     table = sw.rows(study)
     sw.write_results(root, spec, table)
@@ -166,9 +177,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--deployment", default="sweep_trial/trial")
     parser.add_argument("--remote", default="origin")
     args = parser.parse_args(argv)
-    if not os.environ.get("PREFECT_API_URL"):
-        print("sweeps: error: set PREFECT_API_URL to the server the workers poll "
-              "(e.g. http://127.0.0.1:4200/api)", file=sys.stderr)
+    from prefect.settings import get_current_settings
+
+    if not get_current_settings().api.url:
+        print("sweeps: error: no Prefect API to reach the workers; start `prefect server start` and set "
+              "PREFECT_API_URL (prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api)", file=sys.stderr)
         return 1
     try:
         table = sweep(args.file, args.trials, args.parallel, args.storage, args.deployment, remote=args.remote)

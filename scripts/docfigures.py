@@ -46,6 +46,7 @@ def service_row(setup: str, model: str = "default") -> dict:
 
 def threads_text(per_epoch: list) -> str:
     """metrics/train.info.json's threads: one count, or the range the run's share moved through."""
+    per_epoch = per_epoch if isinstance(per_epoch, list) else [per_epoch]
     counts = sorted({n for epoch in per_epoch for n in (epoch if isinstance(epoch, list) else [epoch])})
     return f"{counts[0]} threads" if len(counts) == 1 else f"{counts[0]}–{counts[-1]} threads"
 
@@ -80,7 +81,7 @@ def results() -> None:
 
 def experiments_rows() -> list[list[str]]:
     q = load("bench/queue.json")
-    j1, j2, old = q["rows"]
+    j1, j2, _ = q["rows"]
     rows = [[f"{j1['experiments']} one-epoch experiments, `dvc queue start -j 2` against `-j 1`",
              f"{q['ratio_j2_to_j1']:.2f}× the wall time ({num(j2['wall_seconds'])} s vs {num(j1['wall_seconds'])} s; "
              f"every process on all cores: {q['ratio_j2_all_cores_to_j1']:.2f}×)", "`bench/queue.json`"]]

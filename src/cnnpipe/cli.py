@@ -188,7 +188,7 @@ def _sweep(args: argparse.Namespace) -> int:
     repo = Path(args.repo)
     spec = sweep.check_budget(sweep.load_spec(args.file, repo / "params.yaml"), args.trials, args.parallel)
     if args.show:
-        table = sweep.rows(sweep.open_study(spec, args.storage or sweep.default_storage(repo, spec)))
+        table = sweep.rows(sweep.load_existing(spec, args.storage or sweep.default_storage(repo, spec)))
     else:
         table = sweep.run(spec, repo, args.storage)
     print(sweep.summary(spec, table))

@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
     ({"train.lr": {"low": 0.1, "high": 0.01}}, "low 0.1 is above high 0.01"),
     ({"train.lr": {"low": 0, "high": 0.01, "log": True}}, "a log range must be above 0"),
     ({"train.model": ["resnet9000"]}, "train.model"),
+    ({"train.epochs": {"low": 2, "high": 4.5}}, "train.epochs must be int, got 4.5; fix the sweep file"),
 ])
 def test_bad_sweep_files_queue_nothing(tmp_path, space, problem):
     assert_refused(tmp_path, {"name": "bad", "space": space}, problem)
@@ -35,7 +36,8 @@ def test_a_zero_budget_queues_nothing(tmp_path):
 
 def assert_refused(tmp_path: Path, spec: dict, problem: str, *args: str) -> None:
     root = Path(__file__).resolve().parents[2]
-    (tmp_path / "params.yaml").write_text((root / "params.yaml").read_text())
+    for name in ("params.yaml", "dvc.yaml"):
+        (tmp_path / name).write_text((root / name).read_text())
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(spec))
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     proc = subprocess.run([sys.executable, "-m", "cnnpipe.cli", "sweep", "bad.yaml", *args], cwd=tmp_path,
@@ -64,3 +66,20 @@ def test_exponents_without_a_dot_are_numbers(tmp_path):
     (tmp_path / "s.yaml").write_text("space:\n  train.lr: {low: 1e-5, high: 1e-2, log: true}\n")
     dim = load_spec(tmp_path / "s.yaml", ROOT / "params.yaml").space[0]
     assert (dim.low, dim.high, dim.log) == (1e-5, 1e-2, True)
+
+
+def test_stage_must_be_train_or_after(tmp_path):
+    for stage, ok in (("evaluate", True), ("split", False), ("nosuch", False)):
+        (tmp_path / "s.yaml").write_text(f"stage: {stage}\nspace:\n  train.lr: [0.01]\n")
+        if ok:
+            assert load_spec(tmp_path / "s.yaml", ROOT / "params.yaml").stage == stage
+        else:
+            with pytest.raises(CnnpipeError, match=f"stage '{stage}': trials run the DAG up to a stage at or after"):
+                load_spec(tmp_path / "s.yaml", ROOT / "params.yaml")
+
+
+def test_float_keys_get_float_ranges_and_exponent_choices_are_numbers(tmp_path):
+    (tmp_path / "s.yaml").write_text("space:\n  train.label_smoothing: {low: 0, high: 0.5}\n"
+                                     "  train.lr: [1e-3, 3e-3]\n  train.epochs: {low: 2, high: 6}\n")
+    smoothing, lr, epochs = load_spec(tmp_path / "s.yaml", ROOT / "params.yaml").space
+    assert not smoothing.is_int and epochs.is_int and lr.choices == [1e-3, 3e-3]

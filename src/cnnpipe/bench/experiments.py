@@ -2,8 +2,8 @@
 checkout (its commit; DVC's cache shared, so the data is there and nothing lands in the checkout).
 
 bench queue: the same four one-epoch experiments through `dvc queue start -j 1`, `-j 2`, and `-j 2` with every
-process on all the cores (train.threads = the core count: what each process did before it sized its threads
-to its share). Wall time from `dvc queue start` until the last one ends, and images/s and threads per process.
+process on all the cores (train.threads = the core count, the baseline: no sharing). Wall time from
+`dvc queue start` until the last one ends, and images/s and threads per process.
 
 bench sweep: one search space swept twice with the same random draws, with Optuna's median pruner and without:
 epochs run, best validation accuracy, wall time.
@@ -138,12 +138,12 @@ def bench_sweep(repo: Path, out: Path, trials: int = 12, parallel: int = 2, epoc
 
     results = {}
     with clone_of(repo) as clone:
-        if train_size:  # a smaller training split keeps the bench to minutes; committed so the queue sees it
-            from cnnpipe.mlops.dvcops import apply_overrides
+        from cnnpipe.mlops.dvcops import apply_overrides
 
-            apply_overrides(clone / "params.yaml", {"split.train_size": train_size, "train.epochs": epochs})
-            dvc(clone, "repro", "-q", "split")
-            sh(clone, "git", "commit", "-qam", "bench: smaller split")
+        # the trials' epochs and, to keep the bench to minutes, a smaller training split; committed
+        apply_overrides(clone / "params.yaml", {"split.train_size": train_size, "train.epochs": epochs})
+        dvc(clone, "repro", "-q", "split")
+        sh(clone, "git", "commit", "-qam", "bench: sweep settings")
         for pruner in ("median", "none"):
             spec_file = clone / f"bench-{pruner}.yaml"
             spec_file.write_text(yaml.safe_dump({"sampler": "random", "seed": seed, "trials": trials,

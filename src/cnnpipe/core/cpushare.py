@@ -5,8 +5,8 @@ Every training, evaluation, export and quantize process registers itself while i
 its pid in a per-user directory (CNNPIPE_JOBS_DIR, default <tmp>/cnnpipe-jobs-<uid>). A job's share is its
 affinity cores // the live jobs whose affinity overlaps its own (at least one thread). So `dvc queue start
 -j 2`, a sweep's parallel trials and torchrun's local processes (LOCAL_WORLD_SIZE) split the cores without
-anyone doing arithmetic. Training looks again before every epoch, so a job that outlives the others takes
-the cores they leave. An explicit thread count (train.threads) always wins.
+anyone doing arithmetic. Training looks again every few steps, so a job that outlives the others takes the
+cores they leave. An explicit thread count (train.threads) always wins.
 
 CPU results are bitwise repeatable for a given thread count (metrics/*.info.json records it); set
 train.threads to pin it when repeatability across different machine loads matters more than speed.

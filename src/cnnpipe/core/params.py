@@ -90,6 +90,7 @@ class TrainParams:
     deterministic: bool = False  # GPU: deterministic kernels, no cudnn autotuning (CPU is deterministic anyway)
     seed: int = param(0, ge=0, le=SEED_MAX)
     threads: int = param(0, ge=0, le=1024, zero="its share of the cores")  # CPU threads
+    tag: str = param("", pattern=(r"[A-Za-z0-9._-]{0,100}", "letters, digits, '.', '_' or '-'"))  # a run's label
 
 
 @dataclass(frozen=True)

@@ -10,14 +10,17 @@ and training runs as it always does. Optuna is imported only when there is a tic
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger(__name__)
+
 TICKETS = Path(".dvc/tmp/cnnpipe-trials")
 
-Reporter = Callable[[int, float], bool]  # (epoch, val_acc) -> stop now?
+Reporter = Callable[[int, float, bool], bool]  # (epoch, val_acc, last epoch?) -> stop now?
 
 
 def ticket_path(repo: str | Path, exp_name: str) -> Path:
@@ -42,9 +45,9 @@ def make_pruner(spec: dict[str, Any]):
 
     if spec.get("kind", "median") == "none":
         return optuna.pruners.NopPruner()
-    # Optuna counts steps from 0; epochs from 1: an epoch <= warmup_epochs is never pruned.
+    # Optuna prunes once step >= n_warmup_steps; steps are epochs from 1: warmup_epochs are never pruned.
     return optuna.pruners.MedianPruner(n_startup_trials=int(spec.get("startup_trials", 4)),
-                                       n_warmup_steps=int(spec.get("warmup_epochs", 1)))
+                                       n_warmup_steps=int(spec.get("warmup_epochs", 1)) + 1)
 
 
 def reporter_from_env(env: dict[str, str] | None = None) -> Reporter | None:
@@ -60,11 +63,15 @@ def reporter_from_env(env: dict[str, str] | None = None) -> Reporter | None:
                               pruner=make_pruner(ticket["pruner"]))
     trial = optuna.trial.Trial(study, ticket["trial_id"])
 
-    def report(epoch: int, val_acc: float) -> bool:
-        trial.report(val_acc, epoch)
-        if trial.should_prune():
+    def report(epoch: int, val_acc: float, last: bool) -> bool:
+        try:
+            trial.report(val_acc, epoch)
+            if last or not trial.should_prune():
+                return False
             trial.set_user_attr("pruned_after_epoch", epoch)
             return True
-        return False
+        except Exception as e:  # the study is unreachable or the trial was closed: train on, unreported
+            log.warning("sweep: could not report epoch %d to the study (%s); training goes on", epoch, e)
+            return False
 
     return report

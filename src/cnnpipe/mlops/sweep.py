@@ -15,6 +15,7 @@ plots `dvc plots show` draws: validation accuracy against each swept key.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import subprocess
@@ -48,11 +49,7 @@ class Dim:
     high: float | None = None
     log: bool = False
     step: float | None = None
-
-    @property
-    def is_int(self) -> bool:
-        return self.choices is None and all(isinstance(v, int) for v in (self.low, self.high)) and (
-            self.step is None or isinstance(self.step, int))
+    is_int: bool = False  # an int range: the params.yaml value is a whole number
 
     def grid(self) -> list:
         if self.choices is not None:
@@ -103,7 +100,7 @@ def _dim(path: Path, key: str, raw: Any) -> Dim:
     if "choices" in raw:
         if not isinstance(raw["choices"], list) or not raw["choices"]:
             raise _fail(path, f"space {key}: choices must be a non-empty list")
-        return Dim(key, choices=raw["choices"])
+        return Dim(key, choices=[_number(c) for c in raw["choices"]])
     low, high = (_number(raw.get(k)) for k in ("low", "high"))
     if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (low, high)):
         raise _fail(path, f"space {key}: low and high must both be numbers")
@@ -115,7 +112,8 @@ def _dim(path: Path, key: str, raw: Any) -> Dim:
     step = _number(raw.get("step"))
     if step is not None and (not isinstance(step, int | float) or step <= 0 or log):
         raise _fail(path, f"space {key}: step must be a positive number, and not with log")
-    return Dim(key, low=low, high=high, log=log, step=step)
+    return Dim(key, low=low, high=high, log=log, step=step,
+               is_int=all(isinstance(v, int) for v in (low, high, step or 1)))
 
 
 def load_spec(path: str | Path, params_path: str | Path = "params.yaml") -> Spec:
@@ -145,7 +143,26 @@ def load_spec(path: str | Path, params_path: str | Path = "params.yaml") -> Spec
             try:
                 check_overrides(params_path, {dim.key: value})
             except CnnpipeError as e:
-                raise _fail(path, f"space {dim.key}: {str(e).removeprefix(f'override {dim.key}: ')}") from e
+                why = str(e).removeprefix(f"override {dim.key}: ").removeprefix("override: ")
+                raise _fail(path, f"space {dim.key}: {why.replace('fix the override', 'fix the sweep file')}") from e
+    current = yaml.safe_load(Path(params_path).read_text())
+    for i, dim in enumerate(space):  # an int range only where params.yaml holds a whole number
+        if dim.choices is None:
+            value = current
+            for part in dim.key.split("."):
+                value = value[part]
+            is_int = isinstance(value, int) and not isinstance(value, bool)
+            if is_int and not dim.is_int:
+                raise _fail(path, f"space {dim.key}: a whole-number key; give whole numbers for low, high, step")
+            space[i] = dataclasses.replace(dim, is_int=is_int)
+    stage = str(raw.get("stage", "train"))
+    dvc_yaml = Path(params_path).parent / "dvc.yaml"
+    if not dvc_yaml.is_file():
+        raise CnnpipeError(f"{dvc_yaml} not found; run cnnpipe sweep in the project checkout (--repo)")
+    stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {})
+    if stage not in stages or "train" not in _upstream(stages, stage) | {stage}:
+        raise _fail(path, f"stage {stage!r}: trials run the DAG up to a stage at or after train; "
+                          f"use one of {', '.join(s for s in stages if 'train' in _upstream(stages, s) | {s})}")
     name = str(raw.get("name") or path.stem)
     if not EXP_NAME.fullmatch(name) or len(name) > 90:
         raise _fail(path, f"name {name!r}: use letters, digits, '.', '_' or '-' (at most 90)")
@@ -164,14 +181,26 @@ def load_spec(path: str | Path, params_path: str | Path = "params.yaml") -> Spec
     if not isinstance(given, dict) or given.get("kind", "median") not in PRUNERS or set(given) - set(pruner):
         raise _fail(path, "pruner: median or none, or {kind: median, startup_trials: N, warmup_epochs: M}")
     pruner.update(given)
-    return Spec(name, space, sampler, ints["trials"], ints["parallel"], str(raw.get("stage", "train")),
-                pruner, ints["seed"])
+    return Spec(name, space, sampler, ints["trials"], ints["parallel"], stage, pruner, ints["seed"])
+
+
+def _upstream(stages: dict, stage: str) -> set[str]:
+    """Stages whose outputs `stage` depends on, transitively (from dvc.yaml's deps and outs)."""
+    outs = {str(o if isinstance(o, str) else next(iter(o))): name for name, s in stages.items()
+            for o in s.get("outs", []) + s.get("metrics", []) + s.get("plots", [])}
+    seen: set[str] = set()
+    todo = [stage]
+    while todo:
+        for dep in stages.get(todo.pop(), {}).get("deps", []):
+            up = next((n for out, n in outs.items() if str(dep) == out or str(dep).startswith(out + "/")), None)
+            if up and up not in seen:
+                seen.add(up)
+                todo.append(up)
+    return seen
 
 
 def check_budget(spec: Spec, trials: int | None, parallel: int | None) -> Spec:
     """Command-line overrides of the budget and the parallelism."""
-    import dataclasses
-
     for flag, value in (("--trials", trials), ("--parallel", parallel)):
         if value is not None and value < 1:
             raise CnnpipeError(f"{flag} {value}: must be at least 1")
@@ -203,7 +232,8 @@ def open_study(spec: Spec, storage: str):
     if spec.sampler in ("grid", "random"):  # a grid: every point enqueued below, in order
         sampler = optuna.samplers.RandomSampler(seed=spec.seed)
     else:
-        sampler = optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=min(4, spec.trials))
+        sampler = optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=min(4, spec.trials),
+                                             constant_liar=spec.parallel > 1)
     study = optuna.create_study(study_name=spec.name, storage=trialmod.open_storage(storage), sampler=sampler,
                                 pruner=trialmod.make_pruner(spec.pruner), direction="maximize",
                                 load_if_exists=True)
@@ -215,7 +245,8 @@ def open_study(spec: Spec, storage: str):
         for values in itertools.product(*(d.grid() for d in spec.space)):
             study.enqueue_trial(dict(zip(keys, values, strict=True)))
     elif n:  # a resumed sweep: new draws, not the first run's again
-        study.sampler = type(sampler)(seed=spec.seed + n, **({"n_startup_trials": min(4, spec.trials)}
+        study.sampler = type(sampler)(seed=spec.seed + n, **({"n_startup_trials": min(4, spec.trials),
+                                                               "constant_liar": spec.parallel > 1}
                                                               if spec.sampler == "tpe" else {}))
     return study
 
@@ -231,6 +262,12 @@ def exp_name(spec: Spec, number: int) -> str:
 def write_ticket(repo: str | Path, name: str, spec: Spec, storage: str, trial_id: int) -> None:
     write_json(trialmod.ticket_path(repo, name), {"study": spec.name, "storage": storage, "trial_id": trial_id,
                                                   "pruner": spec.pruner})
+
+
+def trial_overrides(trial, name: str) -> dict[str, Any]:
+    """The trial's params, and its name as train.tag: no two trials (and no plain run) share a run-cache key,
+    so no trial is restored instead of trained and no pruned model is ever restored for a plain run."""
+    return {**trial.params, "train.tag": name}
 
 
 def counted(t) -> bool:
@@ -252,7 +289,7 @@ class DvcQueue:
 
     def submit(self, trial, name: str) -> None:
         write_ticket(self.repo, name, self.spec, self.storage, trial._trial_id)
-        sets = [f"-S{key}={json.dumps(value)}" for key, value in trial.params.items()]
+        sets = [f"-S{key}={json.dumps(value)}" for key, value in trial_overrides(trial, name).items()]
         proc = subprocess.run([sys.executable, "-m", "dvc", "exp", "run", "--queue", "-n", name, *sets,
                                self.spec.stage], cwd=self.repo, env=dvc_env(), capture_output=True, text=True)
         if proc.returncode != 0:
@@ -261,8 +298,13 @@ class DvcQueue:
 
     def tick(self) -> None:
         """`dvc queue start -j N` starts only the workers that are missing; they stop when the queue is empty."""
-        subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", str(self.spec.parallel)],
-                       cwd=self.repo, env=dvc_env(), capture_output=True, text=True, check=True)
+        proc = subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", str(self.spec.parallel)],
+                              cwd=self.repo, env=dvc_env(), capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise CnnpipeError(f"dvc queue start failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+
+    def finished(self, name: str) -> None:
+        trialmod.ticket_path(self.repo, name).unlink(missing_ok=True)
 
     def states(self, study) -> dict[str, str]:
         """Experiment name -> Queued | Running | Success | Failed, as `dvc queue status` reports them."""
@@ -297,7 +339,7 @@ def rows(study) -> list[dict[str, Any]]:
     for t in study.trials:
         if not counted(t):
             continue
-        acc = t.value if t.value is not None else t.user_attrs.get("best_val_acc")
+        acc = t.user_attrs.get("best_val_acc", t.value)  # pruned: its best epoch, not Optuna's last value
         out.append({"trial": t.number, "experiment": t.user_attrs.get("dvc_exp", ""), "state": STATES[t.state.name],
                     "epochs": len(t.intermediate_values), "val_acc": acc, **t.params})
     return out
@@ -359,7 +401,14 @@ def recover(study, states: dict[str, str], where: str) -> list[int]:
     return waiting
 
 
-def drive(spec: Spec, study, backend, poll: float = 1.0, log: Callable[[str], None] = print) -> None:
+MAX_FAILED_IN_A_ROW = 5  # a broken environment or space: stop rather than spend the budget on failures
+
+
+def say(line: str) -> None:
+    print(line, flush=True)  # progress shows as it happens, also through a pipe or a log file
+
+
+def drive(spec: Spec, study, backend, poll: float = 2.0, log: Callable[[str], None] = say) -> None:
     """Keep `spec.parallel` trials in flight on the backend (DVC's queue, or a Prefect work pool) until the
     budget is spent; conclude each trial as it ends (unless its runner already did) and log the progress."""
     from optuna.trial import TrialState
@@ -370,15 +419,20 @@ def drive(spec: Spec, study, backend, poll: float = 1.0, log: Callable[[str], No
     if done or in_flight:
         log(f"sweep {spec.name}: resuming with {done} finished trials, {len(in_flight)} still queued")
     seen: dict[int, int] = {}
+    failed_in_a_row = 0
+    backend.tick()
     while done + len(in_flight) < spec.trials or in_flight:
+        submitted = False
         while done + len(in_flight) < spec.trials and len(in_flight) < spec.parallel:
             t = study.ask(dists)
             name = exp_name(spec, t.number)
             t.set_user_attr("dvc_exp", name)
             backend.submit(t, name)
             in_flight.append(t.number)
+            submitted = True
             log(f"trial {t.number} queued as {name}: {json.dumps(t.params)}")
-        backend.tick()
+        if submitted:
+            backend.tick()
         time.sleep(poll)
         states = backend.states(study)
         for number in list(in_flight):
@@ -395,17 +449,48 @@ def drive(spec: Spec, study, backend, poll: float = 1.0, log: Callable[[str], No
             t = study.trials[number]
             in_flight.remove(number)
             done += 1
+            backend.finished(name)
             state = STATES.get(t.state.name, t.state.name.lower())
             log(f"trial {number} {state} after {len(t.intermediate_values)} epochs"
                 + (f" (see `{backend.where} {name}`)" if state == "failed" else ""))
+            failed_in_a_row = failed_in_a_row + 1 if state == "failed" else 0
+            if failed_in_a_row >= MAX_FAILED_IN_A_ROW:
+                raise CnnpipeError(f"{failed_in_a_row} trials in a row failed, the sweep stops; see "
+                                   f"`{backend.where} {name}` (queued trials finish on their own)")
 
 
-def run(spec: Spec, repo: str | Path = ".", storage: str | None = None, poll: float = 1.0,
-        log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Run the sweep to its budget through DVC's queue; returns the table (also written to sweeps/<name>/)."""
+def pin_commit(study, spec: Spec, commit: str) -> None:
+    """A study belongs to the commit it started on: trials of two code versions are not compared."""
+    started = study.user_attrs.get("commit")
+    if started is None:
+        study.set_user_attr("commit", commit)
+    elif started != commit:
+        raise CnnpipeError(f"sweep {spec.name} started on commit {started[:12]}, the checkout is at {commit[:12]}; "
+                           "give this sweep a new name (name: in the file) or go back to that commit")
+
+
+def load_existing(spec: Spec, storage: str):
+    """The sweep's study as it stands, or a one-line error; creates nothing."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if "://" not in storage and not Path(storage).is_file():
+        raise CnnpipeError(f"no sweep named {spec.name} yet ({storage} does not exist); run it first")
+    try:
+        return optuna.load_study(study_name=spec.name, storage=trialmod.open_storage(storage))
+    except KeyError:
+        raise CnnpipeError(f"no sweep named {spec.name} in {storage}; run it first") from None
+
+
+def run(spec: Spec, repo: str | Path = ".", storage: str | None = None, poll: float = 2.0,
+        log: Callable[[str], None] = say) -> list[dict[str, Any]]:
+    """Run the sweep to its budget through DVC's queue; returns the table (also written to sweeps/<name>/).
+    Trials start from the checkout as it is (DVC's queue takes uncommitted changes along)."""
     repo = Path(repo).resolve()
     storage = storage or default_storage(repo, spec)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
     study = open_study(spec, storage)
+    pin_commit(study, spec, commit)
     drive(spec, study, DvcQueue(repo, spec, storage), poll, log)
     table = rows(study)
     write_results(repo, spec, table)

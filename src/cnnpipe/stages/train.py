@@ -128,6 +128,10 @@ def build_engine(p: TrainParams, meta, steps_per_epoch: int, device: torch.devic
     if device.type == "cpu":
         amp, choice = cpuprecision.choose(p.precision, cpuprecision.cpu_flags(), lambda dtype: cpuprecision.probe(
             net, tuple(meta.shape), p.batch_size // d.world, dtype))
+        if d.world > 1:  # every rank trains in rank 0's choice
+            flag = torch.tensor([int(amp is not None)])
+            dist.broadcast(flag, 0)
+            amp = torch.bfloat16 if flag.item() else None
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     scheduler = make_schedule(optimizer, p, p.epochs * steps_per_epoch)
     return Engine(net, model, optimizer, scheduler, scaler, amp, device, p, d, precision_choice=choice)
@@ -277,9 +281,9 @@ def build_run(p: TrainParams, prepared: Path, device: torch.device, d: Dist) -> 
     return Run(engine, meta, x, y, vx, vy, mean, std, p.flip and meta.flip, generator, key)
 
 
-def should_stop(report: trial.Reporter | None, epoch: int, val_acc: float, d: Dist) -> bool:
+def should_stop(report: trial.Reporter | None, epoch: int, val_acc: float, last: bool, d: Dist) -> bool:
     """A sweep's pruner decides on rank 0; under torchrun every rank learns the decision."""
-    stop = bool(report(epoch, val_acc)) if report is not None and d.main else False
+    stop = bool(report(epoch, val_acc, last)) if report is not None and d.main else False
     if d.world > 1:
         flag = torch.tensor([int(stop)])
         dist.broadcast(flag, 0)
@@ -328,14 +332,15 @@ def run_epochs(p: TrainParams, run: Run, progress: Progress, state_path: Path, d
             t1 = time.perf_counter()
             on_epoch(dict(row, train_seconds=round(t1 - start, 2)), engine.net)
             start += time.perf_counter() - t1
-        if p.patience > 0 and epoch - progress.best["epoch"] >= p.patience:
-            log.info("early stop: no better validation accuracy for %d epochs", p.patience)
-            stopped_early = "patience"
-            break
-        if should_stop(report, epoch, va_acc, d) and epoch < p.epochs:
+        patience_out = p.patience > 0 and epoch - progress.best["epoch"] >= p.patience
+        if should_stop(report, epoch, va_acc, epoch == p.epochs or patience_out, d):
             log.info("pruned by the sweep after epoch %d: validation accuracy %.4f is below the median of "
                      "earlier trials at this epoch", epoch, va_acc)
             stopped_early = "pruned"
+            break
+        if patience_out:
+            log.info("early stop: no better validation accuracy for %d epochs", p.patience)
+            stopped_early = "patience"
             break
     progress.seconds = time.perf_counter() - start
     return progress, stopped_early
