@@ -134,7 +134,6 @@ SWEEP_SPACE = {
 def bench_sweep(repo: Path, out: Path, trials: int = 12, parallel: int = 2, epochs: int = 6,
                 train_size: int | None = 10000, seed: int = 0) -> dict:
     """The same random draws swept with the median pruner and without, in one clone."""
-    import dataclasses
 
     results = {}
     with clone_of(repo) as clone:
@@ -149,7 +148,6 @@ def bench_sweep(repo: Path, out: Path, trials: int = 12, parallel: int = 2, epoc
             spec_file.write_text(yaml.safe_dump({"sampler": "random", "seed": seed, "trials": trials,
                                                  "parallel": parallel, "pruner": pruner, "space": SWEEP_SPACE}))
             spec = sw.load_spec(spec_file, clone / "params.yaml")
-            spec = dataclasses.replace(spec, pruner=dict(spec.pruner, startup_trials=4))
             t0 = time.perf_counter()
             table = sw.run(spec, clone, log=lambda line, tag=pruner: print(f"[{tag}] {line}", flush=True))
             wall = time.perf_counter() - t0

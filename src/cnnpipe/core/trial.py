@@ -40,14 +40,15 @@ def open_storage(url: str):
 
 
 def make_pruner(spec: dict[str, Any]):
-    """{"kind": "median" | "none", "startup_trials": N, "warmup_epochs": M}"""
+    """{"kind": "median" | "none", "startup_trials": N, "warmup_epochs": M}: from epoch M + 1 on, a trial whose
+    validation accuracy is below the median of the complete trials' at that epoch stops, once N are complete."""
     import optuna
 
     if spec.get("kind", "median") == "none":
         return optuna.pruners.NopPruner()
     # Optuna prunes once step >= n_warmup_steps; steps are epochs from 1: warmup_epochs are never pruned.
     return optuna.pruners.MedianPruner(n_startup_trials=int(spec.get("startup_trials", 4)),
-                                       n_warmup_steps=int(spec.get("warmup_epochs", 1)) + 1)
+                                       n_warmup_steps=int(spec.get("warmup_epochs", 0)) + 1)
 
 
 def reporter_from_env(env: dict[str, str] | None = None) -> Reporter | None:

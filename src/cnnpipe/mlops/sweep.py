@@ -71,7 +71,7 @@ class Spec:
     parallel: int = 1
     stage: str = "train"  # trials run the DAG up to this stage; the test set stays unseen until you apply one
     pruner: dict[str, Any] = field(default_factory=lambda: {"kind": "median", "startup_trials": 4,
-                                                              "warmup_epochs": 1})
+                                                              "warmup_epochs": 0})
     seed: int = 0
 
 
@@ -175,7 +175,7 @@ def load_spec(path: str | Path, params_path: str | Path = "params.yaml") -> Spec
         if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "seed" else 1):
             raise _fail(path, f"{key} {value!r}: must be a whole number of at least {0 if key == 'seed' else 1}")
         ints[key] = value
-    pruner = {"kind": "median", "startup_trials": 4, "warmup_epochs": 1}
+    pruner = {"kind": "median", "startup_trials": 4, "warmup_epochs": 0}  # as Optuna's MedianPruner
     given = raw.get("pruner", "median")
     given = {"kind": given} if isinstance(given, str) else given
     if not isinstance(given, dict) or given.get("kind", "median") not in PRUNERS or set(given) - set(pruner):
