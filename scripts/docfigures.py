@@ -48,7 +48,9 @@ def threads_text(per_epoch: list) -> str:
     """metrics/train.info.json's threads: one count, or the range the run's share moved through."""
     per_epoch = per_epoch if isinstance(per_epoch, list) else [per_epoch]
     counts = sorted({n for epoch in per_epoch for n in (epoch if isinstance(epoch, list) else [epoch])})
-    return f"{counts[0]} threads" if len(counts) == 1 else f"{counts[0]}–{counts[-1]} threads"
+    if len(counts) == 1:
+        return f"{counts[0]} thread{'s' if counts[0] != 1 else ''}"
+    return f"{counts[0]}–{counts[-1]} threads"
 
 
 def results() -> None:
@@ -87,9 +89,11 @@ def experiments_rows() -> list[list[str]]:
              f"every process on all cores: {q['ratio_j2_all_cores_to_j1']:.2f}×)", "`bench/queue.json`"]]
     if Path("bench/sweep.json").is_file():
         sw = load("bench/sweep.json")
+        gap = sw["best_gap_points"]
         rows.append([f"{sw['trials']}-trial sweep, median pruner against none",
-                     f"{sw['epochs_ratio']:.2f}× the epochs, best validation accuracy {sw['best_gap_points']:+.2f} "
-                     f"points from the unpruned sweep's", "`bench/sweep.json`"])
+                     f"{sw['epochs_ratio']:.2f}× the epochs, "
+                     + (f"best trial {abs(gap):.2f} points {'below' if gap > 0 else 'above'} the unpruned best"
+                        if gap else "the same best trial"), "`bench/sweep.json`"])
     return rows
 
 
@@ -182,17 +186,17 @@ def queue() -> None:
           [[f"`-j {r['jobs']}`" + (f", `train.threads={r['train_threads_param']}`" if r["train_threads_param"] else
                                    ", threads: its share"),
             f"{num(r['wall_seconds'])} s", ", ".join(num(v, 0) for v in r["images_per_second"]),
-            ", ".join(threads_text(t) for t in r["threads"])] for r in q["rows"]])
+            ", ".join(threads_text(t).split()[0] for t in r["threads"])] for r in q["rows"]])
     out(["", f"`-j 2` takes {q['ratio_j2_to_j1']:.2f}× the wall time of `-j 1`; with every process on all "
              f"{q['cores']} cores, {q['ratio_j2_all_cores_to_j1']:.2f}×."])
 
 
 def sweep() -> None:
     sw = load("bench/sweep.json")
-    table(["pruner", "trials: complete / pruned / failed", "epochs run", "best validation accuracy", "wall time"],
+    table(["pruner", "trials: complete / pruned / failed", "epochs run", "best validation accuracy"],
           [[name, " / ".join(str(sw[name]["states"][k]) for k in ("complete", "pruned", "failed")),
-            str(sw[name]["epochs"]), pct(sw[name]["best_val_acc"]), f"{num(sw[name]['wall_seconds'])} s"]
-           for name in ("median", "none")])
-    out(["", f"The pruned sweep ran {sw['epochs_ratio']:.2f}× the epochs in {sw['wall_ratio']:.2f}× the time; its "
-             f"best trial is {abs(sw['best_gap_points']):.2f} points "
-             f"{'below' if sw['best_gap_points'] > 0 else 'above'} the unpruned sweep's best."])
+            str(sw[name]["epochs"]), pct(sw[name]["best_val_acc"])] for name in ("median", "none")])
+    gap = sw["best_gap_points"]
+    out(["", f"The pruned sweep ran {sw['epochs_ratio']:.2f}× the epochs; its best trial is "
+             + (f"{abs(gap):.2f} points {'below' if gap > 0 else 'above'}" if gap else "the same as")
+             + " the unpruned sweep's best."])
