@@ -7,11 +7,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import optuna
 import pytest
 import yaml
-from helpers import BIN, add_makefile, commit, dvc, make_repo, run, sh, write_mnist_mirror
+from helpers import BIN, add_makefile, api, commit, dvc, make_repo, run, sh, write_mnist_mirror
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +30,7 @@ def test_sweep_trials_run_on_two_workers_in_their_own_clones(prefect_server, tmp
     run(tmp_path, "git", "init", "-q", "--bare", str(remote))
     run(repo, "git", "remote", "add", "origin", str(remote))
     dvc(repo, "remote", "add", "-d", "store", str(store))
-    dvc(repo, "repro")
+    dvc(repo, "repro", "split")  # the data the trials train on
     commit(repo, "baseline")
     run(repo, "git", "push", "-q", "origin", "HEAD")
 
@@ -40,12 +41,19 @@ def test_sweep_trials_run_on_two_workers_in_their_own_clones(prefect_server, tmp
     for i in (1, 2):  # two hosts' clones, each with its worker, one trial at a time
         clone = tmp_path / f"host{i}" / "cnnpipe"
         run(tmp_path, "git", "clone", "-q", str(remote), str(clone))
+        stamp.touch()  # newer than the clone's files: make takes the venv as set up and installs nothing
         log = open(tmp_path / f"worker{i}.log", "w")
         procs.append(subprocess.Popen(  # as documented: `make sweep-worker` in the host's clone
             ["make", "sweep-worker", f"VENV={BIN.parent}", f"STAMP={stamp}"], cwd=clone,
             env=dict(env, PREFECT_WORKER_QUERY_SECONDS="1"), stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True))
         clones.append(clone)
+
+    deadline = time.monotonic() + 120  # both workers polling before any trial is submitted
+    while len([w for w in api(env["PREFECT_API_URL"], "/work_pools/cnnpipe-sweeps/workers/filter", {})
+               if w.get("status") == "ONLINE"]) < 2:
+        assert time.monotonic() < deadline, "".join((tmp_path / f"worker{i}.log").read_text() for i in (1, 2))
+        time.sleep(0.5)
 
     journal = tmp_path / "shared" / "pool.journal"  # a shared disk, here a folder both clones reach
     proc = subprocess.run([sys.executable, "pipeline/sweeps.py", "sweeps/pool.yaml", "--storage", str(journal)],
