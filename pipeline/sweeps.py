@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import socket
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,22 +28,12 @@ from cnnpipe.core import trial as trialmod
 from cnnpipe.core.errors import CnnpipeError
 from cnnpipe.core.fsutil import write_json
 from cnnpipe.mlops import sweep as sw
-from cnnpipe.mlops.dvcops import dvc_env, run_experiment
+from cnnpipe.mlops.dvcops import checked as sh
+from cnnpipe.mlops.dvcops import dvc_checked as dvc
+from cnnpipe.mlops.dvcops import run_experiment
 
 PROJECT = Path(__file__).resolve().parents[1]
 FINAL = {"COMPLETED": "Success", "FAILED": "Failed", "CRASHED": "Failed", "CANCELLED": "Failed"}
-
-
-def sh(cwd: Path, *args: str) -> str:
-    proc = subprocess.run(list(args), cwd=cwd, env=dvc_env(), capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise CnnpipeError(f"{' '.join(args[:4])} failed in {cwd}: "
-                           f"{(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
-    return proc.stdout.strip()
-
-
-def dvc(cwd: Path, *args: str) -> str:
-    return sh(cwd, sys.executable, "-m", "dvc", *args)
 
 
 @flow(name="sweep_trial", log_prints=True)

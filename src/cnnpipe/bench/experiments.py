@@ -14,8 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -29,18 +27,8 @@ from cnnpipe.core import cpushare
 from cnnpipe.core.errors import CnnpipeError
 from cnnpipe.core.fsutil import write_json
 from cnnpipe.mlops import sweep as sw
-from cnnpipe.mlops.dvcops import dvc_env
-
-
-def sh(cwd: Path, *args: str) -> str:
-    proc = subprocess.run(list(args), cwd=cwd, env=dvc_env(), capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise CnnpipeError(f"{' '.join(args[:5])} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
-    return proc.stdout
-
-
-def dvc(cwd: Path, *args: str) -> str:
-    return sh(cwd, sys.executable, "-m", "dvc", *args)
+from cnnpipe.mlops.dvcops import checked as sh
+from cnnpipe.mlops.dvcops import dvc_checked as dvc
 
 
 @contextlib.contextmanager

@@ -164,6 +164,19 @@ def dvc_env() -> dict[str, str]:
     return env
 
 
+def checked(cwd: str | Path, *args: str) -> str:
+    """Run a command (with DVC's environment) in `cwd`; its stdout, or a one-line CnnpipeError."""
+    proc = subprocess.run(list(args), cwd=cwd, env=dvc_env(), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise CnnpipeError(f"{' '.join(args[:4])} failed in {cwd}: "
+                           f"{(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
+    return proc.stdout.strip()
+
+
+def dvc_checked(cwd: str | Path, *args: str) -> str:
+    return checked(cwd, sys.executable, "-m", "dvc", *args)
+
+
 def dvc_json(repo: str | Path, *args: str) -> Any:
     proc = subprocess.run([sys.executable, "-m", "dvc", *args, "--json"], cwd=repo, env=dvc_env(),
                           capture_output=True, text=True)
