@@ -152,7 +152,7 @@ def _bench_train(args: argparse.Namespace) -> None:
     from cnnpipe.core.params import parse_section, read_yaml
     from cnnpipe.mlops.dvcops import parse_override
 
-    accuracy, tta = None, False
+    accuracy, tta, section = None, False, {}
     if not args.no_accuracy or args.synthetic_cifar:
         raw = read_yaml(args.params)
         section = dict(raw.get("train") or {})
@@ -167,8 +167,13 @@ def _bench_train(args: argparse.Namespace) -> None:
     if args.synthetic_cifar:
         bench_synthetic(accuracy, args.synthetic_images, Path(args.out))
         return
+    precisions = [x for x in args.precisions.split(",") if x]
+    if args.seeds < 1:
+        raise CnnpipeError(f"--seeds {args.seeds}: run at least 1 seed")
+    for precision in precisions:  # each checked as train.precision is, with the choices in the error
+        parse_section("train", dict(section, precision=precision), f"{args.params} with --precisions")
     bench_train(Path(args.prepared), Path(args.out), args.steps, args.repeats, args.batch, args.device,
-                None if args.no_accuracy else accuracy, tta, targets)
+                None if args.no_accuracy else accuracy, tta, targets, args.seeds, precisions)
 
 
 STAGES: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
@@ -333,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time to accuracy: override a train param (repeatable), e.g. --set epochs=4")
     p.add_argument("--targets", default="0.90,0.92,0.93,0.94", help="test accuracies to time, comma-separated")
     p.add_argument("--no-accuracy", action="store_true", help="skip time to accuracy (c)")
+    p.add_argument("--seeds", type=int, default=1, help="time to accuracy over this many seeds (train.seed, +1, ...)")
+    p.add_argument("--precisions", default="", help="time to accuracy in each of these train.precision values, "
+                   "comma-separated (e.g. auto,fp32); default: the config's")
     p.add_argument("--synthetic-cifar", action="store_true",
                    help="instead: throughput of the config (with --set) on random CIFAR-shaped data (d)")
     p.add_argument("--synthetic-images", type=int, default=50_000, help="training images of (d); CIFAR-10 has 50,000")

@@ -51,6 +51,41 @@ def test_bench_train_tiny(tmp_path, prepared):
 
 
 @pytest.mark.slow
+def test_bench_train_over_seeds_and_precisions(tmp_path, prepared):
+    import yaml
+
+    from cnnpipe.core.params import defaults
+
+    params = defaults()
+    params["train"].update(model="lenet", batch_size=25, device="cpu", lr=0.01, epochs=1, seed=3)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    out = tmp_path / "seeds.json"
+    proc = subprocess.run([CLI, "bench", "train", "--prepared", str(prepared), "--out", str(out), "--steps", "0",
+                           "--params", str(tmp_path / "params.yaml"), "--seeds", "2", "--precisions",
+                           "auto,bf16,fp32", "--targets", "0.2,1.01"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    auto, bf16, fp32 = result["summary"]
+    assert [s["precision_asked"] for s in result["summary"]] == ["auto", "bf16", "fp32"]
+    assert auto["seeds"] == bf16["seeds"] == [3, 4]
+    assert [r["train_params"]["seed"] for r in result["runs"][:2]] == [3, 4]
+    assert result["runs"][0]["epochs"] != result["runs"][1]["epochs"]  # another seed, another run
+    assert bf16["precision"] == "bfloat16" and bf16["final_test_acc"] == [r["final_test_acc"]
+                                                                          for r in result["runs"][2:4]]
+    accs = auto["final_test_acc"]
+    assert auto["mean_test_acc"] == pytest.approx(statistics.mean(accs), abs=1e-5)
+    assert auto["min_test_acc"] == min(accs) and auto["spread_test_acc"] == pytest.approx(max(accs) - min(accs))
+    assert auto["to_test_acc"]["1.01"] == {"median_seconds": None, "seeds_reached": 0}
+    if auto["precision"] == "float32":  # auto chose fp32 here: forced fp32 is the same training, not rerun
+        assert fp32.get("same_runs_as") == "auto" and len(result["runs"]) == 4
+        assert fp32["final_test_acc"] == accs
+    else:
+        assert fp32["precision"] == "float32" and len(result["runs"]) == 6
+    assert [e["precision"] for e in result["peak"]] == [auto["precision"], "bfloat16", "float32"]
+    assert f"seeds [3, 4]: final test accuracy {accs[0]:.4f}, {accs[1]:.4f}; mean" in proc.stdout
+
+
+@pytest.mark.slow
 def test_bench_train_synthetic_cifar_shape(tmp_path):
     out = tmp_path / "syn.json"
     proc = subprocess.run([CLI, "bench", "train", "--synthetic-cifar", "--synthetic-images", "200", "--out", str(out),

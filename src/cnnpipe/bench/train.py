@@ -269,6 +269,15 @@ def print_report(result: dict) -> None:
         for target, seconds in a["seconds_to_test_acc"].items():
             print(f"  >= {target}: " + (f"{seconds:.1f} s of training" if seconds is not None else "not reached"))
         print(f"  final test accuracy {a['final_test_acc']:.4f} after {a['train_seconds']:.1f} s")
+    for row in result.get("summary", []):
+        reached = ", ".join(f">= {t}: " + (f"{v['median_seconds']:.1f} s ({v['seeds_reached']} of "
+                                            f"{len(row['seeds'])} seeds)" if v["median_seconds"] is not None
+                                            else "not reached") for t, v in row["to_test_acc"].items())
+        print(f"(c) {row['precision_asked']} ({row['precision']}), seeds {row['seeds']}: final test accuracy "
+              f"{', '.join(f'{a:.4f}' for a in row['final_test_acc'])}; mean {row['mean_test_acc']:.4f}, lowest "
+              f"{row['min_test_acc']:.4f}, spread {row['spread_test_acc']:.4f}; "
+              f"{row['images_per_second_median']:.0f} images/s; {reached}"
+              + (f" (the same runs as {row['same_runs_as']})" if row.get("same_runs_as") else ""))
     for e in result.get("peak", []):
         m = e["matmul_peak_gflops"]
         print(f"(e) {e['model']} at {e['images_per_second']:.0f} images/s in {e['precision']}: "
@@ -291,28 +300,75 @@ def bench_synthetic(p: TrainParams, images: int, out: Path) -> dict:
     return result
 
 
+def summarize(precision: str, runs: list[dict], targets: list[float]) -> dict:
+    """One precision's runs over seeds: final test accuracy (mean, spread, lowest), median images/s, and the
+    median seconds to each target over the seeds that reached it."""
+    accs = [r["final_test_acc"] for r in runs]
+    reached = {}
+    for t in (f"{t:.2f}" for t in targets):
+        seconds = [r["seconds_to_test_acc"][t] for r in runs if r["seconds_to_test_acc"][t] is not None]
+        reached[t] = {"median_seconds": round(statistics.median(seconds), 1) if seconds else None,
+                      "seeds_reached": len(seconds)}
+    return {"precision_asked": precision, "precision": runs[0]["precision"],
+            "seeds": [r["train_params"]["seed"] for r in runs], "final_test_acc": accs,
+            "mean_test_acc": round(statistics.mean(accs), 5), "min_test_acc": min(accs),
+            "spread_test_acc": round(max(accs) - min(accs), 5),
+            "images_per_second_median": round(statistics.median(r["images_per_second"] for r in runs), 1),
+            "train_seconds_median": round(statistics.median(r["train_seconds"] for r in runs), 1),
+            "to_test_acc": reached}
+
+
+def seeds_and_precisions(prepared: Path, p: TrainParams, tta_flip: bool, targets: list[float], seeds: int,
+                         precisions: list[str]) -> tuple[list[dict], list[dict]]:
+    """Part (c) for each precision over seeds p.seed, p.seed + 1, ...: (every run, a summary per precision).
+    A forced fp32 beside an `auto` that chose fp32 reuses auto's runs: they are the same training."""
+    runs, summaries = [], []
+    for precision in precisions:
+        done = next((s for s in summaries if precision == "fp32" and s["precision_asked"] == "auto"
+                     and s["precision"] == "float32"), None)
+        if done is not None:
+            summaries.append(dict(done, precision_asked="fp32", same_runs_as="auto"))
+            continue
+        mine = []
+        for seed in range(p.seed, p.seed + seeds):
+            print(f"(c) precision {precision}, seed {seed}:", flush=True)
+            mine.append(time_to_accuracy(prepared, dataclasses.replace(p, seed=seed, precision=precision),
+                                         tta_flip, targets))
+        runs += mine
+        summaries.append(summarize(precision, mine, targets))
+    return runs, summaries
+
+
 def bench_train(prepared: Path, out: Path, steps: int, repeats: int, batch: int, device: str,
-                accuracy: TrainParams | None, tta_flip: bool, targets: list[float]) -> dict:
-    """(a) and (b) when steps and repeats are positive, then (c) when `accuracy` is a config."""
+                accuracy: TrainParams | None, tta_flip: bool, targets: list[float], seeds: int = 1,
+                precisions: list[str] | None = None) -> dict:
+    """(a) and (b) when steps and repeats are positive, then (c) when `accuracy` is a config: one run, or with
+    `seeds` > 1 or several `precisions`, every precision over every seed and a summary of each."""
     result: dict = {}
     if steps > 0 and repeats > 0:
         result["throughput"] = throughput(prepared, steps, repeats, batch, resolve_device(device))
         write_json(out, result)
         print_report(result)
-    if accuracy is not None:
+    if accuracy is not None and seeds == 1 and not precisions:
         result["accuracy"] = time_to_accuracy(prepared, accuracy, tta_flip, targets)
         write_json(out, result)
         print_report({"accuracy": result["accuracy"]})
+    elif accuracy is not None:
+        runs, result["summary"] = seeds_and_precisions(prepared, accuracy, tta_flip, targets, seeds,
+                                                       precisions or [accuracy.precision])
+        result["accuracy"], result["runs"] = runs[0], runs
+        write_json(out, result)
+        print_report({"summary": result["summary"]})
     if resolve_device(device).type == "cpu" and result:
         meta = load_meta(prepared)
         result["peak"] = []
         if "throughput" in result:
             result["peak"].append(against_peak("lenet", tuple(meta.shape), len(meta.classes),
                                                result["throughput"]["engine_median"], "float32"))
-        if "accuracy" in result:
-            a = result["accuracy"]
-            result["peak"].append(against_peak(a["train_params"]["model"], tuple(meta.shape), len(meta.classes),
-                                               a["images_per_second"], a["precision"]))
+        for a in result.get("summary") or ([result["accuracy"]] if "accuracy" in result else []):
+            speed = a.get("images_per_second_median", a.get("images_per_second"))
+            model = a["train_params"]["model"] if "train_params" in a else accuracy.model
+            result["peak"].append(against_peak(model, tuple(meta.shape), len(meta.classes), speed, a["precision"]))
         write_json(out, result)
         print_report({"peak": result["peak"]})
     return result

@@ -11,7 +11,9 @@ log and to /readyz's `detail`, and /metrics counts reloads by result.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
+import shutil
 import signal
 import tempfile
 from dataclasses import dataclass
@@ -27,8 +29,10 @@ _cache: list[Path] = []  # this process's folder of fetched models
 
 
 def cache_dir() -> Path:
+    """This process's folder of fetched models, removed when the process exits."""
     if not _cache:
         _cache.append(Path(tempfile.mkdtemp(prefix="cnnpipe-models-")))
+        atexit.register(shutil.rmtree, _cache[0], ignore_errors=True)
     return _cache[0]
 
 
