@@ -41,3 +41,37 @@ def test_training_flops_per_image_match_a_hand_count():
     model = build_model("bncnn", (1, 28, 28), 10).to(memory_format=torch.channels_last)
     flops = train_flops_per_image(model, (1, 28, 28))
     assert 3 * 2 * macs - 2 * 28 * 28 * 32 * 9 <= flops <= 3 * 2 * macs * 1.01
+
+
+def _randomize_batchnorm(model: torch.nn.Module, negative: bool) -> None:
+    g = torch.Generator().manual_seed(0)
+    for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        n = bn.num_features
+        with torch.no_grad():
+            bn.running_mean.copy_(torch.randn(n, generator=g))
+            bn.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            bn.weight.copy_(torch.rand(n, generator=g) + 0.5)
+            bn.bias.copy_(torch.randn(n, generator=g))
+            if negative:
+                bn.weight[0] = -1.0
+
+
+@pytest.mark.parametrize("name, shape", [("bncnn", (1, 28, 28)), ("rescnn", (1, 28, 28)), ("airnet", (3, 32, 32))])
+def test_fold_batchnorm_keeps_the_function_and_removes_the_norms(name, shape):
+    """Export folds BN into the convs before it (also across a max-pool where every scale is positive): the
+    same logits with no BatchNorm left; a negative scale after a pool keeps that BN, still the same function."""
+    from cnnpipe.core.models import fold_batchnorm
+
+    x = torch.randn(4, *shape)
+    for negative in (False, True):
+        model = build_model(name, shape, 10)
+        _randomize_batchnorm(model, negative)
+        model.eval()
+        folded = fold_batchnorm(model)
+        norms = [m for m in folded.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        with torch.no_grad():
+            assert torch.allclose(folded(x), model(x), atol=1e-4)
+        if negative:
+            assert norms  # a pool then a BN with a negative scale do not commute: that BN stays
+        else:
+            assert not norms

@@ -352,6 +352,7 @@ def bench_serve(onnx_path: Path, int8_path: Path | None, checkpoint: Path, prepa
                                                  repeats, threads, max_wait_ms, heavy)
     by = {(r["engine"], r["batch"]): r["p50_ms"] for r in latency}
     result = {
+        "model": predictor.info.model,  # the "default" model's architecture (train.model of its run)
         "latency": latency,
         "load_generator": generator,
         "service": service,
