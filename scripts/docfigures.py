@@ -77,8 +77,18 @@ def results() -> None:
          f"batch-1 p50 {q['ms']} vs {qi['fp32']['latency_ms_p50']} ms", "`metrics/quantize.json`, `.info.json`"],
         [f"HTTP `/predict`, {served['clients']} connections ({m['processor']}, {m['cpus']} CPUs)",
          f"{num(predict, 0)} requests/s, {predict / base:.2f}× a plain FastAPI handler", "`bench/serve.json`"],
+        *recipe_rows(),
         *experiments_rows(),
     ])
+
+
+def recipe_rows() -> list[list[str]]:
+    r = load("bench/recipe.json")["summary"][0]
+    t94 = r["to_test_acc"]["0.94"]
+    return [[f"the default recipe over seeds {', '.join(map(str, r['seeds']))} (`cnnpipe bench train`)",
+             f"test accuracy mean {pct(r['mean_test_acc'])}, lowest {pct(r['min_test_acc'])}; 94 % after "
+             f"{num(t94['median_seconds'])} s of training (median, {t94['seeds_reached']} of {len(r['seeds'])} seeds)",
+             "`bench/recipe.json`"]]
 
 
 def experiments_rows() -> list[list[str]]:
@@ -116,25 +126,61 @@ def train_throughput() -> None:
            "engine on the tutorial's LeNet module"], rows)
 
 
+def config_label(tp: dict) -> str:
+    """A bench run's config, as the `--set` values that differ from the tracked defaults of the time."""
+    extra = f" translate={tp['translate']}" if tp.get("translate") else ""
+    return f"`model={tp['model']} epochs={tp['epochs']}{extra}`"
+
+
 def time_to_accuracy() -> None:
     rows = []
-    for path, label in (("bench/train.json", "default (10 epochs)"), ("bench/train_4_epochs.json", "`epochs=4`"),
-                        ("bench/train_3_epochs.json", "`epochs=3`"), ("bench/train_20_epochs.json", "`epochs=20`"),
-                        ("bench/train_20_epochs_translate1.json", "`epochs=20 translate=1`")):
+    for path in ("bench/recipe.json", "bench/train.json", "bench/train_4_epochs.json", "bench/train_3_epochs.json",
+                 "bench/train_20_epochs.json", "bench/train_20_epochs_translate1.json"):
         a = load(path)["accuracy"]
         reached = a["seconds_to_test_acc"]
         cells = [("" if k not in reached else "not reached" if reached[k] is None else f"{num(reached[k])} s")
                  for k in ("0.90", "0.92", "0.93", "0.94")]
-        rows.append([f"{label}, `{path}`", *cells, f"{pct(a['final_test_acc'])} after {num(a['train_seconds'])} s"])
+        seed = f" (seed {a['train_params']['seed']})" if path == "bench/recipe.json" else ""
+        rows.append([f"{config_label(a['train_params'])}{seed}, `{path}`", *cells,
+                     f"{pct(a['final_test_acc'])} after {num(a['train_seconds'])} s"])
     table(["config", "≥ 90 %", "≥ 92 %", "≥ 93 %", "≥ 94 %", "final test accuracy"], rows)
     out(["", "Seconds of training until the test accuracy reached each level (blank: that run did not track it)."])
+
+
+def seeds_table(path: str) -> None:
+    """A `bench train --seeds N --precisions ...` run: each precision over its seeds, and against its peak."""
+    b = load(path)
+    rows = []
+    for s in b["summary"]:
+        t94 = s["to_test_acc"].get("0.94")
+        rows.append([f"`{s['precision_asked']}` ({s['precision']})", ", ".join(pct(a) for a in s["final_test_acc"]),
+                     f"**{pct(s['mean_test_acc'])}**", pct(s["min_test_acc"]), f"{s['spread_test_acc'] * 100:.2f}",
+                     num(s["images_per_second_median"], 0),
+                     "" if t94 is None else "not reached" if t94["median_seconds"] is None else
+                     f"{num(t94['median_seconds'])} s ({t94['seeds_reached']} of {len(s['seeds'])})"])
+    table(["precision", "test accuracy per seed", "mean", "lowest", "spread (points)", "images/s (median)",
+           "time to 94 % (median)"], rows)
+    peaks = [f"{e['precision']}: {e['engine_gflops']:.1f} GFLOP/s, {100 * e['fraction_of_peak']:.1f} % of its matmul "
+             f"peak ({e['matmul_peak_gflops'][e['precision']]:.0f} GFLOP/s)" for e in b.get("peak", [])]
+    tp = b["accuracy"]["train_params"]
+    out(["", f"{config_label(tp)}, seeds {b['summary'][0]['seeds']}, {b['accuracy']['device']}; "
+             f"the engine against the peak of the precision it ran in: {'; '.join(peaks)}."])
+
+
+def recipe() -> None:
+    seeds_table("bench/recipe.json")
+
+
+def precisions() -> None:
+    seeds_table("bench/precision.json")
 
 
 def serve_latency() -> None:
     rows = {}
     for r in load("bench/serve.json")["latency"]:
         rows.setdefault(r["engine"], {})[r["batch"]] = f"{r['p50_ms']} / {r['p99_ms']} ms"
-    table(["engine (default model)", "batch 1 p50 / p99", "batch 64 p50 / p99"],
+    table([f"engine (default model, `{load('bench/serve.json').get('model', 'bncnn')}`)", "batch 1 p50 / p99",
+           "batch 64 p50 / p99"],
           [[engine, b.get(1, "—"), b.get(64, "—")] for engine, b in rows.items()])
 
 

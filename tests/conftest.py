@@ -129,3 +129,11 @@ def prefect_server(tmp_path):
         yield start_prefect_server(tmp_path, procs), procs
     finally:
         stop_all(procs)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files with slow end-to-end tests first. pytest-xdist hands whole files to its workers in this order
+    (`make test` passes --no-loadscope-reorder), so the long files start at once and the quick ones fill in at
+    the end, rather than a long file starting when the other worker is nearly done."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: collection order within each group

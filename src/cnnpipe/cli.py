@@ -173,7 +173,7 @@ def _bench_train(args: argparse.Namespace) -> None:
     for precision in precisions:  # each checked as train.precision is, with the choices in the error
         parse_section("train", dict(section, precision=precision), f"{args.params} with --precisions")
     bench_train(Path(args.prepared), Path(args.out), args.steps, args.repeats, args.batch, args.device,
-                None if args.no_accuracy else accuracy, tta, targets, args.seeds, precisions)
+                None if args.no_accuracy else accuracy, tta, targets, args.seeds, precisions, args.train_size)
 
 
 STAGES: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
@@ -338,6 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time to accuracy: override a train param (repeatable), e.g. --set epochs=4")
     p.add_argument("--targets", default="0.90,0.92,0.93,0.94", help="test accuracies to time, comma-separated")
     p.add_argument("--no-accuracy", action="store_true", help="skip time to accuracy (c)")
+    p.add_argument("--train-size", type=int, default=0,
+                   help="time to accuracy on this many images of the train split (0 = all of it)")
     p.add_argument("--seeds", type=int, default=1, help="time to accuracy over this many seeds (train.seed, +1, ...)")
     p.add_argument("--precisions", default="", help="time to accuracy in each of these train.precision values, "
                    "comma-separated (e.g. auto,fp32); default: the config's")

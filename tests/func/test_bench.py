@@ -62,9 +62,11 @@ def test_bench_train_over_seeds_and_precisions(tmp_path, prepared):
     out = tmp_path / "seeds.json"
     proc = subprocess.run([CLI, "bench", "train", "--prepared", str(prepared), "--out", str(out), "--steps", "0",
                            "--params", str(tmp_path / "params.yaml"), "--seeds", "2", "--precisions",
-                           "auto,bf16,fp32", "--targets", "0.2,1.01"], capture_output=True, text=True, timeout=300)
+                           "auto,bf16,fp32", "--targets", "0.2,1.01", "--train-size", "200"],
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
+    assert result["train_size"] == 200 and {r["train_images"] for r in result["runs"]} == {200}
     auto, bf16, fp32 = result["summary"]
     assert [s["precision_asked"] for s in result["summary"]] == ["auto", "bf16", "fp32"]
     assert auto["seeds"] == bf16["seeds"] == [3, 4]
@@ -100,6 +102,16 @@ def test_bench_train_synthetic_cifar_shape(tmp_path):
     assert s["ratio_to_airbench94_a100"] == pytest.approx(s["steady_images_per_second"] / AIRBENCH94_A100, rel=5e-3)
     assert f"{s['steady_images_per_second']:.0f} images/s steady" in proc.stdout
     assert "airbench94 on an A100" in proc.stdout
+
+
+def test_bench_train_bad_train_size(tmp_path, prepared):
+    proc = subprocess.run([CLI, "bench", "train", "--prepared", str(prepared), "--out", str(tmp_path / "o.json"),
+                           "--steps", "0", "--train-size", "100000"], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].endswith("--train-size 100000: the train split holds 350 images; "
+                                                         "use 1 to 350")
+    assert not (tmp_path / "o.json").exists()
 
 
 def test_bench_train_bad_override(tmp_path, prepared):

@@ -174,7 +174,8 @@ def time_to_accuracy(prepared: Path, p: TrainParams, tta_flip: bool, targets: li
         metrics = train(p, prepared, Path(tmp) / "model.pt", Path(tmp) / "train.json", Path(tmp) / "history.csv",
                         on_epoch=score)
     reached = {f"{t:.2f}": next((r["train_seconds"] for r in rows if r["test_acc"] >= t), None) for t in targets}
-    return {"train_params": dataclasses.asdict(p), "tta_flip": tta, "device": metrics["device"],
+    return {"train_params": dataclasses.asdict(p), "train_images": (meta.sizes or {}).get("train"),
+            "tta_flip": tta, "device": metrics["device"],
             "precision": metrics["precision"], "epochs": rows, "seconds_to_test_acc": reached,
             "final_test_acc": rows[-1]["test_acc"], "train_seconds": rows[-1]["train_seconds"],
             "images_per_second": metrics["images_per_second"]}
@@ -300,6 +301,25 @@ def bench_synthetic(p: TrainParams, images: int, out: Path) -> dict:
     return result
 
 
+def subset_train(prepared: Path, n: int, out: Path) -> Path:
+    """A prepared folder in `out` whose train split is n images drawn (seed 0) from `prepared`'s; val and test
+    as they are. For quick comparisons, e.g. bf16 where it is emulated and slow."""
+    import shutil
+
+    meta = load_meta(prepared)
+    x, y = load_split(prepared, "train", mmap=True)
+    if not 0 < n <= len(y):
+        raise CnnpipeError(f"--train-size {n}: the train split holds {len(y)} images; use 1 to {len(y)}")
+    keep = np.sort(np.random.default_rng(0).permutation(len(y))[:n])
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "train_x.npy", np.asarray(x[keep]))
+    np.save(out / "train_y.npy", y[keep])
+    for name in ("val_x.npy", "val_y.npy", "test_x.npy", "test_y.npy"):
+        shutil.copy(prepared / name, out / name)
+    write_meta(out, dataclasses.replace(meta, sizes=dict(meta.sizes or {}, train=n)))
+    return out
+
+
 def summarize(precision: str, runs: list[dict], targets: list[float]) -> dict:
     """One precision's runs over seeds: final test accuracy (mean, spread, lowest), median images/s, and the
     median seconds to each target over the seeds that reached it."""
@@ -341,9 +361,20 @@ def seeds_and_precisions(prepared: Path, p: TrainParams, tta_flip: bool, targets
 
 def bench_train(prepared: Path, out: Path, steps: int, repeats: int, batch: int, device: str,
                 accuracy: TrainParams | None, tta_flip: bool, targets: list[float], seeds: int = 1,
-                precisions: list[str] | None = None) -> dict:
+                precisions: list[str] | None = None, train_size: int = 0) -> dict:
     """(a) and (b) when steps and repeats are positive, then (c) when `accuracy` is a config: one run, or with
-    `seeds` > 1 or several `precisions`, every precision over every seed and a summary of each."""
+    `seeds` > 1 or several `precisions`, every precision over every seed and a summary of each; (c) on
+    `train_size` images of the train split when it is positive."""
+    if train_size and accuracy is not None:
+        with tempfile.TemporaryDirectory(prefix="cnnpipe-bench-") as tmp:
+            result = bench_train(prepared, out, steps, repeats, batch, device, None, tta_flip, targets)
+            subset = subset_train(prepared, train_size, Path(tmp))
+            accuracy_part = bench_train(subset, out, 0, 0, batch, device, accuracy, tta_flip, targets, seeds,
+                                        precisions)
+            result = {**result, **accuracy_part, "train_size": train_size,
+                      "peak": result.get("peak", []) + accuracy_part.get("peak", [])}
+            write_json(out, result)
+            return result
     result: dict = {}
     if steps > 0 and repeats > 0:
         result["throughput"] = throughput(prepared, steps, repeats, batch, resolve_device(device))

@@ -37,7 +37,7 @@ def param(default: Any = dataclasses.MISSING, *, ge: float | None = None, gt: fl
 SEED_MAX = 2**32 - 1  # numpy's legacy seeding takes 32-bit seeds
 DEVICE = (r"auto|cpu|cuda(:\d+)?", "auto, cpu, cuda or cuda:N")
 Dataset = Literal["fashion-mnist", "mnist", "cifar10", "imagefolder", "csv"]
-Model = Literal["lenet", "simplecnn", "cifarnet", "cnn", "bncnn", "airnet"]
+Model = Literal["lenet", "simplecnn", "cifarnet", "cnn", "bncnn", "rescnn", "airnet"]
 
 
 @dataclass(frozen=True)
@@ -69,8 +69,8 @@ class SplitParams:
 
 @dataclass(frozen=True)
 class TrainParams:
-    model: Model = "bncnn"  # architectures in src/cnnpipe/core/models.py
-    epochs: int = param(10, ge=1, le=100_000)
+    model: Model = "rescnn"  # architectures in src/cnnpipe/core/models.py
+    epochs: int = param(9, ge=1, le=100_000)
     batch_size: int = param(128, ge=1, le=1_000_000)  # also at most the train split's size
     optimizer: Literal["sgd", "adam", "adamw"] = "adamw"
     lr: float = param(3e-3, gt=0, le=10)  # peak learning rate of the schedule
