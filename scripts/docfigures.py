@@ -86,8 +86,10 @@ def recipe_rows() -> list[list[str]]:
     r = load("bench/recipe.json")["summary"][0]
     t94 = r["to_test_acc"]["0.94"]
     return [[f"the default recipe over seeds {', '.join(map(str, r['seeds']))} (`cnnpipe bench train`)",
-             f"test accuracy mean {pct(r['mean_test_acc'])}, lowest {pct(r['min_test_acc'])}; 94 % after "
-             f"{num(t94['median_seconds'])} s of training (median, {t94['seeds_reached']} of {len(r['seeds'])} seeds)",
+             f"test accuracy {', '.join(pct(a) for a in r['final_test_acc'])}: mean {pct(r['mean_test_acc'])}, "
+             f"lowest {pct(r['min_test_acc'])}; 94 % " + (
+                 f"after {num(t94['median_seconds'])} s of training (median, {t94['seeds_reached']} of "
+                 f"{len(r['seeds'])} seeds)" if t94["median_seconds"] is not None else "not reached"),
              "`bench/recipe.json`"]]
 
 
@@ -161,7 +163,8 @@ def seeds_table(path: str) -> None:
     table(["precision", "test accuracy per seed", "mean", "lowest", "spread (points)", "images/s (median)",
            "time to 94 % (median)"], rows)
     peaks = [f"{e['precision']}: {e['engine_gflops']:.1f} GFLOP/s, {100 * e['fraction_of_peak']:.1f} % of its matmul "
-             f"peak ({e['matmul_peak_gflops'][e['precision']]:.0f} GFLOP/s)" for e in b.get("peak", [])]
+             f"peak ({e['matmul_peak_gflops'][e['precision']]:.0f} GFLOP/s)"
+             for e, s in zip(b.get("peak", []), b["summary"], strict=False) if not s.get("same_runs_as")]
     tp = b["accuracy"]["train_params"]
     out(["", f"{config_label(tp)}, seeds {b['summary'][0]['seeds']}, {b['accuracy']['device']}; "
              f"the engine against the peak of the precision it ran in: {'; '.join(peaks)}."])

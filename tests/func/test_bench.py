@@ -84,6 +84,7 @@ def test_bench_train_over_seeds_and_precisions(tmp_path, prepared):
     else:
         assert fp32["precision"] == "float32" and len(result["runs"]) == 6
     assert [e["precision"] for e in result["peak"]] == [auto["precision"], "bfloat16", "float32"]
+    assert len({json.dumps(e["matmul_peak_gflops"]) for e in result["peak"]}) == 1  # one measurement for all
     assert f"seeds [3, 4]: final test accuracy {accs[0]:.4f}, {accs[1]:.4f}; mean" in proc.stdout
 
 

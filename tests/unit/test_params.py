@@ -39,7 +39,7 @@ def test_wrong_types_name_the_key(key, value, message):
 def test_missing_key_says_what_to_add():
     raw = defaults()["train"]
     del raw["epochs"]
-    with pytest.raises(CnnpipeError, match=r"train\.epochs is missing; add it \(default: 10\)"):
+    with pytest.raises(CnnpipeError, match=r"train\.epochs is missing; add it \(default: 9\)"):
         parse_section("train", raw)
 
 
