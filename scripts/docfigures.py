@@ -84,7 +84,7 @@ def results() -> None:
 
 def recipe_rows() -> list[list[str]]:
     r = load("bench/recipe.json")["summary"][0]
-    t94 = r["to_test_acc"]["0.94"]
+    t94 = r["to_test_acc"].get("0.94", {"median_seconds": None})
     return [[f"the default recipe over seeds {', '.join(map(str, r['seeds']))} (`cnnpipe bench train`)",
              f"test accuracy {', '.join(pct(a) for a in r['final_test_acc'])}: mean {pct(r['mean_test_acc'])}, "
              f"lowest {pct(r['min_test_acc'])}; 94 % " + (
@@ -129,7 +129,7 @@ def train_throughput() -> None:
 
 
 def config_label(tp: dict) -> str:
-    """A bench run's config, as the `--set` values that differ from the tracked defaults of the time."""
+    """A bench run's config: its model and epochs, and its shift where it has one."""
     extra = f" translate={tp['translate']}" if tp.get("translate") else ""
     return f"`model={tp['model']} epochs={tp['epochs']}{extra}`"
 
@@ -162,11 +162,15 @@ def seeds_table(path: str) -> None:
                      f"{num(t94['median_seconds'])} s ({t94['seeds_reached']} of {len(s['seeds'])})"])
     table(["precision", "test accuracy per seed", "mean", "lowest", "spread (points)", "images/s (median)",
            "time to 94 % (median)"], rows)
-    peaks = [f"{e['precision']}: {e['engine_gflops']:.1f} GFLOP/s, {100 * e['fraction_of_peak']:.1f} % of its matmul "
-             f"peak ({e['matmul_peak_gflops'][e['precision']]:.0f} GFLOP/s)"
-             for e, s in zip(b.get("peak", []), b["summary"], strict=False) if not s.get("same_runs_as")]
+    rows_peak = b.get("peak", [])[1 if "throughput" in b else 0:]  # the throughput part's row comes first
+    peaks = [f"{e['precision']}: {e['engine_gflops']:.1f} GFLOP/s, " + (
+                 f"{100 * e['fraction_of_peak']:.1f} % of its matmul peak "
+                 f"({e['matmul_peak_gflops'][e['precision']]:.0f} GFLOP/s)"
+                 if e["precision"] == "float32" or e["native_bf16"] else "no native bf16, so no bf16 peak to compare")
+             for e, s in zip(rows_peak, b["summary"], strict=True) if not s.get("same_runs_as")]
     tp = b["accuracy"]["train_params"]
-    out(["", f"{config_label(tp)}, seeds {b['summary'][0]['seeds']}, {b['accuracy']['device']}; "
+    size = f" on {b['train_size']:,} training images" if b.get("train_size") else ""
+    out(["", f"{config_label(tp)}{size}, seeds {b['summary'][0]['seeds']}, {b['accuracy']['device']}; "
              f"the engine against the peak of the precision it ran in: {'; '.join(peaks)}."])
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -22,6 +23,12 @@ os.environ["PREFECT_LOCAL_STORAGE_PATH"] = os.path.join(_PREFECT_HOME, "storage"
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["DO_NOT_TRACK"] = "1"
 os.environ.pop("PREFECT_API_URL", None)
+
+
+# A suite started in the background of a non-interactive shell inherits SIGINT ignored, and so would every
+# process the tests Ctrl-C (stages, sweeps, workers): handled here, it is reset to the default in children.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -130,10 +137,3 @@ def prefect_server(tmp_path):
     finally:
         stop_all(procs)
 
-
-def pytest_collection_modifyitems(config, items):
-    """Files with slow end-to-end tests first. pytest-xdist hands whole files to its workers in this order
-    (`make test` passes --no-loadscope-reorder), so the long files start at once and the quick ones fill in at
-    the end, rather than a long file starting when the other worker is nearly done."""
-    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow_files)  # stable: collection order within each group

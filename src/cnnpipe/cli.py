@@ -170,7 +170,7 @@ def _bench_train(args: argparse.Namespace) -> None:
     precisions = [x for x in args.precisions.split(",") if x]
     if args.seeds < 1:
         raise CnnpipeError(f"--seeds {args.seeds}: run at least 1 seed")
-    for precision in precisions:  # each checked as train.precision is, with the choices in the error
+    for precision in precisions if accuracy is not None else []:  # checked as train.precision is
         parse_section("train", dict(section, precision=precision), f"{args.params} with --precisions")
     bench_train(Path(args.prepared), Path(args.out), args.steps, args.repeats, args.batch, args.device,
                 None if args.no_accuracy else accuracy, tta, targets, args.seeds, precisions, args.train_size)

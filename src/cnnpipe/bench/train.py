@@ -334,7 +334,8 @@ def summarize(precision: str, runs: list[dict], targets: list[float]) -> dict:
         seconds = [r["seconds_to_test_acc"][t] for r in runs if r["seconds_to_test_acc"][t] is not None]
         reached[t] = {"median_seconds": round(statistics.median(seconds), 1) if seconds else None,
                       "seeds_reached": len(seconds)}
-    return {"precision_asked": precision, "precision": runs[0]["precision"],
+    chosen = sorted({r["precision"] for r in runs})  # auto may choose per run (a timing probe decides)
+    return {"precision_asked": precision, "precision": chosen[0] if len(chosen) == 1 else "+".join(chosen),
             "seeds": [r["train_params"]["seed"] for r in runs], "final_test_acc": accs,
             "mean_test_acc": round(statistics.mean(accs), 5), "min_test_acc": min(accs),
             "spread_test_acc": round(max(accs) - min(accs), 5),
@@ -346,7 +347,7 @@ def summarize(precision: str, runs: list[dict], targets: list[float]) -> dict:
 def seeds_and_precisions(prepared: Path, p: TrainParams, tta_flip: bool, targets: list[float], seeds: int,
                          precisions: list[str]) -> tuple[list[dict], list[dict]]:
     """Part (c) for each precision over seeds p.seed, p.seed + 1, ...: (every run, a summary per precision).
-    A forced fp32 beside an `auto` that chose fp32 reuses auto's runs: they are the same training."""
+    A forced fp32 after an `auto` that chose fp32 in every run reuses auto's runs: they are the same training."""
     runs, summaries = [], []
     for precision in precisions:
         done = next((s for s in summaries if precision == "fp32" and s["precision_asked"] == "auto"
@@ -370,32 +371,31 @@ def bench_train(prepared: Path, out: Path, steps: int, repeats: int, batch: int,
     """(a) and (b) when steps and repeats are positive, then (c) when `accuracy` is a config: one run, or with
     `seeds` > 1 or several `precisions`, every precision over every seed and a summary of each; (c) on
     `train_size` images of the train split when it is positive."""
-    if train_size and accuracy is not None:
-        with tempfile.TemporaryDirectory(prefix="cnnpipe-bench-") as tmp:
-            result = bench_train(prepared, out, steps, repeats, batch, device, None, tta_flip, targets)
-            subset = subset_train(prepared, train_size, Path(tmp))
-            accuracy_part = bench_train(subset, out, 0, 0, batch, device, accuracy, tta_flip, targets, seeds,
-                                        precisions)
-            result = {**result, **accuracy_part, "train_size": train_size,
-                      "peak": result.get("peak", []) + accuracy_part.get("peak", [])}
-            write_json(out, result)
-            return result
-    result: dict = {}
+    with tempfile.TemporaryDirectory(prefix="cnnpipe-bench-") as tmp:
+        subset = subset_train(prepared, train_size, Path(tmp)) if train_size and accuracy else prepared
+        return _bench_train(prepared, subset, out, steps, repeats, batch, device, accuracy, tta_flip, targets,
+                            seeds, list(dict.fromkeys(precisions or [])), train_size)
+
+
+def _bench_train(prepared: Path, subset: Path, out: Path, steps: int, repeats: int, batch: int, device: str,
+                 accuracy: TrainParams | None, tta_flip: bool, targets: list[float], seeds: int,
+                 precisions: list[str], train_size: int) -> dict:
+    result: dict = {"train_size": train_size} if train_size and accuracy else {}
     if steps > 0 and repeats > 0:
         result["throughput"] = throughput(prepared, steps, repeats, batch, resolve_device(device))
         write_json(out, result)
         print_report(result)
     if accuracy is not None and seeds == 1 and not precisions:
-        result["accuracy"] = time_to_accuracy(prepared, accuracy, tta_flip, targets)
+        result["accuracy"] = time_to_accuracy(subset, accuracy, tta_flip, targets)
         write_json(out, result)
         print_report({"accuracy": result["accuracy"]})
     elif accuracy is not None:
-        runs, result["summary"] = seeds_and_precisions(prepared, accuracy, tta_flip, targets, seeds,
+        runs, result["summary"] = seeds_and_precisions(subset, accuracy, tta_flip, targets, seeds,
                                                        precisions or [accuracy.precision])
         result["accuracy"], result["runs"] = runs[0], runs
         write_json(out, result)
         print_report({"summary": result["summary"]})
-    if resolve_device(device).type == "cpu" and result:
+    if resolve_device(device).type == "cpu" and ("throughput" in result or "accuracy" in result):
         meta = load_meta(prepared)
         result["peak"] = []
         peaks = matmul_peaks()  # once: every row of this run against the same peaks
