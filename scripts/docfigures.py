@@ -78,6 +78,7 @@ def results() -> None:
         [f"HTTP `/predict`, {served['clients']} connections ({m['processor']}, {m['cpus']} CPUs)",
          f"{num(predict, 0)} requests/s, {predict / base:.2f}× a plain FastAPI handler", "`bench/serve.json`"],
         *recipe_rows(),
+        *gpu_rows(),
         *experiments_rows(),
     ])
 
@@ -253,3 +254,72 @@ def sweep() -> None:
     out(["", f"The pruned sweep ran {sw['epochs_ratio']:.2f}× the epochs; its best trial is "
              + (f"{abs(gap):.2f} points {'below' if gap > 0 else 'above'}" if gap else "the same as")
              + " the unpruned sweep's best."])
+
+
+# --- the GPU section (bench/gpu_*.json) ----------------------------------------------------------------------
+
+def gpu_machine_text(m: dict) -> str:
+    return (f"{m['gpu']} ({m['gpu_memory_gib']:g} GiB, driver {m['driver']}), CUDA {m['cuda']}, cuDNN {m['cudnn']}, "
+            f"torch {m['torch']}; host {m['processor']}, {m['cpus']} CPUs, Python {m['python']}")
+
+
+def gpu_summary(path: str) -> dict:
+    return load(path)["summary"][0]
+
+
+def gpu_rows() -> list[list[str]]:
+    """README: the GPU recipe over seeds, and airnet's throughput against airbench94's."""
+    path = "bench/gpu_airnet_fmnist.json"
+    s, d = gpu_summary(path), load("bench/gpu_airnet_cifar_shape.json")
+    t94, syn = s["to_test_acc"]["0.94"], d["synthetic"]
+    return [[f"the GPU recipe (`airnet`, 8 epochs) on one {load(path)['machine']['gpu']}, seeds "
+             f"{', '.join(map(str, s['seeds']))}",
+             f"test accuracy mean {pct(s['mean_test_acc'])}, lowest {pct(s['min_test_acc'])}; 94 % after "
+             f"{num(t94['median_seconds'])} s of training (median); `airnet` on CIFAR-10-shaped data "
+             f"{syn['ratio_to_airbench94_a100']:.2f}× airbench94's A100 images/s",
+             f"`{path}`, `bench/gpu_airnet_cifar_shape.json`"]]
+
+
+def gpu() -> None:
+    """docs/benchmarks.md: the GPU machine, time to accuracy per config, the loop, airnet, the pipeline."""
+    rec = load("bench/gpu_recipe.json")
+    out([f"Measured on {gpu_machine_text(rec['machine'])}.", ""])
+    rows = []
+    for path in ("bench/gpu_recipe.json", "bench/gpu_fp32.json", "bench/gpu_compile.json",
+                 "bench/gpu_airnet_fmnist.json"):
+        b = load(path)
+        runs = b.get("runs") or [b["accuracy"]]
+        tp = runs[0]["train_params"]
+        cells = []
+        for t in ("0.90", "0.92", "0.93", "0.94"):
+            secs = sorted(r["seconds_to_test_acc"][t] for r in runs if r["seconds_to_test_acc"][t] is not None)
+            cells.append("not reached" if not secs else f"{num(secs[len(secs) // 2])} s"
+                         + (f" ({len(secs)} of {len(runs)})" if len(runs) > 1 else ""))
+        accs = [r["final_test_acc"] for r in runs]
+        flags = [f"model={tp['model']}", f"epochs={tp['epochs']}", f"batch_size={tp['batch_size']}"]
+        flags += ["compile=true"] if tp["compile"] else []
+        rows.append([f"`{' '.join(flags)}`, {runs[0]['precision']}, `{path}`",
+                     str(len(runs)), *cells, ", ".join(pct(a) for a in accs),
+                     num(sorted(r["images_per_second"] for r in runs)[len(runs) // 2], 0)])
+    table(["config", "seeds", "≥ 90 %", "≥ 92 %", "≥ 93 %", "≥ 94 %", "final test accuracy", "images/s"], rows)
+    t = rec["throughput"]
+    s = load("bench/gpu_airnet_cifar_shape.json")["synthetic"]
+    st = load("bench/gpu_pipeline.json")["stages"]
+    tri, q = st["train.info"], st["quantize.info"]
+    out(["", "Seconds of training until the test accuracy reached each level: the median over the seeds that "
+             "reached it (how many, in brackets); the first epoch carries cuDNN's autotuning and any compile.", "",
+         f"- **Tutorial loop against the engine** (LeNet, batch {t['batch']}, {t['steps']} steps, "
+         f"{t['repeats']} repeats): {num(t['tutorial_loop_median'])} against {num(t['engine_median'])} images/s, "
+         f"**{t['ratio_of_medians']}×**.",
+         f"- **`airnet` on CIFAR-10-shaped random data** (batch {s['train_params']['batch_size']}, "
+         f"{s['precision']}): {num(s['steady_images_per_second'], 0)} images/s steady; airbench94's published A100 "
+         f"rate is {num(s['airbench94_a100_images_per_second'], 0)} (9.9 epochs of 50,000 images in 3.83 s), so "
+         f"**{s['ratio_to_airbench94_a100']:.2f}×** it, on an H200 rather than an A100 and without airbench's "
+         f"whitening stem, lookahead or multi-crop evaluation.",
+         f"- **The default pipeline on the GPU** (train → quantize, `device: auto`): training "
+         f"{num(st['train']['sec'])} s at {num(tri['images_per_second'], 0)} images/s ({tri['precision']}); test "
+         f"accuracy {pct(st['eval']['acc'])}; ONNX against PyTorch: agreement {pct(st['export']['agree'], 1)}, max "
+         f"abs diff {st['export.info']['max_abs_diff']:.1e}; int8 {pct(q['int8']['accuracy'])} against fp32 "
+         f"{pct(q['fp32']['accuracy'])} (`bench/gpu_pipeline.json`).",
+         f"- **onnxruntime on that machine** had the providers {', '.join(rec['machine']['onnxruntime_providers'])}"
+         f" (the `onnxruntime` package, not `onnxruntime-gpu`), so serving there ran on the CPU."])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -48,6 +49,8 @@ def test_bench_train_tiny(tmp_path, prepared):
     first = next(r["train_seconds"] for r in a["epochs"] if r["test_acc"] >= 0.2)
     assert a["seconds_to_test_acc"] == {"0.20": first, "1.01": None}
     assert a["final_test_acc"] == a["epochs"][-1]["test_acc"] and "not reached" in proc.stdout
+    m = result["machine"]  # what the figures were measured on
+    assert m["cpus"] == os.cpu_count() and m["processor"] and "gpu" not in m and "driver" not in m
 
 
 @pytest.mark.slow

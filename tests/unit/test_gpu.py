@@ -39,3 +39,10 @@ def test_deterministic_mode_repeats_exactly(tmp_path, prepared):
     p = dataclasses.replace(TINY, epochs=2, deterministic=True)
     a, b = run(tmp_path / "a", prepared, p), run(tmp_path / "b", prepared, p)
     assert (a["val_loss"], a["val_acc"]) == (b["val_loss"], b["val_acc"])
+
+
+def test_bench_records_the_gpu_and_its_driver():
+    from cnnpipe.bench.machine import train_machine
+
+    m = train_machine(torch.device("cuda"))
+    assert m["gpu"] == torch.cuda.get_device_name(0) and m["driver"] and m["cuda"] == torch.version.cuda

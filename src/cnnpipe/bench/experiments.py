@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from cnnpipe.bench.serve import cpu_model
+from cnnpipe.bench.machine import cpu_model
 from cnnpipe.core import cpushare
 from cnnpipe.core.errors import CnnpipeError
 from cnnpipe.core.fsutil import write_json

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from cnnpipe.bench.launch import free_port, start_server, stop
+from cnnpipe.bench.machine import machine
 from cnnpipe.core.fsutil import write_json
 from cnnpipe.core.prepared import load_split
 
@@ -370,36 +371,6 @@ def bench_serve(onnx_path: Path, int8_path: Path | None, checkpoint: Path, prepa
     write_json(out, result)
     print_report(result)
     return result
-
-
-def machine() -> dict:
-    import os
-    import platform
-
-    import onnxruntime as ort
-
-    return {"cpus": os.cpu_count(), "processor": cpu_model() or platform.processor() or platform.machine(),
-            "cpu_flags": cpu_flags(), "onnxruntime": ort.__version__, "python": platform.python_version()}
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:  # pragma: no cover - not Linux
-        pass
-    return ""
-
-
-def cpu_flags() -> list[str]:
-    """The vector and matrix extensions that matter for these figures (AVX2, AVX-512, AMX)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:  # pragma: no cover - not Linux
-        return []
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return sorted(f for f in flags if f == "avx2" or f.startswith(("avx512", "amx")))
 
 
 def print_report(result: dict) -> None:

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cnnpipe.bench.machine import train_machine
 from cnnpipe.core.data import stats_tensors, to_device
 from cnnpipe.core.errors import CnnpipeError
 from cnnpipe.core.formats import write_idx
@@ -300,7 +301,7 @@ def print_report(result: dict) -> None:
 
 def bench_synthetic(p: TrainParams, images: int, out: Path) -> dict:
     """(d) alone: writes and prints the synthetic CIFAR-shaped throughput."""
-    result = {"synthetic": synthetic_throughput(p, images)}
+    result = {"synthetic": synthetic_throughput(p, images), "machine": train_machine(resolve_device(p.device))}
     write_json(out, result)
     print_report(result)
     return result
@@ -381,6 +382,7 @@ def _bench_train(prepared: Path, subset: Path, out: Path, steps: int, repeats: i
                  accuracy: TrainParams | None, tta_flip: bool, targets: list[float], seeds: int,
                  precisions: list[str], train_size: int) -> dict:
     result: dict = {"train_size": train_size} if train_size and accuracy else {}
+    result["machine"] = train_machine(resolve_device(accuracy.device if accuracy is not None else device))
     if steps > 0 and repeats > 0:
         result["throughput"] = throughput(prepared, steps, repeats, batch, resolve_device(device))
         write_json(out, result)

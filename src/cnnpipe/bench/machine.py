@@ -1,0 +1,63 @@
+"""What a benchmark ran on, recorded beside its figures: the processor and its vector/matrix extensions, and for
+GPU runs the GPU, its driver and the torch, CUDA and cuDNN builds. Figures are only comparable within one file."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:  # pragma: no cover - not Linux
+        pass
+    return ""
+
+
+def cpu_flags() -> list[str]:
+    """The vector and matrix extensions that matter for these figures (AVX2, AVX-512, AMX)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:  # pragma: no cover - not Linux
+        return []
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return sorted(f for f in flags if f == "avx2" or f.startswith(("avx512", "amx")))
+
+
+def machine() -> dict:
+    """The CPU side and the serving runtime (cnnpipe serve's benchmarks)."""
+    import onnxruntime as ort
+
+    return {"cpus": os.cpu_count(), "processor": cpu_model() or platform.processor() or platform.machine(),
+            "cpu_flags": cpu_flags(), "onnxruntime": ort.__version__, "python": platform.python_version()}
+
+
+def gpu_driver() -> str | None:
+    """The NVIDIA driver's version, from nvidia-smi (torch does not report it)."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out[0] if out else None
+
+
+def train_machine(device) -> dict:
+    """machine() plus torch's build and, on a CUDA device, the GPU, its memory and driver, CUDA and cuDNN."""
+    import torch
+
+    m = dict(machine(), torch=torch.__version__)
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        m.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                 compute_capability=f"{props.major}.{props.minor}", driver=gpu_driver(), cuda=torch.version.cuda,
+                 cudnn=torch.backends.cudnn.version())
+    return m
