@@ -281,6 +281,44 @@ def test_cpu_precision_auto_follows_the_flags_and_the_probe(caplog):
     assert len(slow) == 1 and "slower" in slow[0] and "amx_bf16" in slow[0]
 
 
+def test_auto_remembers_its_probe_so_reruns_train_the_same_way(tmp_path):
+    from cnnpipe.core import cpuprecision
+
+    amx = frozenset({"avx2", "avx512_bf16", "amx_bf16"})
+    path = tmp_path / "cache" / "cpu-precision.json"
+    calls = []
+
+    def speed(fp32: float, bf16: float):
+        def measure(dtype):
+            calls.append(dtype)
+            return bf16 if dtype == torch.bfloat16 else fp32
+        return measure
+
+    dtype, why = cpuprecision.choose("auto", amx, speed(100, 186), "config a", path)
+    assert dtype == torch.bfloat16 and why["probe"] == "measured" and len(calls) == 2
+    # the same config again: a noisy probe would now say fp32, but the first decision stands, unprobed
+    dtype, why = cpuprecision.choose("auto", amx, speed(100, 90), "config a", path)
+    assert dtype == torch.bfloat16 and why["probe"] == "remembered" and len(calls) == 2
+    assert why["probe_images_per_s"] == {"fp32": 100, "bf16": 186}
+    # another config probes for itself and keeps the first one's figures
+    assert cpuprecision.choose("auto", amx, speed(100, 90), "config b", path)[0] is None and len(calls) == 4
+    assert json.loads(path.read_text()) == {"config a": {"fp32": 100, "bf16": 186},
+                                            "config b": {"fp32": 100, "bf16": 90}}
+    path.write_text("{not json")  # damaged: probe again and rewrite it
+    assert cpuprecision.choose("auto", amx, speed(100, 186), "config a", path)[1]["probe"] == "measured"
+    assert json.loads(path.read_text()) == {"config a": {"fp32": 100, "bf16": 186}}
+
+
+def test_the_probe_key_names_what_the_outcome_depends_on():
+    from cnnpipe.core import cpuprecision
+
+    key = cpuprecision.probe_key("rescnn", (1, 28, 28), 128, 2)
+    others = [("bncnn", (1, 28, 28), 128, 2), ("rescnn", (3, 32, 32), 128, 2), ("rescnn", (1, 28, 28), 64, 2),
+              ("rescnn", (1, 28, 28), 128, 1)]
+    assert len({key, *(cpuprecision.probe_key(*o) for o in others)}) == 5
+    assert torch.__version__ in key and key == cpuprecision.probe_key("rescnn", (1, 28, 28), 128, 2)
+
+
 def test_cpu_flags_come_from_cpuinfo(tmp_path):
     from cnnpipe.core import cpuprecision
 
@@ -315,3 +353,37 @@ def test_bf16_cpu_training_exports_an_onnx_model_that_passes_the_parity_check(tm
     result = export(ExportParams(check_images=64), prepared, tmp_path / "model.pt", tmp_path / "model.onnx",
                     tmp_path / "export.json")
     assert result["agree"] == 1.0 and result["max_abs_diff"] < ExportParams().atol
+
+
+def test_ema_keeps_the_moving_average_of_the_weights_and_resumes_it(tmp_path):
+    """train.ema: after each step the kept model is decay × itself + (1 − decay) × the new weights (the first
+    step copies them), BN statistics included; the resume state carries it."""
+    from cnnpipe.core import resume
+    from cnnpipe.core.prepared import Meta
+    from cnnpipe.core.runtime import Dist
+    from cnnpipe.stages.train import build_engine
+
+    meta = Meta("mnist", [str(i) for i in range(10)], (1, 28, 28), [0.5], [0.25], flip=False)
+    p = dataclasses.replace(TINY, ema=0.75, precision="fp32")
+    torch.manual_seed(0)
+    engine = build_engine(p, meta, 10, torch.device("cpu"), Dist())
+    x, y = torch.randn(32, 1, 28, 28).contiguous(memory_format=torch.channels_last), torch.randint(0, 10, (32,))
+    snapshots = []
+    for _ in range(3):
+        engine.step(x, y)
+        snapshots.append({k: v.clone() for k, v in engine.net.state_dict().items()})
+    expected = {k: 0.75 * (0.75 * snapshots[0][k] + 0.25 * snapshots[1][k]) + 0.25 * snapshots[2][k]
+                for k, v in snapshots[0].items() if v.is_floating_point()}
+    kept = engine.kept.state_dict()
+    assert "features.0.0.weight" in expected and "features.0.2.running_mean" in expected
+    assert all(torch.allclose(kept[k], v, atol=1e-6) for k, v in expected.items())
+    assert not torch.equal(kept["features.0.0.weight"], snapshots[-1]["features.0.0.weight"])
+
+    resume.save(tmp_path / "state", "key", engine, torch.Generator(), resume.Progress(), Dist())
+    fresh = build_engine(p, meta, 10, torch.device("cpu"), Dist())
+    resume.restore(resume.load(tmp_path / "state", "key"), fresh, torch.Generator(), Dist())
+    assert all(torch.equal(fresh.kept.state_dict()[k], v) for k, v in kept.items())
+    for e in (fresh, engine):  # and it goes on averaging alike (the same dropout masks for both)
+        torch.manual_seed(1)
+        e.step(x, y)
+    assert all(torch.equal(fresh.kept.state_dict()[k], v) for k, v in engine.kept.state_dict().items())

@@ -1,12 +1,20 @@
 """`train.precision: auto` on the CPU: bf16 autocast where the processor computes bf16 natively (AMX-BF16 or
 AVX512-BF16) and a few timed training steps in each precision confirm it is faster; fp32 elsewhere, where
 autocast emulates bf16 and trains several times slower. The choice and the probe's figures go to the run's
-provenance (metrics/train.info.json)."""
+provenance (metrics/train.info.json).
+
+A probe is timing, and timing is noisy: two runs of the same config could choose differently and so train
+differently. The decision is therefore remembered per machine and config (processor, torch, model, input shape,
+batch size, threads) in `$CNNPIPE_CACHE_DIR/cpu-precision.json` (default `~/.cache/cnnpipe`): the first run
+probes, the runs after it train the same way, and a resumed run continues in the precision it started in.
+Delete the file to probe again."""
 
 from __future__ import annotations
 
 import copy
+import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +23,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from cnnpipe.core.fsutil import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +69,61 @@ def probe(model: nn.Module, shape: tuple[int, ...], batch_size: int, dtype: torc
     return steps * batch_size / (time.perf_counter() - t0)
 
 
-def choose(name: str, flags: frozenset[str], speed: Callable[[torch.dtype | None], float]) -> tuple[
-        torch.dtype | None, dict[str, Any]]:
-    """The CPU autocast dtype for train.precision `name` (auto, fp32 or bf16) and what decided it."""
+def decisions_file() -> Path:
+    """Where auto's decisions are remembered: $CNNPIPE_CACHE_DIR, else $XDG_CACHE_HOME/cnnpipe, else
+    ~/.cache/cnnpipe."""
+    base = os.environ.get("CNNPIPE_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or
+                                                       Path.home() / ".cache") / "cnnpipe"
+    return Path(base) / "cpu-precision.json"
+
+
+def probe_key(model: str, shape: tuple[int, ...], batch_size: int, threads: int) -> str:
+    """What a probe's outcome depends on: this processor and torch build, the model, its input and batch, and
+    the threads it trains with."""
+    model_name = next((line.split(":", 1)[1].strip() for line in _cpuinfo().splitlines()
+                       if line.startswith("model name")), "")
+    return json.dumps([model_name, sorted(f for f in cpu_flags() if f in NATIVE_BF16), torch.__version__, model,
+                       list(shape), batch_size, threads])
+
+
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+def _read_decisions(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):  # none yet, or damaged: probe again and rewrite it
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def remember(path: Path, key: str, figures: dict[str, float]) -> None:
+    """Save a probe's figures under `key` (a file that cannot be written is only logged: the run goes on)."""
+    try:
+        data = _read_decisions(path)
+        data[key] = figures
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(data, indent=1) + "\n")
+    except OSError as e:
+        log.warning("precision auto: could not remember the probe in %s (%s)", path, e)
+
+
+def recalled(path: Path | None, key: str) -> dict[str, float] | None:
+    """The probe figures saved for `key`, if any."""
+    known = _read_decisions(path).get(key) if path is not None else None
+    if isinstance(known, dict) and all(isinstance(known.get(k), int | float) for k in ("fp32", "bf16")):
+        return {"fp32": float(known["fp32"]), "bf16": float(known["bf16"])}
+    return None
+
+
+def choose(name: str, flags: frozenset[str], speed: Callable[[torch.dtype | None], float], key: str = "",
+           path: Path | None = None) -> tuple[torch.dtype | None, dict[str, Any]]:
+    """The CPU autocast dtype for train.precision `name` (auto, fp32 or bf16) and what decided it. With a
+    `path`, auto's probe figures for `key` are read from there when known, else probed and saved there."""
     native = native_bf16(flags)
     if name == "fp32":
         return None, {"asked": name}
@@ -73,9 +135,17 @@ def choose(name: str, flags: frozenset[str], speed: Callable[[torch.dtype | None
     if not native:
         return None, {"asked": name, "native_bf16": False, "chose": "fp32",
                       "why": f"no native bf16 ({' or '.join(NATIVE_BF16)} absent from the CPU flags)"}
-    fp32, bf16 = speed(None), speed(torch.bfloat16)
+    figures = recalled(path, key)
+    source = "remembered" if figures else "measured"
+    if figures is None:
+        figures = {"fp32": round(speed(None), 1), "bf16": round(speed(torch.bfloat16), 1)}
+        if path is not None:
+            remember(path, key, figures)
+    fp32, bf16 = figures["fp32"], figures["bf16"]
     chose_bf16 = bf16 >= MIN_GAIN * fp32
     decision = {"asked": name, "native_bf16": True, "chose": "bf16" if chose_bf16 else "fp32",
-                "probe_images_per_s": {"fp32": round(fp32, 1), "bf16": round(bf16, 1)}}
-    log.info("precision auto: bf16 probe %.0f images/s, fp32 %.0f: training in %s", bf16, fp32, decision["chose"])
+                "probe_images_per_s": {"fp32": round(fp32, 1), "bf16": round(bf16, 1)},
+                "probe": source}
+    log.info("precision auto: bf16 probe %.0f images/s, fp32 %.0f (%s): training in %s", bf16, fp32, source,
+             decision["chose"])
     return (torch.bfloat16 if chose_bf16 else None), decision

@@ -79,6 +79,7 @@ class TrainParams:
     schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
     warmup: float = param(0.2, ge=0, le=1)  # fraction of steps spent warming up (onecycle/cosine)
     label_smoothing: float = param(0.1, ge=0, lt=1)
+    ema: float = param(0.0, ge=0, lt=1, zero="off")  # per-step decay of a moving average of the weights, kept
     grad_clip: float = param(0.0, ge=0, zero="off")  # max gradient norm
     patience: int = param(0, ge=0, zero="off")  # stop after this many epochs without a better val accuracy
     resume: bool = True  # after an interruption (Ctrl-C, kill), continue after the last completed epoch
@@ -86,7 +87,7 @@ class TrainParams:
     flip: bool = True  # random horizontal flip (only where the dataset's flips keep labels)
     device: str = param("auto", pattern=DEVICE)  # auto | cpu | cuda | cuda:N (torchrun: local rank's GPU)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # GPU: bf16, else fp16; CPU: cpuprecision.py
-    compile: bool = False  # torch.compile the training step: faster GPU steps after a one-off compile
+    compile: bool = False  # torch.compile the training step (a one-off compile; see docs/benchmarks.md)
     deterministic: bool = False  # GPU: deterministic kernels, no cudnn autotuning (CPU is deterministic anyway)
     seed: int = param(0, ge=0, le=SEED_MAX)
     threads: int = param(0, ge=0, le=1024, zero="its share of the cores")  # CPU threads
