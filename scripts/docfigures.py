@@ -323,3 +323,19 @@ def gpu() -> None:
          f"{pct(q['fp32']['accuracy'])} (`bench/gpu_pipeline.json`).",
          f"- **onnxruntime on that machine** had the providers {', '.join(rec['machine']['onnxruntime_providers'])}"
          f" (the `onnxruntime` package, not `onnxruntime-gpu`), so serving there ran on the CPU."])
+
+
+def precision_amx() -> None:
+    """docs/benchmarks.md: auto against forced fp32 on a CPU with AMX, over seeds."""
+    path = "bench/precision_amx.json"
+    b = load(path)
+    m = b["machine"]
+    auto, fp32 = b["summary"]
+    native = [f for f in m["cpu_flags"] if f in ("amx_bf16", "avx512_bf16")]
+    out([f"On {m['processor']} ({m['cpus']} CPUs, with {' and '.join(native)}), torch {m['torch']}, "
+         f"`{b['command']}`:", ""])
+    seeds_table(path)
+    gap = (auto["mean_test_acc"] - fp32["mean_test_acc"]) * 100
+    out(["", f"Default training (`auto`, which chose {auto['precision']} on every seed) ran at "
+             f"**{auto['images_per_second_median'] / fp32['images_per_second_median']:.2f}×** the images/s of forced "
+             f"fp32, with a mean test accuracy {abs(gap):.2f} points {'above' if gap >= 0 else 'below'} it."])

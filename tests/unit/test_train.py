@@ -13,7 +13,9 @@ from cnnpipe.core.errors import CnnpipeError
 from cnnpipe.core.params import TrainParams
 from cnnpipe.stages.train import train
 
-TINY = TrainParams(model="bncnn", epochs=4, batch_size=32, lr=0.01, flip=False, translate=1, device="cpu")
+# fp32: the same training on every CPU (auto would choose bf16 where the CPU has it; tested on its own below)
+TINY = TrainParams(model="bncnn", epochs=4, batch_size=32, lr=0.01, flip=False, translate=1, device="cpu",
+                   precision="fp32")
 
 
 def run(tmp_path, prepared, p: TrainParams):
@@ -208,7 +210,24 @@ def test_precision_on_cpu(tmp_path, prepared):
     assert not any(tmp_path.glob("model.pt*")) and not (tmp_path / "train.json").exists()
     metrics = run(tmp_path, prepared, dataclasses.replace(TINY, precision="bf16", epochs=2))
     assert metrics["precision"] == "bfloat16" and metrics["val_acc"] >= 0.5
-    assert run(tmp_path, prepared, dataclasses.replace(TINY, epochs=1))["precision"] == "float32"  # auto
+
+
+@pytest.mark.parametrize("fp32, bf16", [(100.0, 500.0), (100.0, 105.0)])
+def test_auto_on_the_cpu_trains_in_what_the_flags_and_the_probe_decide(tmp_path, prepared, monkeypatch, fp32, bf16):
+    """The train stage's auto, with the probe's outcome set through the file it remembers it in: bf16 only
+    where the CPU has native bf16 and the probe found it faster."""
+    from cnnpipe.core import cpuprecision
+
+    monkeypatch.setenv("CNNPIPE_CACHE_DIR", str(tmp_path / "cache"))
+    p = dataclasses.replace(TINY, epochs=1, precision="auto", threads=1)
+    cpuprecision.remember(cpuprecision.decisions_file(), cpuprecision.probe_key(p.model, (1, 28, 28), p.batch_size, 1),
+                          {"fp32": fp32, "bf16": bf16})
+    metrics = run(tmp_path, prepared, p)
+    native = cpuprecision.native_bf16(cpuprecision.cpu_flags())
+    assert metrics["precision"] == ("bfloat16" if native and bf16 >= cpuprecision.MIN_GAIN * fp32 else "float32")
+    assert metrics["precision_choice"]["chose"] == ("bf16" if metrics["precision"] == "bfloat16" else "fp32")
+    if native:
+        assert metrics["precision_choice"]["probe"] == "remembered"
 
 
 @pytest.mark.slow
