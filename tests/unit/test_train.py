@@ -373,36 +373,3 @@ def test_bf16_cpu_training_exports_an_onnx_model_that_passes_the_parity_check(tm
                     tmp_path / "export.json")
     assert result["agree"] == 1.0 and result["max_abs_diff"] < ExportParams().atol
 
-
-def test_ema_keeps_the_moving_average_of_the_weights_and_resumes_it(tmp_path):
-    """train.ema: after each step the kept model is decay × itself + (1 − decay) × the new weights (the first
-    step copies them), BN statistics included; the resume state carries it."""
-    from cnnpipe.core import resume
-    from cnnpipe.core.prepared import Meta
-    from cnnpipe.core.runtime import Dist
-    from cnnpipe.stages.train import build_engine
-
-    meta = Meta("mnist", [str(i) for i in range(10)], (1, 28, 28), [0.5], [0.25], flip=False)
-    p = dataclasses.replace(TINY, ema=0.75, precision="fp32")
-    torch.manual_seed(0)
-    engine = build_engine(p, meta, 10, torch.device("cpu"), Dist())
-    x, y = torch.randn(32, 1, 28, 28).contiguous(memory_format=torch.channels_last), torch.randint(0, 10, (32,))
-    snapshots = []
-    for _ in range(3):
-        engine.step(x, y)
-        snapshots.append({k: v.clone() for k, v in engine.net.state_dict().items()})
-    expected = {k: 0.75 * (0.75 * snapshots[0][k] + 0.25 * snapshots[1][k]) + 0.25 * snapshots[2][k]
-                for k, v in snapshots[0].items() if v.is_floating_point()}
-    kept = engine.kept.state_dict()
-    assert "features.0.0.weight" in expected and "features.0.2.running_mean" in expected
-    assert all(torch.allclose(kept[k], v, atol=1e-6) for k, v in expected.items())
-    assert not torch.equal(kept["features.0.0.weight"], snapshots[-1]["features.0.0.weight"])
-
-    resume.save(tmp_path / "state", "key", engine, torch.Generator(), resume.Progress(), Dist())
-    fresh = build_engine(p, meta, 10, torch.device("cpu"), Dist())
-    resume.restore(resume.load(tmp_path / "state", "key"), fresh, torch.Generator(), Dist())
-    assert all(torch.equal(fresh.kept.state_dict()[k], v) for k, v in kept.items())
-    for e in (fresh, engine):  # and it goes on averaging alike (the same dropout masks for both)
-        torch.manual_seed(1)
-        e.step(x, y)
-    assert all(torch.equal(fresh.kept.state_dict()[k], v) for k, v in engine.kept.state_dict().items())

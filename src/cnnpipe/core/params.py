@@ -79,7 +79,6 @@ class TrainParams:
     schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
     warmup: float = param(0.2, ge=0, le=1)  # fraction of steps spent warming up (onecycle/cosine)
     label_smoothing: float = param(0.1, ge=0, lt=1)
-    ema: float = param(0.0, ge=0, lt=1, zero="off")  # per-step decay of a moving average of the weights, kept
     grad_clip: float = param(0.0, ge=0, zero="off")  # max gradient norm
     patience: int = param(0, ge=0, zero="off")  # stop after this many epochs without a better val accuracy
     resume: bool = True  # after an interruption (Ctrl-C, kill), continue after the last completed epoch

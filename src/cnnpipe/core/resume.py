@@ -70,14 +70,13 @@ def restore_rng(states: list[dict[str, torch.Tensor]], device: torch.device, d: 
 
 def save(path: Path, key: str, engine: Any, generator: torch.Generator, progress: Progress, d: Dist) -> None:
     """Save the last completed epoch (atomic; rank 0 writes, every rank must call: the RNG gather is a
-    collective). `engine` has net, optimizer, scheduler, scaler and ema (None where train.ema is off)."""
+    collective). `engine` has net, optimizer, scheduler and scaler."""
     rng = rng_states(engine.device, d)
     if not d.main:
         return
     state = {"fingerprint": key, "model": engine.net.state_dict(), "optimizer": engine.optimizer.state_dict(),
              "scheduler": engine.scheduler.state_dict(), "scaler": engine.scaler.state_dict(),
              "generator": generator.get_state(), "rng": rng,
-             **({"ema": engine.ema.state_dict()} if engine.ema is not None else {}),
              **{f.name: getattr(progress, f.name) for f in dataclasses.fields(Progress)}}
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         torch.save(state, f)
@@ -89,8 +88,6 @@ def restore(state: dict, engine: Any, generator: torch.Generator, d: Dist) -> Pr
     engine.optimizer.load_state_dict(state["optimizer"])
     engine.scheduler.load_state_dict(state["scheduler"])
     engine.scaler.load_state_dict(state["scaler"])
-    if engine.ema is not None:  # the fingerprint holds train.ema: a state of this run has it
-        engine.ema.load_state_dict(state["ema"])
     generator.set_state(state["generator"])
     restore_rng(state["rng"], engine.device, d)
     return Progress(**{f.name: state[f.name] for f in dataclasses.fields(Progress)})

@@ -24,7 +24,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from cnnpipe.core import cpuprecision, cpushare, resume, trial
@@ -97,12 +96,6 @@ class Engine:
     d: Dist
     channels_last: bool = True  # measured faster for these convnets on CPU (oneDNN) and on GPU
     precision_choice: dict = dataclasses.field(default_factory=dict)  # CPU: what decided the precision
-    ema: AveragedModel | None = None  # train.ema: the moving average of net's weights and BN statistics
-
-    @property
-    def kept(self) -> nn.Module:
-        """What is validated and saved: the moving average where train.ema asks for one, else net."""
-        return self.ema.module if self.ema is not None else self.net
 
     def step(self, xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward, backward, update; returns (loss, logits), both still on the device."""
@@ -117,8 +110,6 @@ class Engine:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        if self.ema is not None:
-            self.ema.update_parameters(self.net)
         return loss.detach(), logits.detach()
 
 
@@ -145,8 +136,7 @@ def build_engine(p: TrainParams, meta, steps_per_epoch: int, device: torch.devic
             amp = torch.bfloat16 if flag.item() else None
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     scheduler = make_schedule(optimizer, p, p.epochs * steps_per_epoch)
-    ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(p.ema), use_buffers=True) if p.ema > 0 else None
-    return Engine(net, model, optimizer, scheduler, scaler, amp, device, p, d, precision_choice=choice, ema=ema)
+    return Engine(net, model, optimizer, scheduler, scaler, amp, device, p, d, precision_choice=choice)
 
 
 def next_batch(engine: Engine, x: torch.Tensor, y: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
@@ -199,7 +189,7 @@ def evaluate_split(engine: Engine, x, y, mean, std, batch_size: int) -> tuple[fl
     """(loss, accuracy) on a split; under torchrun each rank scores its shard and the sums are combined."""
     d = engine.d
     xs, ys = x[d.rank::d.world], y[d.rank::d.world]
-    logits = predict_logits(engine.kept, xs, mean, std, batch_size, engine.channels_last, engine.amp)
+    logits = predict_logits(engine.net, xs, mean, std, batch_size, engine.channels_last, engine.amp)
     totals = torch.stack([F.cross_entropy(logits, ys, reduction="sum"), (logits.argmax(1) == ys).sum().float()])
     if d.world > 1:
         dist.all_reduce(totals)
@@ -336,13 +326,13 @@ def run_epochs(p: TrainParams, run: Run, progress: Progress, state_path: Path, d
         progress.epoch = epoch
         if progress.best is None or va_acc > progress.best["val_acc"]:
             progress.best = row
-            progress.best_state = {k: v.detach().clone() for k, v in engine.kept.state_dict().items()}
+            progress.best_state = {k: v.detach().clone() for k, v in engine.net.state_dict().items()}
         progress.seconds = time.perf_counter() - start
         if p.resume:
             resume.save(state_path, run.key, engine, run.generator, progress, d)
         if on_epoch is not None:
             t1 = time.perf_counter()
-            on_epoch(dict(row, train_seconds=round(t1 - start, 2)), engine.kept)
+            on_epoch(dict(row, train_seconds=round(t1 - start, 2)), engine.net)
             start += time.perf_counter() - t1
         patience_out = p.patience > 0 and epoch - progress.best["epoch"] >= p.patience
         if should_stop(report, epoch, va_acc, epoch == p.epochs or patience_out, d):
