@@ -23,6 +23,11 @@ os.environ["PREFECT_LOCAL_STORAGE_PATH"] = os.path.join(_PREFECT_HOME, "storage"
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["DO_NOT_TRACK"] = "1"
 os.environ.pop("PREFECT_API_URL", None)
+# precision auto's remembered probes (core/cpuprecision.py): this session's own, never the user's. Set at
+# import, before any test module copies os.environ for the processes it starts.
+_CACHE = tempfile.mkdtemp(prefix="cnnpipe-cache-")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+os.environ["CNNPIPE_CACHE_DIR"] = _CACHE
 
 
 # A suite started in the background of a non-interactive shell inherits SIGINT ignored, and so would every
@@ -41,8 +46,7 @@ def _quiet_tools(tmp_path_factory):
     # CPU shares (core/cpushare.py) count the jobs of this test process only: runs that a test compares
     # bitwise keep their thread count whatever the other pytest-xdist worker is running.
     os.environ["CNNPIPE_JOBS_DIR"] = str(tmp_path_factory.mktemp("cpu-jobs"))
-    # precision auto's remembered probes (core/cpuprecision.py): this session's own, never the user's
-    os.environ["CNNPIPE_CACHE_DIR"] = str(tmp_path_factory.mktemp("cnnpipe-cache"))
+
     # Stage commands (`cnnpipe ...`) resolve through PATH: this interpreter's bin first.
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
 

@@ -26,12 +26,16 @@ P = TrainParams(model="lenet", epochs=3, batch_size=50, optimizer="sgd", lr=0.05
                 device="cpu", precision="fp32")
 
 
-ENV = dict(os.environ, OMP_NUM_THREADS="1")
+def env() -> dict[str, str]:
+    """The test session's environment as it is when a test runs (conftest's fixtures set parts of it)."""
+    return dict(os.environ, OMP_NUM_THREADS="1")
+
+
 TRAIN = [str(BIN / "cnnpipe"), "train"]
 
 
 def train_in(cwd: Path, *launcher: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*launcher, *TRAIN], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300)
+    return subprocess.run([*launcher, *TRAIN], cwd=cwd, env=env(), capture_output=True, text=True, timeout=300)
 
 
 def assert_same_model(single: Path, ddp: Path) -> None:
@@ -71,7 +75,7 @@ def test_torchrun_two_cpu_processes_match_one(tmp_path, prepared):
     port = str(free_port())
     procs = [subprocess.Popen([str(BIN / "torchrun"), "--nnodes", "2", "--node_rank", str(i), "--nproc_per_node", "1",
                                "--master_addr", "127.0.0.1", "--master_port", port, "--no-python", *TRAIN],
-                              cwd=node, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              cwd=node, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i, node in enumerate(nodes)]
     try:
         outs = [proc.communicate(timeout=300) for proc in procs]
@@ -108,7 +112,7 @@ def test_torchrun_resume_after_kill_matches_an_uninterrupted_run(tmp_path, prepa
 
     work = train_workdir(tmp_path / "work", prepared, p)
     state = work / "models/.model.pt.resume"
-    job = subprocess.Popen([*launcher, *TRAIN], cwd=work, env=ENV, stdout=subprocess.DEVNULL,
+    job = subprocess.Popen([*launcher, *TRAIN], cwd=work, env=env(), stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not state.exists() and time.monotonic() < deadline and job.poll() is None:
