@@ -85,16 +85,20 @@ def results() -> None:
 
 
 def recipe_rows() -> list[list[str]]:
-    """The default recipe over seeds: fp32 on an AVX2-only CPU (bench/recipe.json), auto (bf16) against forced
-    fp32 on a CPU with AMX (bench/precision_amx.json)."""
+    """The default recipe over seeds: on a CPU without native bf16 (bench/recipe.json), and auto (bf16) against
+    forced fp32 on a CPU with it (bench/precision_amx.json)."""
     r = load("bench/recipe.json")["summary"][0]
+    native = load("bench/recipe.json")["peak"][0]["native_bf16"]
     amx = load("bench/precision_amx.json")
+    amx_flags = [f for f in amx["machine"]["cpu_flags"] if f.startswith("amx")]
     auto, fp32 = amx["summary"]
     runs = [*load("bench/recipe.json")["runs"], *amx["runs"]]
     t94 = sum(x["seconds_to_test_acc"].get("0.94") is not None for x in runs)
     return [[f"the default recipe over seeds {', '.join(map(str, r['seeds']))} (`cnnpipe bench train`)",
-             f"AVX2-only CPU, {r['precision']}: mean {pct(r['mean_test_acc'])}, lowest {pct(r['min_test_acc'])}; "
-             f"CPU with AMX, `auto` ({auto['precision']}): mean {pct(auto['mean_test_acc'])}, lowest "
+             f"CPU {'with' if native else 'without'} native bf16, `auto` ({r['precision']}): mean "
+             f"{pct(r['mean_test_acc'])}, lowest {pct(r['min_test_acc'])}; CPU with "
+             f"{'AMX' if amx_flags else 'AVX512-BF16'}, `auto` ({auto['precision']}): mean "
+             f"{pct(auto['mean_test_acc'])}, lowest "
              f"{pct(auto['min_test_acc'])}, {auto['images_per_second_median'] / fp32['images_per_second_median']:.2f}× "
              f"the images/s of fp32 (mean {pct(fp32['mean_test_acc'])}); 94 % reached in {t94} of {len(runs)} runs",
              "`bench/recipe.json`, `bench/precision_amx.json`"]]
@@ -311,6 +315,7 @@ def gpu() -> None:
     t = rec["throughput"]
     s = load("bench/gpu_airnet_cifar_shape.json")["synthetic"]
     st = load("bench/gpu_pipeline.json")["stages"]
+    providers = rec["machine"]["onnxruntime_providers"]
     tri, q = st["train.info"], st["quantize.info"]
     out(["", "Seconds of training until the test accuracy reached each level: the median over the seeds that "
              "reached it (how many, in brackets); the first epoch carries cuDNN's autotuning and any compile.", "",
@@ -320,15 +325,17 @@ def gpu() -> None:
          f"- **`airnet` on CIFAR-10-shaped random data** (batch {s['train_params']['batch_size']}, "
          f"{s['precision']}): {num(s['steady_images_per_second'], 0)} images/s steady; airbench94's published A100 "
          f"rate is {num(s['airbench94_a100_images_per_second'], 0)} (9.9 epochs of 50,000 images in 3.83 s), so "
-         f"**{s['ratio_to_airbench94_a100']:.2f}×** it, on an H200 rather than an A100 and without airbench's "
+         f"**{s['ratio_to_airbench94_a100']:.2f}×** it, on an {rec['machine']['gpu']} rather than an A100 and without "
+         f"airbench's "
          f"whitening stem, lookahead or multi-crop evaluation.",
          f"- **The default pipeline on the GPU** (train → quantize, `device: auto`): training "
          f"{num(st['train']['sec'])} s at {num(tri['images_per_second'], 0)} images/s ({tri['precision']}); test "
          f"accuracy {pct(st['eval']['acc'])}; ONNX against PyTorch: agreement {pct(st['export']['agree'], 1)}, max "
          f"abs diff {st['export.info']['max_abs_diff']:.1e}; int8 {pct(q['int8']['accuracy'])} against fp32 "
          f"{pct(q['fp32']['accuracy'])} (`bench/gpu_pipeline.json`).",
-         f"- **onnxruntime on that machine** had the providers {', '.join(rec['machine']['onnxruntime_providers'])}"
-         f" (the `onnxruntime` package, not `onnxruntime-gpu`), so serving there ran on the CPU."])
+         f"- **onnxruntime on that machine** had the providers {', '.join(providers)}"
+         + ("" if "CUDAExecutionProvider" in providers else ": no CUDA provider, so serving there was not measured")
+         + "."])
 
 
 def precision_amx() -> None:

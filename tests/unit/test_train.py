@@ -212,22 +212,27 @@ def test_precision_on_cpu(tmp_path, prepared):
     assert metrics["precision"] == "bfloat16" and metrics["val_acc"] >= 0.5
 
 
+@pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("fp32, bf16", [(100.0, 500.0), (100.0, 105.0)])
-def test_auto_on_the_cpu_trains_in_what_the_flags_and_the_probe_decide(tmp_path, prepared, monkeypatch, fp32, bf16):
-    """The train stage's auto, with the probe's outcome set through the file it remembers it in: bf16 only
-    where the CPU has native bf16 and the probe found it faster."""
+def test_auto_on_the_cpu_trains_in_what_the_flags_and_the_probe_decide(tmp_path, prepared, monkeypatch, native,
+                                                                       fp32, bf16):
+    """The train stage's auto, with the CPU's flags and the probe's remembered outcome set: bf16 only where the
+    CPU has native bf16 and the probe found it faster (a short bf16 run where it is emulated)."""
     from cnnpipe.core import cpuprecision
+    from cnnpipe.stages import train as train_stage
 
+    flags = frozenset({"avx2", "amx_bf16"} if native else {"avx2"})
+    monkeypatch.setattr(train_stage, "cpu_flags", lambda: flags)
     monkeypatch.setenv("CNNPIPE_CACHE_DIR", str(tmp_path / "cache"))
     p = dataclasses.replace(TINY, epochs=1, precision="auto", threads=1)
-    cpuprecision.remember(cpuprecision.decisions_file(), cpuprecision.probe_key(p.model, (1, 28, 28), p.batch_size, 1),
-                          {"fp32": fp32, "bf16": bf16})
+    key = cpuprecision.probe_key(p.model, (1, 28, 28), p.batch_size, 1, flags)
+    cpuprecision.remember(cpuprecision.decisions_file(), key, {"fp32": fp32, "bf16": bf16})
     metrics = run(tmp_path, prepared, p)
-    native = cpuprecision.native_bf16(cpuprecision.cpu_flags())
-    assert metrics["precision"] == ("bfloat16" if native and bf16 >= cpuprecision.MIN_GAIN * fp32 else "float32")
-    assert metrics["precision_choice"]["chose"] == ("bf16" if metrics["precision"] == "bfloat16" else "fp32")
-    if native:
-        assert metrics["precision_choice"]["probe"] == "remembered"
+    bf16_wins = native and bf16 >= cpuprecision.MIN_GAIN * fp32
+    assert metrics["precision"] == ("bfloat16" if bf16_wins else "float32")
+    choice = metrics["precision_choice"]
+    assert choice["chose"] == ("bf16" if bf16_wins else "fp32") and choice["native_bf16"] == native
+    assert choice.get("probe") == ("remembered" if native else None)  # no native bf16: nothing probed
 
 
 @pytest.mark.slow
@@ -313,38 +318,75 @@ def test_auto_remembers_its_probe_so_reruns_train_the_same_way(tmp_path):
             return bf16 if dtype == torch.bfloat16 else fp32
         return measure
 
-    dtype, why = cpuprecision.choose("auto", amx, speed(100, 186), "config a", path)
+    def at(key: str):
+        return {"key": lambda: key, "path": lambda: path}
+
+    dtype, why = cpuprecision.choose("auto", amx, speed(100, 186), **at("config a"))
     assert dtype == torch.bfloat16 and why["probe"] == "measured" and len(calls) == 2
     # the same config again: a noisy probe would now say fp32, but the first decision stands, unprobed
-    dtype, why = cpuprecision.choose("auto", amx, speed(100, 90), "config a", path)
+    dtype, why = cpuprecision.choose("auto", amx, speed(100, 90), **at("config a"))
     assert dtype == torch.bfloat16 and why["probe"] == "remembered" and len(calls) == 2
     assert why["probe_images_per_s"] == {"fp32": 100, "bf16": 186}
     # another config probes for itself and keeps the first one's figures
-    assert cpuprecision.choose("auto", amx, speed(100, 90), "config b", path)[0] is None and len(calls) == 4
+    assert cpuprecision.choose("auto", amx, speed(100, 90), **at("config b"))[0] is None and len(calls) == 4
     assert json.loads(path.read_text()) == {"config a": {"fp32": 100, "bf16": 186},
                                             "config b": {"fp32": 100, "bf16": 90}}
     path.write_text("{not json")  # damaged: probe again and rewrite it
-    assert cpuprecision.choose("auto", amx, speed(100, 186), "config a", path)[1]["probe"] == "measured"
+    assert cpuprecision.choose("auto", amx, speed(100, 186), **at("config a"))[1]["probe"] == "measured"
     assert json.loads(path.read_text()) == {"config a": {"fp32": 100, "bf16": 186}}
+    # a process that probed the same key at the same time, but saved second, trains as the first one saved
+    assert cpuprecision.remember(path, "config a", {"fp32": 100, "bf16": 90}) == {"fp32": 100, "bf16": 186}
+    assert json.loads(path.read_text()) == {"config a": {"fp32": 100, "bf16": 186}}
+
+
+def test_auto_without_a_usable_cache_still_probes_and_trains(tmp_path, monkeypatch, caplog):
+    """No home folder (a container run as an arbitrary uid), or a cache path that cannot be written: auto
+    probes and decides as usual, remembering nothing."""
+    from cnnpipe.core import cpuprecision
+
+    amx = frozenset({"avx2", "amx_bf16"})
+    for name in ("CNNPIPE_CACHE_DIR", "XDG_CACHE_HOME", "HOME"):
+        monkeypatch.delenv(name, raising=False)
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(Path, "home", staticmethod(no_home))
+    assert cpuprecision.decisions_file() is None
+    dtype, why = cpuprecision.choose("auto", amx, lambda dt: 186.0 if dt else 100.0, lambda: "k",
+                                     cpuprecision.decisions_file)
+    assert dtype == torch.bfloat16 and why["probe"] == "measured"
+
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("CNNPIPE_CACHE_DIR", str(tmp_path / "a-file"))  # its "folder" is a file
+    with caplog.at_level("WARNING"):
+        dtype, why = cpuprecision.choose("auto", amx, lambda dt: 186.0 if dt else 100.0, lambda: "k",
+                                         cpuprecision.decisions_file)
+    assert dtype == torch.bfloat16 and why["probe"] == "measured"
+    assert any("could not remember the probe" in r.getMessage() for r in caplog.records)
 
 
 def test_the_probe_key_names_what_the_outcome_depends_on():
     from cnnpipe.core import cpuprecision
 
-    key = cpuprecision.probe_key("rescnn", (1, 28, 28), 128, 2)
-    others = [("bncnn", (1, 28, 28), 128, 2), ("rescnn", (3, 32, 32), 128, 2), ("rescnn", (1, 28, 28), 64, 2),
-              ("rescnn", (1, 28, 28), 128, 1)]
-    assert len({key, *(cpuprecision.probe_key(*o) for o in others)}) == 5
-    assert torch.__version__ in key and key == cpuprecision.probe_key("rescnn", (1, 28, 28), 128, 2)
+    amx, avx512 = frozenset({"avx2", "amx_bf16"}), frozenset({"avx2", "avx512_bf16"})
+    key = cpuprecision.probe_key("rescnn", (1, 28, 28), 128, 2, amx)
+    others = [("bncnn", (1, 28, 28), 128, 2, amx), ("rescnn", (3, 32, 32), 128, 2, amx),
+              ("rescnn", (1, 28, 28), 64, 2, amx), ("rescnn", (1, 28, 28), 128, 1, amx),
+              ("rescnn", (1, 28, 28), 128, 2, avx512)]
+    assert len({key, *(cpuprecision.probe_key(*o) for o in others)}) == 6
+    assert key == cpuprecision.probe_key("rescnn", (1, 28, 28), 128, 2, amx | {"sse2"})  # other flags: no matter
+    assert torch.__version__ in key
 
 
 def test_cpu_flags_come_from_cpuinfo(tmp_path):
-    from cnnpipe.core import cpuprecision
+    from cnnpipe.core import cpuinfo, cpuprecision
 
-    (tmp_path / "cpuinfo").write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 amx_bf16 amx_tile\n\n")
-    flags = cpuprecision.cpu_flags(tmp_path / "cpuinfo")
-    assert cpuprecision.native_bf16(flags) and "avx2" in flags
-    assert cpuprecision.cpu_flags(tmp_path / "absent") == frozenset()
+    (tmp_path / "cpuinfo").write_text("processor\t: 0\nmodel name\t: Xeon X\n"
+                                      "flags\t\t: fpu sse2 avx2 amx_bf16 amx_tile\n\n")
+    flags = cpuinfo.cpu_flags(tmp_path / "cpuinfo")
+    assert cpuprecision.native_bf16(flags) and "avx2" in flags and cpuinfo.cpu_model(tmp_path / "cpuinfo") == "Xeon X"
+    assert cpuinfo.cpu_flags(tmp_path / "absent") == frozenset() and cpuinfo.cpu_model(tmp_path / "absent") == ""
 
 
 def test_the_real_probe_leaves_the_model_and_random_streams_alone():

@@ -5,29 +5,33 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cnnpipe.core import cpuinfo
+
+if TYPE_CHECKING:
+    import torch
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:  # pragma: no cover - not Linux
-        pass
-    return ""
+def command_line() -> str | None:
+    """The `cnnpipe ...` command this process runs, to record beside its figures; None when it is not one."""
+    if Path(sys.argv[0]).name != "cnnpipe":
+        return None
+    return shlex.join(["cnnpipe", *sys.argv[1:]])
 
 
 def cpu_flags() -> list[str]:
     """The vector and matrix extensions that matter for these figures (AVX2, AVX-512, AMX)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:  # pragma: no cover - not Linux
-        return []
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return sorted(f for f in flags if f == "avx2" or f.startswith(("avx512", "amx")))
+    return sorted(f for f in cpuinfo.cpu_flags() if f == "avx2" or f.startswith(("avx512", "amx")))
+
+
+def cpu_model() -> str:
+    return cpuinfo.cpu_model()
 
 
 def machine() -> dict:
@@ -35,7 +39,8 @@ def machine() -> dict:
     import onnxruntime as ort
 
     return {"cpus": os.cpu_count(), "processor": cpu_model() or platform.processor() or platform.machine(),
-            "cpu_flags": cpu_flags(), "onnxruntime": ort.__version__, "python": platform.python_version()}
+            "cpu_flags": cpu_flags(), "onnxruntime": ort.__version__,
+            "onnxruntime_providers": ort.get_available_providers(), "python": platform.python_version()}
 
 
 def gpu_driver() -> str | None:
@@ -50,7 +55,7 @@ def gpu_driver() -> str | None:
     return out[0] if out else None
 
 
-def train_machine(device) -> dict:
+def train_machine(device: torch.device) -> dict:
     """machine() plus torch's build and, on a CUDA device, the GPU, its memory and driver, CUDA and cuDNN."""
     import torch
 

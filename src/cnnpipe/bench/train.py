@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnpipe.bench.machine import train_machine
+from cnnpipe.bench.machine import command_line, train_machine
 from cnnpipe.core.data import stats_tensors, to_device
 from cnnpipe.core.errors import CnnpipeError
 from cnnpipe.core.formats import write_idx
@@ -245,7 +245,8 @@ def against_peak(model_name: str, shape: tuple[int, int, int], classes: int, ima
     """Part (e): the engine's FLOP rate as a fraction of the matmul peak of the precision it trained in, both
     peaks measured here (fp32 and bf16; `peaks` when one run compares several), so a bf16 run is not flattered
     by the fp32 peak. Without native bf16 (AVX2), torch's bf16 matmul is a slow fallback rather than a peak."""
-    from cnnpipe.core.cpuprecision import cpu_flags, native_bf16
+    from cnnpipe.core.cpuinfo import cpu_flags
+    from cnnpipe.core.cpuprecision import native_bf16
     from cnnpipe.core.models import build_model
 
     model = build_model(model_name, shape, classes).to(memory_format=torch.channels_last)
@@ -301,7 +302,8 @@ def print_report(result: dict) -> None:
 
 def bench_synthetic(p: TrainParams, images: int, out: Path) -> dict:
     """(d) alone: writes and prints the synthetic CIFAR-shaped throughput."""
-    result = {"synthetic": synthetic_throughput(p, images), "machine": train_machine(resolve_device(p.device))}
+    result = {"command": command_line(), "synthetic": synthetic_throughput(p, images),
+              "machine": train_machine(resolve_device(p.device))}
     write_json(out, result)
     print_report(result)
     return result
@@ -382,6 +384,7 @@ def _bench_train(prepared: Path, subset: Path, out: Path, steps: int, repeats: i
                  accuracy: TrainParams | None, tta_flip: bool, targets: list[float], seeds: int,
                  precisions: list[str], train_size: int) -> dict:
     result: dict = {"train_size": train_size} if train_size and accuracy else {}
+    result["command"] = command_line()
     result["machine"] = train_machine(resolve_device(accuracy.device if accuracy is not None else device))
     if steps > 0 and repeats > 0:
         result["throughput"] = throughput(prepared, steps, repeats, batch, resolve_device(device))

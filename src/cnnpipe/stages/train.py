@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from cnnpipe.core import cpuprecision, cpushare, resume, trial
 from cnnpipe.core.checkpoint import save_checkpoint
+from cnnpipe.core.cpuinfo import cpu_flags
 from cnnpipe.core.data import augment, draw_augment, normalize, stats_tensors, to_device
 from cnnpipe.core.errors import CnnpipeError
 from cnnpipe.core.figures import training_curves
@@ -126,10 +127,11 @@ def build_engine(p: TrainParams, meta, steps_per_epoch: int, device: torch.devic
     optimizer = make_optimizer(net, p)
     amp, choice = resolve_precision(p.precision, device), {}
     if device.type == "cpu":
-        shape, batch = tuple(meta.shape), p.batch_size // d.world
+        shape, batch, flags = tuple(meta.shape), p.batch_size // d.world, cpu_flags()
         amp, choice = cpuprecision.choose(
-            p.precision, cpuprecision.cpu_flags(), lambda dtype: cpuprecision.probe(net, shape, batch, dtype),
-            cpuprecision.probe_key(p.model, shape, batch, torch.get_num_threads()), cpuprecision.decisions_file())
+            p.precision, flags, lambda dtype: cpuprecision.probe(net, shape, batch, dtype),
+            lambda: cpuprecision.probe_key(p.model, shape, batch, p.threads or len(cpushare.affinity()), flags),
+            cpuprecision.decisions_file if d.main else None)  # rank 0 decides (below) and alone remembers
         if d.world > 1:  # every rank trains in rank 0's choice
             flag = torch.tensor([int(amp is not None)])
             dist.broadcast(flag, 0)
