@@ -8,7 +8,7 @@
 # Everything lands in OUT_DIR/results.tar.gz (bench JSON, logs, metrics) and OUT_DIR/log.txt.
 set -u
 mkdir -p "${1:?usage: scripts/gpu_bench.sh OUT_DIR [FASHION_MNIST_DIR] [SECONDS]}"
-OUT=$(realpath "${1:?usage: scripts/gpu_bench.sh OUT_DIR [FASHION_MNIST_DIR] [SECONDS]}")
+OUT=$(realpath "$1")
 DATA=$(realpath "${2:-/usr/share/datasets/fashion-mnist}")
 BUDGET=${3:-540}
 PY=${PY:-python3}
@@ -21,8 +21,8 @@ printf '#!/bin/sh\nexec %q -c "import sys; from cnnpipe.cli import main; sys.exi
 chmod +x "$R/bin/cnnpipe"
 export PATH="$R/bin:$PATH" PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export CNNPIPE_JOBS_DIR="$R/jobs" CNNPIPE_CACHE_DIR="$R/cache"
-N=$(nproc)  # the last 2 CPUs time the host's fp32 against bf16 while the tests use the others
-TEST_CPUS=0-$((N - 3)) GPU_CPUS=0-$((N - 3)) HOST_CPUS=$((N - 2)),$((N - 1))
+N=$(nproc)  # the last 2 CPUs time the host's fp32 against bf16; the tests and GPU parts use the others
+MAIN_CPUS=0-$((N - 3)) HOST_CPUS=$((N - 2)),$((N - 1))
 [ "$N" -ge 4 ] || { echo "scripts/gpu_bench.sh: needs 4 or more CPUs, found $N" >&2; exit 1; }
 exec > >(tee "$OUT/log.txt") 2>&1
 
@@ -62,8 +62,8 @@ EOF
 (cd "$W" && cnnpipe download && cnnpipe split) >"$R/data.log" 2>&1 || { echo "data failed"; tail "$R/data.log"; exit 1; }
 echo "data ready at $(($SECONDS - START)) s"
 
-# The tests on 12 cores, beside the host CPU's precision comparison pinned to 2 others (a 2-vCPU machine's share)
-part tests 260 taskset -c "$TEST_CPUS" "$PY" -m pytest tests/unit tests/func/test_cli.py tests/func/test_distributed.py \
+# The tests, beside the host CPU's precision comparison pinned to the last 2 CPUs (a 2-vCPU machine's share)
+part tests 260 taskset -c "$MAIN_CPUS" "$PY" -m pytest tests/unit tests/func/test_cli.py tests/func/test_distributed.py \
   -n 8 --timeout 90 -p no:cacheprovider -v --tb=line -rs --continue-on-collection-errors --junitxml="$R/tests.xml" &
 TESTS=$!
 (cd "$W" && CNNPIPE_JOBS_DIR="$R/jobs-cpu" part cpu_precision 230 taskset -c "$HOST_CPUS" cnnpipe bench train --device cpu \
@@ -72,7 +72,7 @@ TESTS=$!
 CPU=$!
 wait $TESTS
 cd "$W"
-part pipeline 150 taskset -c "$GPU_CPUS" sh -c 'cnnpipe train && cnnpipe evaluate && cnnpipe export && cnnpipe quantize'
+part pipeline 150 taskset -c "$MAIN_CPUS" sh -c 'cnnpipe train && cnnpipe evaluate && cnnpipe export && cnnpipe quantize'
 "$PY" - "$R/gpu_pipeline.json" <<'EOF'  # every stage's metrics and provenance, as bench/gpu_pipeline.json holds them
 import json, sys
 from pathlib import Path
@@ -99,14 +99,14 @@ for ep in ("CUDAExecutionProvider", "CPUExecutionProvider"):
                                   "p99_ms": round(1e3 * sorted(t)[197], 3), "providers": s.get_providers()}
 print(json.dumps(res, indent=1))
 EOF
-part recipe 200 taskset -c "$GPU_CPUS" cnnpipe bench train --device cuda --seeds 3 --out "$R/gpu_recipe.json"
-part airnet_synthetic 100 taskset -c "$GPU_CPUS" cnnpipe bench train --synthetic-cifar --set model=airnet --set batch_size=1024 \
+part recipe 200 taskset -c "$MAIN_CPUS" cnnpipe bench train --device cuda --seeds 3 --out "$R/gpu_recipe.json"
+part airnet_synthetic 100 taskset -c "$MAIN_CPUS" cnnpipe bench train --synthetic-cifar --set model=airnet --set batch_size=1024 \
   --set epochs=4 --synthetic-images 50000 --out "$R/gpu_airnet_cifar_shape.json"
-part fp32 60 taskset -c "$GPU_CPUS" cnnpipe bench train --steps 0 --precisions fp32 --out "$R/gpu_fp32.json"
-part airnet_fmnist 120 taskset -c "$GPU_CPUS" cnnpipe bench train --steps 0 --set model=airnet --set epochs=8 --set batch_size=256 \
+part fp32 60 taskset -c "$MAIN_CPUS" cnnpipe bench train --steps 0 --precisions fp32 --out "$R/gpu_fp32.json"
+part airnet_fmnist 120 taskset -c "$MAIN_CPUS" cnnpipe bench train --steps 0 --set model=airnet --set epochs=8 --set batch_size=256 \
   --seeds 3 --out "$R/gpu_airnet_fmnist.json"
-part compile 120 taskset -c "$GPU_CPUS" cnnpipe bench train --steps 0 --set compile=true --out "$R/gpu_compile.json"
-part airnet_compiled 150 taskset -c "$GPU_CPUS" cnnpipe bench train --synthetic-cifar --set model=airnet --set batch_size=1024 \
+part compile 120 taskset -c "$MAIN_CPUS" cnnpipe bench train --steps 0 --set compile=true --out "$R/gpu_compile.json"
+part airnet_compiled 150 taskset -c "$MAIN_CPUS" cnnpipe bench train --synthetic-cifar --set model=airnet --set batch_size=1024 \
   --set epochs=4 --set compile=true --synthetic-images 50000 --out "$R/gpu_airnet_cifar_shape_compiled.json"
 wait $CPU; cat "$R/cpu_part.txt"
 echo "done at $((SECONDS - START)) s; failed parts: $(tr '\n' ' ' <"$R/failed.txt" 2>/dev/null)"

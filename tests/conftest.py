@@ -46,7 +46,6 @@ def _quiet_tools(tmp_path_factory):
     # CPU shares (core/cpushare.py) count the jobs of this test process only: runs that a test compares
     # bitwise keep their thread count whatever the other pytest-xdist worker is running.
     os.environ["CNNPIPE_JOBS_DIR"] = str(tmp_path_factory.mktemp("cpu-jobs"))
-
     # Stage commands (`cnnpipe ...`) resolve through PATH: this interpreter's bin first.
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
 

@@ -1,5 +1,6 @@
 import csv
 import dataclasses
+import functools
 import json
 from pathlib import Path
 
@@ -280,16 +281,19 @@ def test_progress_bar_on_a_terminal_log_lines_elsewhere(tmp_path, prepared):
             if "INFO epoch" in line] == ["epoch 1/2", "epoch 2/2"]
 
 
+def fake_speed(calls: list, fp32: float, bf16: float):
+    """A probe that answers these images/s and records each precision it was asked for."""
+    def measure(dtype):
+        calls.append(dtype)
+        return bf16 if dtype == torch.bfloat16 else fp32
+    return measure
+
+
 def test_cpu_precision_auto_follows_the_flags_and_the_probe(caplog):
     from cnnpipe.core import cpuprecision
 
     calls = []
-
-    def speed(fp32: float, bf16: float):
-        def measure(dtype):
-            calls.append(dtype)
-            return bf16 if dtype == torch.bfloat16 else fp32
-        return measure
+    speed = functools.partial(fake_speed, calls)
 
     avx2 = frozenset({"sse4_2", "avx2", "fma"})
     amx = avx2 | {"avx512f", "avx512_bf16", "amx_tile", "amx_bf16"}
@@ -311,12 +315,7 @@ def test_auto_remembers_its_probe_so_reruns_train_the_same_way(tmp_path):
     amx = frozenset({"avx2", "avx512_bf16", "amx_bf16"})
     path = tmp_path / "cache" / "cpu-precision.json"
     calls = []
-
-    def speed(fp32: float, bf16: float):
-        def measure(dtype):
-            calls.append(dtype)
-            return bf16 if dtype == torch.bfloat16 else fp32
-        return measure
+    speed = functools.partial(fake_speed, calls)
 
     def at(key: str):
         return {"key": lambda: key, "path": lambda: path}

@@ -22,8 +22,8 @@ from typing import Any
 
 import yaml
 
-from cnnpipe.bench.machine import cpu_model
 from cnnpipe.core import cpushare
+from cnnpipe.core.cpuinfo import cpu_model
 from cnnpipe.core.errors import CnnpipeError
 from cnnpipe.core.fsutil import write_json
 from cnnpipe.mlops import sweep as sw

@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from cnnpipe.bench.launch import free_port, start_server, stop
-from cnnpipe.bench.machine import cpu_model
 from cnnpipe.bench.serve import cnnpipe_server
+from cnnpipe.core.cpuinfo import cpu_model
 from cnnpipe.core.fsutil import write_json
 
 

@@ -30,15 +30,11 @@ def cpu_flags() -> list[str]:
     return sorted(f for f in cpuinfo.cpu_flags() if f == "avx2" or f.startswith(("avx512", "amx")))
 
 
-def cpu_model() -> str:
-    return cpuinfo.cpu_model()
-
-
 def machine() -> dict:
     """The CPU side and the serving runtime (cnnpipe serve's benchmarks)."""
     import onnxruntime as ort
 
-    return {"cpus": os.cpu_count(), "processor": cpu_model() or platform.processor() or platform.machine(),
+    return {"cpus": os.cpu_count(), "processor": cpuinfo.cpu_model() or platform.processor() or platform.machine(),
             "cpu_flags": cpu_flags(), "onnxruntime": ort.__version__,
             "onnxruntime_providers": ort.get_available_providers(), "python": platform.python_version()}
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from cnnpipe.bench.launch import free_port, start_server, stop
-from cnnpipe.bench.machine import cpu_model
 from cnnpipe.bench.serve import Load, closed_loop_client, png_bytes
+from cnnpipe.core.cpuinfo import cpu_model
 from cnnpipe.core.fsutil import write_json
 from cnnpipe.mlops.registry import ARTIFACTS, git, register_and_assign
 
