@@ -350,22 +350,26 @@ def summarize(precision: str, runs: list[dict], targets: list[float]) -> dict:
 def seeds_and_precisions(prepared: Path, p: TrainParams, tta_flip: bool, targets: list[float], seeds: int,
                          precisions: list[str]) -> tuple[list[dict], list[dict]]:
     """Part (c) for each precision over seeds p.seed, p.seed + 1, ...: (every run, a summary per precision).
-    A forced fp32 after an `auto` that chose fp32 in every run reuses auto's runs: they are the same training."""
-    runs, summaries = [], []
-    for precision in precisions:
-        done = next((s for s in summaries if precision == "fp32" and s["precision_asked"] == "auto"
-                     and s["precision"] == "float32"), None)
-        if done is not None:
-            summaries.append(dict(done, precision_asked="fp32", same_runs_as="auto"))
-            continue
-        mine = []
-        for seed in range(p.seed, p.seed + seeds):
+    Interleaved (each seed in every precision before the next seed), so a machine that slows down during the
+    run slows every precision alike. A forced fp32 beside an `auto` that chose fp32 for the seed reuses auto's
+    run: it is the same training."""
+    runs: list[dict] = []
+    mine: dict[str, list[dict]] = {q: [] for q in precisions}
+    reused: dict[str, int] = {q: 0 for q in precisions}
+    for seed in range(p.seed, p.seed + seeds):
+        for precision in precisions:
+            auto = mine.get("auto", [])
+            if precision == "fp32" and len(auto) > len(mine["fp32"]) and auto[-1]["precision"] == "float32":
+                mine["fp32"].append(auto[-1])
+                reused["fp32"] += 1
+                continue
             print(f"(c) precision {precision}, seed {seed}:", flush=True)
-            mine.append(time_to_accuracy(prepared, dataclasses.replace(p, seed=seed, precision=precision),
-                                         tta_flip, targets))
-        runs += mine
-        summaries.append(summarize(precision, mine, targets))
-    return runs, summaries
+            run = time_to_accuracy(prepared, dataclasses.replace(p, seed=seed, precision=precision), tta_flip,
+                                   targets)
+            mine[precision].append(run)
+            runs.append(run)
+    summaries = [summarize(q, mine[q], targets) for q in precisions]
+    return runs, [dict(s, same_runs_as="auto") if reused[s["precision_asked"]] == seeds else s for s in summaries]
 
 
 def bench_train(prepared: Path, out: Path, steps: int, repeats: int, batch: int, device: str,
