@@ -65,7 +65,7 @@ def _serve(args: argparse.Namespace) -> None:
 
     from cnnpipe.serve.server import ServeOptions, serve
     given = {k: getattr(args, k) for k in ("max_batch", "max_wait_ms", "max_body_bytes", "max_images", "max_pixels",
-                                           "body_timeout") if getattr(args, k) is not None}
+                                           "body_timeout", "header_timeout") if getattr(args, k) is not None}
     options = ServeOptions(resize=not args.no_resize, **given)  # unset flags keep ServeOptions' defaults
     follow = None
     if args.registry:  # needs the registry's tools (GTO, DVC): the pipeline extra
@@ -229,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pixels an image may declare, checked before decoding; a request, 4 times that "
                         "(default: 0 = auto: 16 model-sized images, within 1 to 25 megapixels)")
     p.add_argument("--body-timeout", type=float, help="seconds a request body may take, then 408 (default: 10)")
+    p.add_argument("--header-timeout", type=float,
+                   help="seconds a request's line and headers may take (from the connection's start or the "
+                        "previous response), then the connection is closed (default: 10)")
     p.add_argument("--threads", type=int, default=0,
                    help="onnxruntime threads per process (0 = the process's share of the cores)")
     p.add_argument("--workers", type=int, default=1,
@@ -297,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--connections", type=int, default=2, help="connections per kind of attack")
     p.add_argument("--pause", type=float, default=0.05, help="seconds each attacker waits between requests")
-    p.add_argument("--body-timeout", type=float, default=10.0, help="the served model's --body-timeout")
+    p.add_argument("--body-timeout", type=float, default=10.0,
+                   help="the served model's --body-timeout and --header-timeout")
     p.set_defaults(func=_bench_hostile)
 
     p = bench.add_parser("swap", help="requests, errors and latency while a server following prod swaps models")

@@ -23,7 +23,7 @@ from cnnpipe.serve.predictor import Predictor
 @pytest.fixture(scope="module")
 def server(onnx_model):
     proc, url = start_server(onnx_model, "--max-images", "4", "--max-body-bytes", "200000", "--max-pixels", "10000",
-                             "--body-timeout", "1")
+                             "--body-timeout", "1", "--header-timeout", "1")
     yield url
     stop(proc)
 
@@ -171,6 +171,51 @@ def test_a_body_that_trickles_in_times_out_with_408(server):
     assert health.status_code == 200
     assert result["status"] == 408 and "not received within 1 s" in result["body"]["error"]
     assert result["seconds"] < 5 and result["closed"]
+
+
+def seconds_until_closed(sock: socket.socket, trickle: bytes = b"", limit: float = 8.0) -> float | None:
+    """Wait for the server to close `sock`, sending `trickle` a byte every 0.2 s meanwhile; the seconds it
+    took, or None when it was still open after `limit` seconds."""
+    t0 = time.perf_counter()
+    for i in range(int(limit / 0.2)):
+        if select.select([sock], [], [], 0.2)[0]:
+            try:
+                if sock.recv(65536) == b"":
+                    return time.perf_counter() - t0
+            except ConnectionResetError:
+                return time.perf_counter() - t0
+        if trickle:
+            try:
+                sock.sendall(trickle[i % len(trickle): i % len(trickle) + 1])
+            except (BrokenPipeError, ConnectionResetError):
+                return time.perf_counter() - t0
+    return None
+
+
+def test_a_request_head_that_never_completes_is_cut_off(server):
+    """Slowloris: connections that send nothing, trickle their headers a byte at a time, or go quiet after a
+    first answer are closed after --header-timeout (1 s here) while the service answers everyone else; a
+    head sent in two parts within the limit is served."""
+    host, port = server.removeprefix("http://").split(":")
+    idle = socket.create_connection((host, int(port)))
+    trickling = raw_request(server, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: ", [])
+    reused = raw_request(server, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", [])
+    assert read_response(reused)[0] == 200
+    results = {}
+    threads = [threading.Thread(target=lambda name=name, sock=sock, trickle=trickle: results.__setitem__(
+        name, seconds_until_closed(sock, trickle))) for name, sock, trickle in (
+        ("idle", idle, b""), ("trickling", trickling, b"abcdefgh"), ("reused", reused, b"GET /healthz"))]
+    for thread in threads:
+        thread.start()
+    health = [httpx.get(server + "/healthz", timeout=2).status_code for _ in range(5)]
+    split = raw_request(server, b"GET /healthz HTTP/1.1\r\n", [b"Host: x\r\n\r\n"], pause=0.4)
+    assert read_response(split)[0] == 200
+    for thread in threads:
+        thread.join(15)
+    assert health == [200] * 5
+    assert all(seconds is not None and 0.8 < seconds < 4 for seconds in results.values()), results
+    for sock in (idle, trickling, reused, split):
+        sock.close()
 
 
 def test_max_batch_is_a_true_bound(onnx_model):

@@ -3,11 +3,12 @@
 `cnnpipe serve` (default options) on loopback; for a fixed time, a probe (a process of its own) opens a new
 connection every 50 ms and GETs /healthz, as a load balancer or Kubernetes does, while attackers on other
 connections send, each in a loop with a pause between requests (the service is attacked, not merely flooded
-beyond its CPUs; `--pause 0` floods): bodies that trickle in a byte at a time, images whose header declares
+beyond its CPUs; `--pause 0` floods): bodies that trickle in a byte at a time, headers that do (slowloris),
+fifty connections at once that send nothing, images whose header declares
 billions of pixels, large real images (decoded off the event loop), deeply nested JSON, too many images,
 bodies over the size limit, uploads abandoned mid-body, malformed multipart, and ordinary requests beside
 them. Reports the probe's latency (p50, p99, max) and each attacker's answers by status (0: connection
-closed, no answer). Writes JSON.
+closed, no answer; -1: still open after 30 s). Writes JSON.
 """
 
 from __future__ import annotations
@@ -98,6 +99,44 @@ async def abandon(port: int) -> int:
     return 0  # no answer expected
 
 
+async def closed_by_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, trickle: bytes,
+                           limit: float) -> int:
+    """Send `trickle` a byte every 200 ms until the server closes the connection: 0, or -1 when it was still
+    open after `limit` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline, i = loop.time() + limit, 0
+    try:
+        while loop.time() < deadline:
+            try:
+                if await asyncio.wait_for(reader.read(65536), 0.2) == b"":
+                    return 0
+            except TimeoutError:
+                pass
+            if trickle:
+                writer.write(trickle[i % len(trickle): i % len(trickle) + 1])
+                i += 1
+        return -1
+    except OSError:
+        return 0
+    finally:
+        writer.close()
+
+
+async def slowloris(port: int, limit: float = 30.0) -> int:
+    """A request line, then its headers a byte every 200 ms, never ending (the server should hang up)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /predict HTTP/1.1\r\nHost: x\r\nX-Padding: ")
+    return await closed_by_server(reader, writer, b"abcdefgh", limit)
+
+
+async def idle_flood(port: int, connections: int = 50, limit: float = 30.0) -> int:
+    """Open `connections` connections at once and send nothing on them (the server should hang up on each):
+    0 when every one was closed, -1 when one was still open after `limit` seconds."""
+    opened = [await asyncio.open_connection("127.0.0.1", port) for _ in range(connections)]
+    closed = await asyncio.gather(*(closed_by_server(r, w, b"", limit) for r, w in opened))
+    return min(closed)
+
+
 def attacks() -> dict[str, Callable[[int], Awaitable[int]]]:
     big = png(1000, 1000, noise=True)  # a real megapixel image: decoded in a thread
     bomb = png(60_000, 60_000, rows=1)  # declares 3.6 billion pixels
@@ -110,6 +149,8 @@ def attacks() -> dict[str, Callable[[int], Awaitable[int]]]:
     ok = buf.getvalue()
     return {
         "slow body (1 byte / 200 ms)": trickle,
+        "slow headers (1 byte / 200 ms)": slowloris,
+        "50 idle connections": idle_flood,
         "header declaring 3.6 gigapixels": lambda port: one_shot(port, request("/predict", bomb, "image/png")),
         "1-megapixel image": lambda port: one_shot(port, request("/predict", big, "image/png")),
         "JSON nested 100,000 deep": lambda port: one_shot(port, request("/predict", nested, "application/json")),
@@ -176,7 +217,8 @@ def bench_hostile(model: Path, out: Path, seconds: float, per_attack: int, pause
     import multiprocessing
 
     port = free_port()
-    proc = start_server(cnnpipe_server(model, port, "--body-timeout", str(body_timeout)), port, "/readyz")
+    proc = start_server(cnnpipe_server(model, port, "--body-timeout", str(body_timeout), "--header-timeout",
+                                       str(body_timeout)), port, "/readyz")
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
     prober = context.Process(target=probe, args=(port, seconds, every_ms / 1000, results))
@@ -189,7 +231,7 @@ def bench_hostile(model: Path, out: Path, seconds: float, per_attack: int, pause
         stop(proc)
     result = {"probe": summary(waits, failures, every_ms / 1000), "attacks": attacked}
     result.update({"seconds": seconds, "connections_per_attack": per_attack, "pause_s": pause,
-                   "body_timeout_s": body_timeout,
+                   "body_timeout_s": body_timeout, "header_timeout_s": body_timeout,
                    "processor": cpu_model()})
     write_json(out, result)
     p = result["probe"]

@@ -339,6 +339,15 @@ def ratio(rows: list[dict], setup: str, model: str = "default") -> float | None:
     return round(by[(model, setup)] / base, 2) if base and (model, setup) in by else None
 
 
+def ceiling(rows: list[dict], per_image: dict, model: str) -> float | None:
+    """The most any server could gain over the baseline on `model` when inference is all it does: the
+    requests/s of onnxruntime alone at batch 64 on this process's cores, over the baseline's requests/s."""
+    by = {(r["model"], r["setup"]): r["requests_per_s"] for r in rows}
+    base = by.get((model, "baseline (FastAPI + onnxruntime, inline)"))
+    ms = per_image.get(model, {}).get("batch_64")
+    return round(1000 / ms / base, 2) if base and ms else None
+
+
 def bench_serve(onnx_path: Path, int8_path: Path | None, checkpoint: Path, prepared: Path, out: Path,
                 clients: int, seconds: float, repeats: int, runs: int, threads: int, max_wait_ms: float = 1.0,
                 heavy: bool = True) -> dict:
@@ -365,6 +374,8 @@ def bench_serve(onnx_path: Path, int8_path: Path | None, checkpoint: Path, prepa
             "workers_2_over_baseline_rps": ratio(service, "cnnpipe /predict --workers 2"),
             "batching_off_over_baseline_rps": ratio(service, "cnnpipe /predict --max-batch 1"),
             "airnet_predict_over_baseline_rps": ratio(service, "cnnpipe /predict", "airnet 32×32×3"),
+            "onnxruntime_batch64_over_baseline_rps": ceiling(service, per_image, "default"),
+            "airnet_onnxruntime_batch64_over_baseline_rps": ceiling(service, per_image, "airnet 32×32×3"),
         },
         "machine": machine(),
     }

@@ -34,6 +34,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from cnnpipe import __version__
 from cnnpipe.core.errors import CnnpipeError
@@ -53,14 +54,15 @@ class ServeOptions:
     top_k: int = 5
     max_pixels: int = 0  # pixels an image may declare; 0 = auto (16 model-sized images, 1 to 25 megapixels)
     body_timeout: float = 10.0  # seconds a request body may take to arrive (slower: 408)
+    header_timeout: float = 10.0  # seconds a request's line and headers may take (slower: connection closed)
 
     def __post_init__(self):
         for name, low in (("max_batch", 1), ("max_images", 1), ("max_body_bytes", 1), ("max_pixels", 0)):
             if getattr(self, name) < low:
                 flag = "--" + name.replace("_", "-")
                 raise CnnpipeError(f"{flag} {getattr(self, name)} is out of range; use at least {low}")
-        if self.max_wait_ms < 0 or self.body_timeout <= 0:
-            raise CnnpipeError("--max-wait-ms must be at least 0 and --body-timeout above 0")
+        if self.max_wait_ms < 0 or self.body_timeout <= 0 or self.header_timeout <= 0:
+            raise CnnpipeError("--max-wait-ms must be at least 0, --body-timeout and --header-timeout above 0")
 
     def pixel_budget(self, input_shape: tuple[int, int, int]) -> int:
         """Pixels one image may declare; a request may declare at most 4 times that in all."""
@@ -640,6 +642,55 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
+@dataclass
+class _HeadTimeout:
+    seconds: float = 10.0
+
+
+HEAD_TIMEOUT = _HeadTimeout()  # this process's ServeOptions.header_timeout, set before serving
+
+
+class HeadTimeoutProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a deadline for each request's head: from the moment the connection
+    opens (or the previous response is sent) to the end of the headers. uvicorn itself arms no timer before
+    a connection's first response and disarms its keep-alive timer on any byte, so a connection that sends
+    nothing, or trickles its headers a byte at a time (slowloris), would be held open forever."""
+
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def _arm_head_timer(self) -> None:
+        self._cancel_head_timer()
+        self._head_timer = self.loop.call_later(HEAD_TIMEOUT.seconds, self._head_expired)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_expired(self) -> None:
+        self._head_timer = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+    def on_headers_complete(self) -> None:
+        self._cancel_head_timer()
+        super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        waiting = not self.pipeline  # no request queued behind this one: the next head is still to come
+        super().on_response_complete()
+        if waiting and not self.transport.is_closing():
+            self._arm_head_timer()
+
+    def connection_lost(self, exc) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+
 def worker_threads(threads: int, workers: int) -> int:
     """onnxruntime threads per server process: as asked, or an even share of the cores (at least one)."""
     return threads or max(1, cores() // workers)
@@ -660,7 +711,9 @@ def app_from_env():
     """The app of one worker process of `serve --workers N` (uvicorn's factory), from SERVE_ENV."""
     spec = json.loads(os.environ[SERVE_ENV])
     predictor = Predictor(spec["model"], threads=spec["threads"])
-    return create_app(predictor, ServeOptions(**spec["options"]))
+    options = ServeOptions(**spec["options"])
+    HEAD_TIMEOUT.seconds = options.header_timeout
+    return create_app(predictor, options)
 
 
 def serve(model_path: str, host: str, port: int, options: ServeOptions, threads: int = 0, workers: int = 1,
@@ -669,7 +722,9 @@ def serve(model_path: str, host: str, port: int, options: ServeOptions, threads:
 
     if workers < 1 or threads < 0:
         raise CnnpipeError(f"--workers {workers} / --threads {threads} out of range; use --workers ≥ 1, --threads ≥ 0")
-    run = dict(host=host, port=port, log_level="warning", timeout_graceful_shutdown=30, access_log=False)
+    HEAD_TIMEOUT.seconds = options.header_timeout
+    run = dict(host=host, port=port, log_level="warning", timeout_graceful_shutdown=30, access_log=False,
+               http=HeadTimeoutProtocol)
     if follow is not None:
         if workers != 1:
             raise CnnpipeError("--registry serves one process; leave out --workers (or run one server per core)")
