@@ -174,12 +174,12 @@ def test_bench_hostile_answers_every_attack_as_it_should(tmp_path, onnx_model):
     result = json.loads(out.read_text())
     assert result["probe"]["failures"] == [] and result["probe"]["probes"] >= 20
     assert result["attacks"] == {name: result["attacks"][name] for name in [
-        "slow body (1 byte / 200 ms)", "slow headers (1 byte / 200 ms)", "50 idle connections",
+        "slow body (1 byte / 200 ms)", "slow headers (1 byte / 200 ms)", "50 idle connections", "header 1 MB long",
         "header declaring 3.6 gigapixels", "1-megapixel image",
         "JSON nested 100,000 deep", "65 images in one request", "body over the size limit",
         "upload abandoned mid-body", "malformed multipart", "ordinary request"]}
     expected = {"slow body (1 byte / 200 ms)": "408", "slow headers (1 byte / 200 ms)": "0",  # 0: closed on them
-                "50 idle connections": "0", "header declaring 3.6 gigapixels": "422",
+                "50 idle connections": "0", "header 1 MB long": "431", "header declaring 3.6 gigapixels": "422",
                 "1-megapixel image": "200", "JSON nested 100,000 deep": "400", "65 images in one request": "413",
                 "body over the size limit": "413", "upload abandoned mid-body": "0", "malformed multipart": "400",
                 "ordinary request": "200"}

@@ -4,7 +4,7 @@
 connection every 50 ms and GETs /healthz, as a load balancer or Kubernetes does, while attackers on other
 connections send, each in a loop with a pause between requests (the service is attacked, not merely flooded
 beyond its CPUs; `--pause 0` floods): bodies that trickle in a byte at a time, headers that do (slowloris),
-fifty connections at once that send nothing, images whose header declares
+fifty connections at once that send nothing, a header a megabyte long, images whose header declares
 billions of pixels, large real images (decoded off the event loop), deeply nested JSON, too many images,
 bodies over the size limit, uploads abandoned mid-body, malformed multipart, and ordinary requests beside
 them. Reports the probe's latency (p50, p99, max) and each attacker's answers by status (0: connection
@@ -129,6 +129,24 @@ async def slowloris(port: int, limit: float = 30.0) -> int:
     return await closed_by_server(reader, writer, b"abcdefgh", limit)
 
 
+async def endless_header(port: int) -> int:
+    """A header 1 MB long and growing (the server should refuse it with 431 at its head-size limit)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Padding: ")
+        for _ in range(64):
+            writer.write(b"a" * 16384)
+            await writer.drain()
+    except OSError:
+        pass
+    try:
+        return await asyncio.wait_for(read_status(reader), 30)
+    except (OSError, asyncio.IncompleteReadError, TimeoutError):
+        return 0
+    finally:
+        writer.close()
+
+
 async def idle_flood(port: int, connections: int = 50, limit: float = 30.0) -> int:
     """Open `connections` connections at once and send nothing on them (the server should hang up on each):
     0 when every one was closed, -1 when one was still open after `limit` seconds."""
@@ -151,6 +169,7 @@ def attacks() -> dict[str, Callable[[int], Awaitable[int]]]:
         "slow body (1 byte / 200 ms)": trickle,
         "slow headers (1 byte / 200 ms)": slowloris,
         "50 idle connections": idle_flood,
+        "header 1 MB long": endless_header,
         "header declaring 3.6 gigapixels": lambda port: one_shot(port, request("/predict", bomb, "image/png")),
         "1-megapixel image": lambda port: one_shot(port, request("/predict", big, "image/png")),
         "JSON nested 100,000 deep": lambda port: one_shot(port, request("/predict", nested, "application/json")),

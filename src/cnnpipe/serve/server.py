@@ -650,20 +650,51 @@ class _HeadTimeout:
 HEAD_TIMEOUT = _HeadTimeout()  # this process's ServeOptions.header_timeout, set before serving
 
 
+MAX_HEAD_BYTES = 64 * 1024  # a request line and headers larger than this get 431
+HEAD_TOO_LARGE = orjson.dumps({"error": f"request line and headers over {MAX_HEAD_BYTES} bytes"})
+
+
 class HeadTimeoutProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with a deadline for each request's head: from the moment the connection
-    opens (or the previous response is sent) to the end of the headers. uvicorn itself arms no timer before
-    a connection's first response and disarms its keep-alive timer on any byte, so a connection that sends
-    nothing, or trickles its headers a byte at a time (slowloris), would be held open forever."""
+    """uvicorn's httptools protocol with bounds on each request's head: a deadline from the moment the
+    connection opens (or the previous response is sent) to the end of the headers, and a size. uvicorn itself
+    arms no timer before a connection's first response and disarms its keep-alive timer on any byte, and
+    httptools buffers a header of any length, so a connection that sends nothing, trickles its headers a byte
+    at a time (slowloris) or sends one endless header would be held open forever, the last one growing the
+    server's memory without bound."""
 
     _head_timer: asyncio.TimerHandle | None = None
+    _head_bytes = 0
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
         self._arm_head_timer()
 
+    _refused = False
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:  # answered 431: what still arrives is dropped until the connection closes
+            return
+        super().data_received(data)
+        if self._head_timer is not None and not self.transport.is_closing():  # the head is still incomplete
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._refuse_head()
+
+    def _refuse_head(self) -> None:
+        """431, then a lingering close: closing at once with the client's bytes unread would reset the
+        connection and lose the answer on its way."""
+        self._cancel_head_timer()
+        self._refused = True
+        self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json"
+                             b"\r\nconnection: close\r\ncontent-length: " + str(len(HEAD_TOO_LARGE)).encode()
+                             + b"\r\n\r\n" + HEAD_TOO_LARGE)
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.loop.call_later(2.0, self.transport.close)
+
     def _arm_head_timer(self) -> None:
         self._cancel_head_timer()
+        self._head_bytes = 0
         self._head_timer = self.loop.call_later(HEAD_TIMEOUT.seconds, self._head_expired)
 
     def _cancel_head_timer(self) -> None:
