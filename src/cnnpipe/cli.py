@@ -65,7 +65,8 @@ def _serve(args: argparse.Namespace) -> None:
 
     from cnnpipe.serve.server import ServeOptions, serve
     given = {k: getattr(args, k) for k in ("max_batch", "max_wait_ms", "max_body_bytes", "max_images", "max_pixels",
-                                           "body_timeout", "header_timeout") if getattr(args, k) is not None}
+                                           "body_timeout", "header_timeout", "max_inflight_bytes")
+             if getattr(args, k) is not None}
     options = ServeOptions(resize=not args.no_resize, **given)  # unset flags keep ServeOptions' defaults
     follow = None
     if args.registry:  # needs the registry's tools (GTO, DVC): the pipeline extra
@@ -229,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pixels an image may declare, checked before decoding; a request, 4 times that "
                         "(default: 0 = auto: 16 model-sized images, within 1 to 25 megapixels)")
     p.add_argument("--body-timeout", type=float, help="seconds a request body may take, then 408 (default: 10)")
+    p.add_argument("--max-inflight-bytes", type=int,
+                   help="request bodies held at once, all requests together; more get 503 with Retry-After "
+                        "(default: 0 = 32 times --max-body-bytes)")
     p.add_argument("--header-timeout", type=float,
                    help="seconds a request's line and headers may take (from the connection's start or the "
                         "previous response), then the connection is closed (default: 10)")

@@ -237,6 +237,34 @@ def test_an_endless_header_gets_431_and_a_large_body_is_not_a_header(server):
     sock.close()
 
 
+def test_bodies_held_at_once_are_bounded(onnx_model):
+    """Many connections each sending a large body slowly would hold that much memory: with room for 250 kB
+    of bodies, three 80 kB halves fit, a fourth body gets 503 with Retry-After (by Content-Length, or while a
+    chunked one streams), /healthz still answers, and once the three hang up there is room again."""
+    proc, url = start_server(onnx_model, "--max-body-bytes", "100000", "--max-inflight-bytes", "250000",
+                             "--body-timeout", "20")
+    try:
+        head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 90000\r\n\r\n"
+        held = [raw_request(url, head, [b"\0" * 80_000]) for _ in range(3)]
+        time.sleep(0.5)  # the server has read them
+        fourth = raw_request(url, head, [b"\0" * 10])
+        status, body = read_response(fourth)
+        assert status == 503 and "over 250000 bytes" in body["error"]
+        chunked = raw_request(url, b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                              b"Transfer-Encoding: chunked\r\n\r\n", [b"%x\r\n" % 20_000 + b"\0" * 20_000 + b"\r\n"])
+        assert read_response(chunked)[0] == 503
+        assert httpx.get(url + "/healthz", timeout=2).status_code == 200
+        retry = httpx.post(url + "/predict", content=b"\0" * 90_000, headers={"content-type": "image/png"})
+        assert retry.status_code == 503 and retry.headers["retry-after"] == "1"
+        for sock in held + [fourth, chunked]:
+            sock.close()
+        time.sleep(0.5)  # their requests end: the bytes they held are released
+        after = httpx.post(url + "/predict", content=b"\0" * 90_000, headers={"content-type": "image/png"})
+        assert after.status_code == 422, after.text  # read whole and refused as not an image, not as busy
+    finally:
+        stop(proc)
+
+
 def test_max_batch_is_a_true_bound(onnx_model):
     """With --max-batch 4, concurrent 3-image requests never share a run (3 + 3 > 4), a 7-image request is
     split into runs of at most 4, and every answer is still its own images' answer."""

@@ -55,9 +55,14 @@ class ServeOptions:
     max_pixels: int = 0  # pixels an image may declare; 0 = auto (16 model-sized images, 1 to 25 megapixels)
     body_timeout: float = 10.0  # seconds a request body may take to arrive (slower: 408)
     header_timeout: float = 10.0  # seconds a request's line and headers may take (slower: connection closed)
+    max_inflight_bytes: int = 0  # request bodies held at once, all requests together (more: 503); 0 = 32 bodies
+
+    def inflight_budget(self) -> int:
+        return self.max_inflight_bytes or 32 * self.max_body_bytes
 
     def __post_init__(self):
-        for name, low in (("max_batch", 1), ("max_images", 1), ("max_body_bytes", 1), ("max_pixels", 0)):
+        for name, low in (("max_batch", 1), ("max_images", 1), ("max_body_bytes", 1), ("max_pixels", 0),
+                          ("max_inflight_bytes", 0)):
             if getattr(self, name) < low:
                 flag = "--" + name.replace("_", "-")
                 raise CnnpipeError(f"{flag} {getattr(self, name)} is out of range; use at least {low}")
@@ -179,7 +184,9 @@ FastHandler = Callable[[dict, dict, Callable[[], Awaitable[bytes]]], Awaitable[t
 class Guard:
     """Pure ASGI middleware (cheaper than FastAPI's http middleware): refuses bodies over the limit with
     413 (by Content-Length, or while streaming), bodies that take longer than `body_timeout` seconds to arrive
-    with 408, and records every request's status and latency.
+    with 408, a body that would take the bytes of all bodies held at once past `inflight_bytes` with 503 and
+    Retry-After (many connections each sending a large body slowly would otherwise hold that much memory), and
+    records every request's status and latency.
 
     The hot routes (the ones `fast_route` returns a handler for) are answered here, without FastAPI's
     middleware stack, router and request objects: the handler takes (scope, headers, read_body) and returns
@@ -187,9 +194,12 @@ class Guard:
     for the OpenAPI schema and the other cases."""
 
     def __init__(self, app, max_bytes: int, metrics: Metrics, body_timeout: float = 10.0,
-                 fast_route: Callable[[dict, dict], FastHandler | None] = lambda scope, headers: None):
+                 fast_route: Callable[[dict, dict], FastHandler | None] = lambda scope, headers: None,
+                 inflight_bytes: int = 0):
         self.app = app
         self.max_bytes = max_bytes
+        self.inflight_budget = inflight_bytes or 32 * max_bytes
+        self.inflight = 0  # bytes of request bodies received by requests still being answered
         self.metrics = metrics
         self.body_timeout = body_timeout
         self.fast_route = fast_route
@@ -238,22 +248,30 @@ class Guard:
             except TimeoutError:
                 raise BadRequest(408, f"request body not received within {self.body_timeout:g} s") from None
             if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
+                chunk = len(message.get("body", b""))
+                seen += chunk
+                self.inflight += chunk
                 complete = not message.get("more_body", False)
                 if seen > self.max_bytes:
                     raise BadRequest(413, f"request body over the {self.max_bytes}-byte limit")
+                if self.inflight > self.inflight_budget and not complete:
+                    raise BadRequest(503, f"busy: request bodies in flight over {self.inflight_budget} bytes; "
+                                          "retry shortly")
             return message
 
         try:
             if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
                 return await _send_json(recording_send, 413, f"request body over the {self.max_bytes}-byte limit")
+            if length is not None and self.inflight + int(length) > self.inflight_budget:
+                return await _send_json(recording_send, 503, f"busy: request bodies in flight over "
+                                        f"{self.inflight_budget} bytes; retry shortly", RETRY_AFTER)
             handler = self.fast_route(scope, headers)
             if handler is None:
                 return await self.app(scope, limited_receive, recording_send)
             try:
                 code, body, extra = await handler(scope, headers, lambda: read_body(limited_receive))
             except BadRequest as e:
-                return await _send_json(recording_send, e.status, e.message)
+                return await _send_json(recording_send, e.status, e.message, RETRY_AFTER if e.status == 503 else [])
             except ClientDisconnect:
                 status = DISCONNECTED
                 return
@@ -264,6 +282,7 @@ class Guard:
                                   "headers": [(b"content-length", str(len(body)).encode()), *extra]})
             await recording_send({"type": "http.response.body", "body": body})
         finally:
+            self.inflight -= seen
             self.record(route, scope["method"], status, time.perf_counter() - start)
 
 
@@ -278,9 +297,12 @@ async def read_body(receive) -> bytes:
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-async def _send_json(send, status: int, message: str) -> None:
+RETRY_AFTER = [(b"retry-after", b"1")]
+
+
+async def _send_json(send, status: int, message: str, extra: list | tuple = ()) -> None:
     body = json.dumps({"error": message}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -627,7 +649,7 @@ def create_app(predictor: Predictor, options: ServeOptions = ServeOptions(), fol
     async def prometheus():
         return PlainTextResponse(metrics_text(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    return Guard(app, options.max_body_bytes, metrics, options.body_timeout, fast_route)
+    return Guard(app, options.max_body_bytes, metrics, options.body_timeout, fast_route, options.inflight_budget())
 
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's multiprocess mode: one file set per process
