@@ -122,8 +122,13 @@ def experiments_rows() -> list[list[str]]:
 
 # --- docs/benchmarks.md -----------------------------------------------------------------------------------
 
+def machine_line(m: dict) -> str:
+    return (f"{m['processor']}, {m['cpus']} CPUs, flags {', '.join(m['cpu_flags']) or 'none of note'}; "
+            f"onnxruntime {m['onnxruntime']}, Python {m['python']}")
+
+
 def machine() -> None:
-    m = load("bench/serve.json")["machine"]
+    m = load("bench/serve_avx2.json")["machine"]
     out([f"{m['processor']}, {m['cpus']} CPUs, flags {', '.join(m['cpu_flags']) or 'none of note'}; "
          f"onnxruntime {m['onnxruntime']}, Python {m['python']}."])
 
@@ -207,18 +212,27 @@ def serve_service() -> None:
     table(["model", "setup", "requests/s", "p50", "p99", "errors"],
           [[r["model"], r["setup"], num(r["requests_per_s"]), f"{r['p50_ms']} ms", f"{r['p99_ms']} ms",
             str(r["errors"])] for r in s["service"]])
-    out(["", f"Load generator: {s['load_generator']}."])
+    out(["", f"Load generator: {s['load_generator']}. Machine: {machine_line(s['machine'])}."])
 
 
 def serve_ratios() -> None:
     r, per = load("bench/serve.json")["ratios"], load("bench/serve.json")["onnxruntime_ms_per_image"]
+    a = load("bench/serve_avx2.json")
     d, air = per["default"], per["airnet 32×32×3"]
     out([f"- `/predict` {r['predict_over_baseline_rps']}×, `/v2 infer` {r['v2_infer_over_baseline_rps']}×, "
          f"`--workers 2` {r['workers_2_over_baseline_rps']}×, batching off {r['batching_off_over_baseline_rps']}×; "
          f"airnet `/predict` {r['airnet_predict_over_baseline_rps']}× (requests/s against the baseline)",
          f"- onnxruntime per image, batch 1 → 64: default model {d['batch_1']} → {d['batch_64']} ms, airnet "
          f"{air['batch_1']} → {air['batch_64']} ms",
-         f"- torch eager against onnxruntime fp32, batch-1 p50: {r['torch_over_ort_fp32_batch1_p50']}× slower"])
+         f"- onnxruntime alone at batch 64 on all the cores, against the baseline: default model "
+         f"{r['onnxruntime_batch64_over_baseline_rps']}×, airnet {r['airnet_onnxruntime_batch64_over_baseline_rps']}× "
+         "(the most any one-machine server could reach here where inference is all it does)",
+         f"- torch eager against onnxruntime fp32, batch-1 p50: {r['torch_over_ort_fp32_batch1_p50']}× slower",
+         f"- the same command on {a['machine']['processor']} ({', '.join(a['machine']['cpu_flags'])}, no AVX-512) "
+         f"with the earlier default model `{a.get('model', 'bncnn')}`, `bench/serve_avx2.json`: `/predict` "
+         f"{a['ratios']['predict_over_baseline_rps']}×, `/v2 infer` {a['ratios']['v2_infer_over_baseline_rps']}×, "
+         f"`--workers 2` {a['ratios']['workers_2_over_baseline_rps']}×, airnet "
+         f"{a['ratios']['airnet_predict_over_baseline_rps']}×"])
 
 
 def hostile() -> None:
@@ -229,7 +243,8 @@ def hostile() -> None:
         rows.append([f"{label}, `{path}`", str(p["probes"]), f"{p['p50_ms']} ms", f"{p['p99_ms']} ms",
                      f"{p['max_ms']} ms", str(len(p["failures"]))])
     table(["traffic", "probes", "p50 wait", "p99 wait", "max wait", "failed probes"], rows)
-    out(["", "Answers per attack (status: count), `bench/hostile.json`:", ""])
+    out(["", f"Machine: {load('bench/hostile.json')['processor']}, as in the serving tables above.", "",
+         "Answers per attack (status: count), `bench/hostile.json`:", ""])
     table(["attack", "answers"], [[name, ", ".join(f"{k}: {v:,}" for k, v in counts.items())]
                                   for name, counts in load("bench/hostile.json")["attacks"].items()])
 
