@@ -231,8 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: 0 = auto: 16 model-sized images, within 1 to 25 megapixels)")
     p.add_argument("--body-timeout", type=float, help="seconds a request body may take, then 408 (default: 10)")
     p.add_argument("--max-inflight-bytes", type=int,
-                   help="request bodies held at once, all requests together; more get 503 with Retry-After "
-                        "(default: 0 = 32 times --max-body-bytes)")
+                   help="request bodies one server process holds at once, all its requests together; more get "
+                        "503 with Retry-After (default: 0 = 32 times --max-body-bytes)")
     p.add_argument("--header-timeout", type=float,
                    help="seconds a request's line and headers may take (from the connection's start or the "
                         "previous response), then the connection is closed (default: 10)")

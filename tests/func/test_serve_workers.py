@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 from helpers import make_images, start_server, stop
 from prometheus_client.parser import text_string_to_metric_families
+from test_serve_hostile import seconds_until_closed
 
 from cnnpipe.bench.serve import Load, measure
 from cnnpipe.serve.server import worker_threads
@@ -38,7 +40,7 @@ def test_two_workers_share_the_port_and_metrics_count_all_of_them(onnx_model):
     x, _ = make_images(1, 10, (1, 28, 28), seed=3)
     buf = io.BytesIO()
     Image.fromarray(x[0, 0]).save(buf, format="PNG")
-    proc, url = start_server(onnx_model, "--workers", "2")
+    proc, url = start_server(onnx_model, "--workers", "2", "--header-timeout", "2")
     try:
         with ThreadPoolExecutor(8) as pool:
             answers = list(pool.map(lambda _: post_png(url, buf.getvalue()), range(120)))
@@ -52,6 +54,11 @@ def test_two_workers_share_the_port_and_metrics_count_all_of_them(onnx_model):
         assert after[("cnnpipe_images_total", frozenset())] == 120
         assert after[("cnnpipe_requests_total", frozenset({"route": "/metadata", "method": "GET",
                                                            "status": "200"}.items()))] == 120
+        host, port = url.removeprefix("http://").split(":")
+        idle = [socket.create_connection((host, int(port))) for _ in range(6)]  # spread over both processes
+        with ThreadPoolExecutor(6) as pool:  # each worker process got --header-timeout from the supervisor
+            closed = list(pool.map(seconds_until_closed, idle))
+        assert all(seconds is not None and 1 < seconds < 6 for seconds in closed), closed
     finally:
         stop(proc)
 

@@ -55,7 +55,7 @@ class ServeOptions:
     max_pixels: int = 0  # pixels an image may declare; 0 = auto (16 model-sized images, 1 to 25 megapixels)
     body_timeout: float = 10.0  # seconds a request body may take to arrive (slower: 408)
     header_timeout: float = 10.0  # seconds a request's line and headers may take (slower: connection closed)
-    max_inflight_bytes: int = 0  # request bodies held at once, all requests together (more: 503); 0 = 32 bodies
+    max_inflight_bytes: int = 0  # request bodies held at once by one server process (more: 503); 0 = 32 bodies
 
     def inflight_budget(self) -> int:
         return self.max_inflight_bytes or 32 * self.max_body_bytes
@@ -466,7 +466,9 @@ def create_app(predictor: Predictor, options: ServeOptions = ServeOptions(), fol
     @app.exception_handler(BadRequest)
     async def bad_request(_: Request, e: BadRequest):
         # a body cut short (too slow, too large) leaves the connection mid-request: close it after the answer
-        headers = {"connection": "close"} if e.status in (408, 413) else None
+        headers = {"connection": "close"} if e.status in (408, 413, 503) else None
+        if e.status == 503:
+            headers["retry-after"] = "1"
         return JSONResponse({"error": e.message}, status_code=e.status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
@@ -692,6 +694,7 @@ class HeadTimeoutProtocol(HttpToolsProtocol):
         self._arm_head_timer()
 
     _refused = False
+    _close_timer: asyncio.TimerHandle | None = None
 
     def data_received(self, data: bytes) -> None:
         if self._refused:  # answered 431: what still arrives is dropped until the connection closes
@@ -712,7 +715,7 @@ class HeadTimeoutProtocol(HttpToolsProtocol):
                              + b"\r\n\r\n" + HEAD_TOO_LARGE)
         if self.transport.can_write_eof():
             self.transport.write_eof()
-        self.loop.call_later(2.0, self.transport.close)
+        self._close_timer = self.loop.call_later(2.0, self.transport.close)
 
     def _arm_head_timer(self) -> None:
         self._cancel_head_timer()
@@ -741,6 +744,8 @@ class HeadTimeoutProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc) -> None:
         self._cancel_head_timer()
+        if self._close_timer is not None:
+            self._close_timer.cancel()
         super().connection_lost(exc)
 
 
