@@ -128,9 +128,7 @@ def machine_line(m: dict) -> str:
 
 
 def machine() -> None:
-    m = load("bench/serve_avx2.json")["machine"]
-    out([f"{m['processor']}, {m['cpus']} CPUs, flags {', '.join(m['cpu_flags']) or 'none of note'}; "
-         f"onnxruntime {m['onnxruntime']}, Python {m['python']}."])
+    out([machine_line(load("bench/serve_avx2.json")["machine"]) + "."])
 
 
 def train_throughput() -> None:

@@ -129,24 +129,6 @@ async def slowloris(port: int, limit: float = 30.0) -> int:
     return await closed_by_server(reader, writer, b"abcdefgh", limit)
 
 
-async def endless_header(port: int) -> int:
-    """A header 1 MB long and growing (the server should refuse it with 431 at its head-size limit)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Padding: ")
-        for _ in range(64):
-            writer.write(b"a" * 16384)
-            await writer.drain()
-    except OSError:
-        pass
-    try:
-        return await asyncio.wait_for(read_status(reader), 30)
-    except (OSError, asyncio.IncompleteReadError, TimeoutError):
-        return 0
-    finally:
-        writer.close()
-
-
 async def idle_flood(port: int, connections: int = 50, limit: float = 30.0) -> int:
     """Open `connections` connections at once and send nothing on them (the server should hang up on each):
     0 when every one was closed, -1 when one was still open after `limit` seconds."""
@@ -169,7 +151,8 @@ def attacks() -> dict[str, Callable[[int], Awaitable[int]]]:
         "slow body (1 byte / 200 ms)": trickle,
         "slow headers (1 byte / 200 ms)": slowloris,
         "50 idle connections": idle_flood,
-        "header 1 MB long": endless_header,
+        "header 1 MB long": lambda port: one_shot(  # 431 at the server's head-size limit
+            port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Padding: " + b"a" * 1_048_576),
         "header declaring 3.6 gigapixels": lambda port: one_shot(port, request("/predict", bomb, "image/png")),
         "1-megapixel image": lambda port: one_shot(port, request("/predict", big, "image/png")),
         "JSON nested 100,000 deep": lambda port: one_shot(port, request("/predict", nested, "application/json")),

@@ -333,18 +333,21 @@ def service_load(model: Path, image: np.ndarray, clients: int, seconds: float, r
         return run_setups(setups, clients, seconds, repeats, generator), generator, engine
 
 
+def baseline_rps(rows: list[dict], model: str) -> float | None:
+    return next((r["requests_per_s"] for r in rows
+                 if r["model"] == model and r["setup"] == "baseline (FastAPI + onnxruntime, inline)"), None)
+
+
 def ratio(rows: list[dict], setup: str, model: str = "default") -> float | None:
-    by = {(r["model"], r["setup"]): r["requests_per_s"] for r in rows}
-    base = by.get((model, "baseline (FastAPI + onnxruntime, inline)"))
-    return round(by[(model, setup)] / base, 2) if base and (model, setup) in by else None
+    base = baseline_rps(rows, model)
+    mine = next((r["requests_per_s"] for r in rows if r["model"] == model and r["setup"] == setup), None)
+    return round(mine / base, 2) if base and mine is not None else None
 
 
 def ceiling(rows: list[dict], per_image: dict, model: str) -> float | None:
     """The most any server could gain over the baseline on `model` when inference is all it does: the
     requests/s of onnxruntime alone at batch 64 on this process's cores, over the baseline's requests/s."""
-    by = {(r["model"], r["setup"]): r["requests_per_s"] for r in rows}
-    base = by.get((model, "baseline (FastAPI + onnxruntime, inline)"))
-    ms = per_image.get(model, {}).get("batch_64")
+    base, ms = baseline_rps(rows, model), per_image.get(model, {}).get("batch_64")
     return round(1000 / ms / base, 2) if base and ms else None
 
 

@@ -194,11 +194,11 @@ class Guard:
     for the OpenAPI schema and the other cases."""
 
     def __init__(self, app, max_bytes: int, metrics: Metrics, body_timeout: float = 10.0,
-                 fast_route: Callable[[dict, dict], FastHandler | None] = lambda scope, headers: None,
-                 inflight_bytes: int = 0):
+                 fast_route: Callable[[dict, dict], FastHandler | None] = lambda scope, headers: None, *,
+                 inflight_bytes: int):
         self.app = app
         self.max_bytes = max_bytes
-        self.inflight_budget = inflight_bytes or 32 * max_bytes
+        self.inflight_budget = inflight_bytes
         self.inflight = 0  # bytes of request bodies received by requests still being answered
         self.metrics = metrics
         self.body_timeout = body_timeout
@@ -264,14 +264,14 @@ class Guard:
                 return await _send_json(recording_send, 413, f"request body over the {self.max_bytes}-byte limit")
             if length is not None and self.inflight + int(length) > self.inflight_budget:
                 return await _send_json(recording_send, 503, f"busy: request bodies in flight over "
-                                        f"{self.inflight_budget} bytes; retry shortly", RETRY_AFTER)
+                                        f"{self.inflight_budget} bytes; retry shortly")
             handler = self.fast_route(scope, headers)
             if handler is None:
                 return await self.app(scope, limited_receive, recording_send)
             try:
                 code, body, extra = await handler(scope, headers, lambda: read_body(limited_receive))
             except BadRequest as e:
-                return await _send_json(recording_send, e.status, e.message, RETRY_AFTER if e.status == 503 else [])
+                return await _send_json(recording_send, e.status, e.message)
             except ClientDisconnect:
                 status = DISCONNECTED
                 return
@@ -297,12 +297,12 @@ async def read_body(receive) -> bytes:
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-RETRY_AFTER = [(b"retry-after", b"1")]
-
-
-async def _send_json(send, status: int, message: str, extra: list | tuple = ()) -> None:
+async def _send_json(send, status: int, message: str) -> None:
+    """A JSON error; a 503 (busy) tells the client when to retry."""
     body = json.dumps({"error": message}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra]
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if status == 503:
+        headers.append((b"retry-after", b"1"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -651,7 +651,8 @@ def create_app(predictor: Predictor, options: ServeOptions = ServeOptions(), fol
     async def prometheus():
         return PlainTextResponse(metrics_text(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    return Guard(app, options.max_body_bytes, metrics, options.body_timeout, fast_route, options.inflight_budget())
+    return Guard(app, options.max_body_bytes, metrics, options.body_timeout, fast_route,
+                 inflight_bytes=options.inflight_budget())
 
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's multiprocess mode: one file set per process
@@ -666,14 +667,6 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
-@dataclass
-class _HeadTimeout:
-    seconds: float = 10.0
-
-
-HEAD_TIMEOUT = _HeadTimeout()  # this process's ServeOptions.header_timeout, set before serving
-
-
 MAX_HEAD_BYTES = 64 * 1024  # a request line and headers larger than this get 431
 HEAD_TOO_LARGE = orjson.dumps({"error": f"request line and headers over {MAX_HEAD_BYTES} bytes"})
 
@@ -686,15 +679,15 @@ class HeadTimeoutProtocol(HttpToolsProtocol):
     at a time (slowloris) or sends one endless header would be held open forever, the last one growing the
     server's memory without bound."""
 
+    timeout = 10.0  # this process's ServeOptions.header_timeout, set before serving
     _head_timer: asyncio.TimerHandle | None = None
     _head_bytes = 0
+    _refused = False
+    _close_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
         self._arm_head_timer()
-
-    _refused = False
-    _close_timer: asyncio.TimerHandle | None = None
 
     def data_received(self, data: bytes) -> None:
         if self._refused:  # answered 431: what still arrives is dropped until the connection closes
@@ -720,7 +713,7 @@ class HeadTimeoutProtocol(HttpToolsProtocol):
     def _arm_head_timer(self) -> None:
         self._cancel_head_timer()
         self._head_bytes = 0
-        self._head_timer = self.loop.call_later(HEAD_TIMEOUT.seconds, self._head_expired)
+        self._head_timer = self.loop.call_later(self.timeout, self._head_expired)
 
     def _cancel_head_timer(self) -> None:
         if self._head_timer is not None:
@@ -770,7 +763,7 @@ def app_from_env():
     spec = json.loads(os.environ[SERVE_ENV])
     predictor = Predictor(spec["model"], threads=spec["threads"])
     options = ServeOptions(**spec["options"])
-    HEAD_TIMEOUT.seconds = options.header_timeout
+    HeadTimeoutProtocol.timeout = options.header_timeout
     return create_app(predictor, options)
 
 
@@ -780,7 +773,7 @@ def serve(model_path: str, host: str, port: int, options: ServeOptions, threads:
 
     if workers < 1 or threads < 0:
         raise CnnpipeError(f"--workers {workers} / --threads {threads} out of range; use --workers ≥ 1, --threads ≥ 0")
-    HEAD_TIMEOUT.seconds = options.header_timeout
+    HeadTimeoutProtocol.timeout = options.header_timeout
     run = dict(host=host, port=port, log_level="warning", timeout_graceful_shutdown=30, access_log=False,
                http=HeadTimeoutProtocol)
     if follow is not None:
