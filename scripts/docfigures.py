@@ -2,12 +2,15 @@
 committed run, bench/*.json of the benchmark commands), so a quoted figure cannot drift from its file.
 
 The documents call these functions from cog blocks (`<!-- [[[cog figures.results()]]] -->`); `make docs`
-rewrites the blocks (cog -r) and tests/unit/test_docs.py fails when a block differs from its files (cog --check).
+rewrites the blocks (cog -r) and tests/unit/test_docs.py fails when a block differs from its files (cog --check):
+the working tree's, or, where a local run has rewritten them, the committed ones the documents describe.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from functools import cache
 from pathlib import Path
 
@@ -18,6 +21,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @cache
 def load(path: str) -> dict:
+    """A figure file as in the working tree, or as committed at $DOCFIGURES_REV (e.g. HEAD)."""
+    rev = os.environ.get("DOCFIGURES_REV")
+    if rev:
+        return json.loads(subprocess.run(["git", "show", f"{rev}:{path}"], cwd=ROOT, capture_output=True,
+                                         text=True, check=True).stdout)
     return json.loads((ROOT / path).read_text())
 
 
