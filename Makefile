@@ -43,7 +43,7 @@ run: dataset
 	dvc metrics show
 
 test: setup
-	$(PY) -m pytest -n 2 --dist loadfile --durations=15
+	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder --durations=15
 
 lint: setup
 	$(PY) -m ruff check src tests pipeline scripts
