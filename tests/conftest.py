@@ -143,9 +143,8 @@ def prefect_server(tmp_path):
         stop_all(procs)
 
 
-
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The files with end-to-end tests first. `make test` runs `--dist loadfile --no-loadscope-reorder`, so
     xdist hands out whole files in this order: the long ones start at once, and the short unit files fill in
-    at the end, instead of one worker running a 100-second file alone while the other sits idle."""
+    at the end, instead of one worker running a long file alone while the other sits idle."""
     items.sort(key=lambda item: 0 if item.get_closest_marker("slow") else 1)  # stable: file order kept

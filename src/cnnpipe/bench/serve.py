@@ -280,6 +280,9 @@ def heavy_model(path: Path, shape: tuple[int, int, int] = (3, 32, 32)) -> Path:
     return path
 
 
+BASELINE = "baseline (FastAPI + onnxruntime, inline)"  # the setup every ratio is against
+
+
 def setups_for(model: Path, label: str, image: np.ndarray, threads: int, max_wait_ms: float,
                full: bool) -> list[Setup]:
     """Baseline and our service on one model; `full` adds OIP, batching off and two workers."""
@@ -288,7 +291,7 @@ def setups_for(model: Path, label: str, image: np.ndarray, threads: int, max_wai
     info = Predictor(model, threads=1).info
     png = Load("/predict?k=1", png_bytes(image.squeeze()), "image/png")
     ours = ("--threads", str(threads), "--max-wait-ms", str(max_wait_ms))
-    rows = [Setup("baseline (FastAPI + onnxruntime, inline)", label, baseline_server, png, "/openapi.json",
+    rows = [Setup(BASELINE, label, baseline_server, png, "/openapi.json",
                   {"CNNPIPE_MODEL": str(model)}),
             Setup("cnnpipe /predict", label, lambda port: cnnpipe_server(model, port, *ours), png)]
     if full:
@@ -333,21 +336,20 @@ def service_load(model: Path, image: np.ndarray, clients: int, seconds: float, r
         return run_setups(setups, clients, seconds, repeats, generator), generator, engine
 
 
-def baseline_rps(rows: list[dict], model: str) -> float | None:
-    return next((r["requests_per_s"] for r in rows
-                 if r["model"] == model and r["setup"] == "baseline (FastAPI + onnxruntime, inline)"), None)
+def rps(rows: list[dict], model: str, setup: str = BASELINE) -> float | None:
+    """The requests/s of `setup` (the baseline when not given) on `model`, if it ran."""
+    return next((r["requests_per_s"] for r in rows if r["model"] == model and r["setup"] == setup), None)
 
 
 def ratio(rows: list[dict], setup: str, model: str = "default") -> float | None:
-    base = baseline_rps(rows, model)
-    mine = next((r["requests_per_s"] for r in rows if r["model"] == model and r["setup"] == setup), None)
+    base, mine = rps(rows, model), rps(rows, model, setup)
     return round(mine / base, 2) if base and mine is not None else None
 
 
 def ceiling(rows: list[dict], per_image: dict, model: str) -> float | None:
     """The most any server could gain over the baseline on `model` when inference is all it does: the
     requests/s of onnxruntime alone at batch 64 on this process's cores, over the baseline's requests/s."""
-    base, ms = baseline_rps(rows, model), per_image.get(model, {}).get("batch_64")
+    base, ms = rps(rows, model), per_image.get(model, {}).get("batch_64")
     return round(1000 / ms / base, 2) if base and ms else None
 
 

@@ -355,13 +355,13 @@ def seeds_and_precisions(prepared: Path, p: TrainParams, tta_flip: bool, targets
     run: it is the same training."""
     runs: list[dict] = []
     mine: dict[str, list[dict]] = {q: [] for q in precisions}
-    reused: dict[str, int] = {q: 0 for q in precisions}
+    reused = 0  # fp32 runs that are auto's
     for seed in range(p.seed, p.seed + seeds):
         for precision in precisions:
             auto = mine.get("auto", [])
             if precision == "fp32" and len(auto) > len(mine["fp32"]) and auto[-1]["precision"] == "float32":
                 mine["fp32"].append(auto[-1])
-                reused["fp32"] += 1
+                reused += 1
                 continue
             print(f"(c) precision {precision}, seed {seed}:", flush=True)
             run = time_to_accuracy(prepared, dataclasses.replace(p, seed=seed, precision=precision), tta_flip,
@@ -369,7 +369,8 @@ def seeds_and_precisions(prepared: Path, p: TrainParams, tta_flip: bool, targets
             mine[precision].append(run)
             runs.append(run)
     summaries = [summarize(q, mine[q], targets) for q in precisions]
-    return runs, [dict(s, same_runs_as="auto") if reused[s["precision_asked"]] == seeds else s for s in summaries]
+    return runs, [dict(s, same_runs_as="auto") if s["precision_asked"] == "fp32" and reused == seeds else s
+                  for s in summaries]
 
 
 def bench_train(prepared: Path, out: Path, steps: int, repeats: int, batch: int, device: str,
