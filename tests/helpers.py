@@ -179,7 +179,9 @@ def start_prefect_server(home: Path, procs: list) -> dict:
     port = free_port()
     env = dict(os.environ, PREFECT_HOME=str(home / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PREFECT_API_URL=f"http://127.0.0.1:{port}/api", DO_NOT_TRACK="1",
-               PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+               PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
+               # a deployment run queued behind its concurrency limit retries after 1 s, not the default 30
+               PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS="1")
     env.pop("PREFECT_LOCAL_STORAGE_PATH", None)
     log = home / "server.log"
     with open(log, "w") as out:
