@@ -414,3 +414,22 @@ def test_bf16_cpu_training_exports_an_onnx_model_that_passes_the_parity_check(tm
                     tmp_path / "export.json")
     assert result["agree"] == 1.0 and result["max_abs_diff"] < ExportParams().atol
 
+
+
+def test_a_ctrl_c_during_the_resume_save_waits_for_the_write_then_interrupts(tmp_path):
+    """SIGINT inside the held block does not cut it short: the block finishes, then KeyboardInterrupt."""
+    import os
+    import signal
+
+    from cnnpipe.core.resume import sigint_held
+
+    finished, handler = [], signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        with sigint_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            torch.save({"x": torch.zeros(1000)}, tmp_path / "state.pt")
+            finished.append(True)
+    assert finished and torch.load(tmp_path / "state.pt")["x"].shape == (1000,)
+    assert signal.getsignal(signal.SIGINT) is handler  # Ctrl-C handled as before the block again
+    with sigint_held():  # no Ctrl-C: nothing raised
+        pass

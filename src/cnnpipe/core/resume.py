@@ -7,10 +7,14 @@ state from other params or data is ignored, a damaged one is a one-line error.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
+import signal
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,8 +82,26 @@ def save(path: Path, key: str, engine: Any, generator: torch.Generator, progress
              "scheduler": engine.scheduler.state_dict(), "scaler": engine.scaler.state_dict(),
              "generator": generator.get_state(), "rng": rng,
              **{f.name: getattr(progress, f.name) for f in dataclasses.fields(Progress)}}
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    with sigint_held(), atomic_path(path) as tmp, open(tmp, "wb") as f:
         torch.save(state, f)
+
+
+@contextlib.contextmanager
+def sigint_held() -> Iterator[None]:
+    """A Ctrl-C during the block takes effect when it ends. torch.save interrupted mid-write raises its zip
+    writer's RuntimeError in place of the KeyboardInterrupt, so the run would end as a crash, not as
+    interrupted. Outside the main thread (where no signal handler can be set) the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            signal.raise_signal(signal.SIGINT)  # to the handler restored above: KeyboardInterrupt by default
 
 
 def restore(state: dict, engine: Any, generator: torch.Generator, d: Dist) -> Progress:
