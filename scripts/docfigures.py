@@ -92,24 +92,34 @@ def results() -> None:
     ])
 
 
+NATIVE_BF16 = ["bench/precision_amx.json", "bench/precision_avx512bf16.json"]  # auto against fp32, per CPU kind
+
+
+def cpu_kind(machine: dict) -> str:
+    """What gives a CPU native bf16: AMX, or AVX512-BF16 alone."""
+    return "AMX" if any(f.startswith("amx") for f in machine["cpu_flags"]) else "AVX512-BF16 (no AMX)"
+
+
 def recipe_rows() -> list[list[str]]:
     """The default recipe over seeds: on a CPU without native bf16 (bench/recipe.json), and auto (bf16) against
-    forced fp32 on a CPU with it (bench/precision_amx.json)."""
+    forced fp32 on each kind of CPU with it (NATIVE_BF16)."""
     r = load("bench/recipe.json")["summary"][0]
     native = load("bench/recipe.json")["peak"][0]["native_bf16"]
-    amx = load("bench/precision_amx.json")
-    amx_flags = [f for f in amx["machine"]["cpu_flags"] if f.startswith("amx")]
-    auto, fp32 = amx["summary"]
-    runs = [*load("bench/recipe.json")["runs"], *amx["runs"]]
+    parts = [f"CPU {'with' if native else 'without'} native bf16, `auto` ({r['precision']}): mean "
+             f"{pct(r['mean_test_acc'])}, lowest {pct(r['min_test_acc'])}"]
+    runs = list(load("bench/recipe.json")["runs"])
+    for path in NATIVE_BF16:
+        b = load(path)
+        auto, fp32 = b["summary"]
+        runs += b["runs"]
+        parts.append(f"CPU with {cpu_kind(b['machine'])}, `auto` ({auto['precision']}): mean "
+                     f"{pct(auto['mean_test_acc'])}, lowest {pct(auto['min_test_acc'])}, "
+                     f"{auto['images_per_second_median'] / fp32['images_per_second_median']:.2f}× the images/s of "
+                     f"fp32 (mean {pct(fp32['mean_test_acc'])})")
     t94 = sum(x["seconds_to_test_acc"].get("0.94") is not None for x in runs)
     return [[f"the default recipe over seeds {', '.join(map(str, r['seeds']))} (`cnnpipe bench train`)",
-             f"CPU {'with' if native else 'without'} native bf16, `auto` ({r['precision']}): mean "
-             f"{pct(r['mean_test_acc'])}, lowest {pct(r['min_test_acc'])}; CPU with "
-             f"{'AMX' if amx_flags else 'AVX512-BF16'}, `auto` ({auto['precision']}): mean "
-             f"{pct(auto['mean_test_acc'])}, lowest "
-             f"{pct(auto['min_test_acc'])}, {auto['images_per_second_median'] / fp32['images_per_second_median']:.2f}× "
-             f"the images/s of fp32 (mean {pct(fp32['mean_test_acc'])}); 94 % reached in {t94} of {len(runs)} runs",
-             "`bench/recipe.json`, `bench/precision_amx.json`"]]
+             "; ".join(parts) + f"; 94 % reached in {t94} of {len(runs)} runs",
+             ", ".join(f"`{p}`" for p in ["bench/recipe.json", *NATIVE_BF16])]]
 
 
 def experiments_rows() -> list[list[str]]:
@@ -359,9 +369,8 @@ def gpu() -> None:
          + "."])
 
 
-def precision_amx() -> None:
-    """docs/benchmarks.md: auto against forced fp32 on a CPU with AMX, over seeds."""
-    path = "bench/precision_amx.json"
+def precision_native(path: str) -> None:
+    """docs/benchmarks.md: auto against forced fp32 on a CPU with native bf16, over seeds."""
     b = load(path)
     m = b["machine"]
     auto, fp32 = b["summary"]
@@ -370,6 +379,8 @@ def precision_amx() -> None:
          f"`{b['command']}`:", ""])
     seeds_table(path)
     gap = (auto["mean_test_acc"] - fp32["mean_test_acc"]) * 100
-    out(["", f"Default training (`auto`, which chose {auto['precision']} on every seed) ran at "
+    chose = sorted({x["precision"] for x in b["runs"] if x["train_params"]["precision"] == "auto"})
+    which = f"chose {chose[0]} on every seed" if len(chose) == 1 else f"chose {' or '.join(chose)} by seed"
+    out(["", f"Default training (`auto`, which {which}) ran at "
              f"**{auto['images_per_second_median'] / fp32['images_per_second_median']:.2f}×** the images/s of forced "
              f"fp32, with a mean test accuracy {abs(gap):.2f} points {'above' if gap >= 0 else 'below'} it."])
