@@ -92,7 +92,7 @@ def results() -> None:
     ])
 
 
-NATIVE_BF16 = ["bench/precision_amx.json", "bench/precision_avx512bf16.json"]  # auto against fp32, per CPU kind
+NATIVE_BF16_BENCHES = ["bench/precision_amx.json", "bench/precision_avx512bf16.json"]  # auto vs fp32, per CPU kind
 
 
 def cpu_kind(machine: dict) -> str:
@@ -108,24 +108,24 @@ def auto_and_fp32(b: dict) -> tuple[dict, dict]:
 
 def recipe_rows() -> list[list[str]]:
     """The default recipe over seeds: on a CPU without native bf16 (bench/recipe.json), and auto (bf16) against
-    forced fp32 on each kind of CPU with it (NATIVE_BF16)."""
-    r = load("bench/recipe.json")["summary"][0]
-    native = load("bench/recipe.json")["peak"][0]["native_bf16"]
+    forced fp32 on each kind of CPU with it (NATIVE_BF16_BENCHES)."""
+    recipe = load("bench/recipe.json")
+    r, native = recipe["summary"][0], recipe["peak"][0]["native_bf16"]
     parts = [f"CPU {'with' if native else 'without'} native bf16, `auto` ({r['precision']}): mean "
              f"{pct(r['mean_test_acc'])}, lowest {pct(r['min_test_acc'])}"]
-    runs = list(load("bench/recipe.json")["runs"])
-    for path in NATIVE_BF16:
+    runs = list(recipe["runs"])
+    for path in NATIVE_BF16_BENCHES:
         b = load(path)
         auto, fp32 = auto_and_fp32(b)
         runs += b["runs"]
         parts.append(f"CPU with {cpu_kind(b['machine'])}, `auto` ({auto['precision']}): mean "
                      f"{pct(auto['mean_test_acc'])}, lowest {pct(auto['min_test_acc'])}, "
-                     f"{auto['images_per_second_median'] / fp32['images_per_second_median']:.2f}× the images/s of "
+                     f"{speedup(b):.2f}× the images/s of "
                      f"fp32 (mean {pct(fp32['mean_test_acc'])})")
     t94 = sum(x["seconds_to_test_acc"].get("0.94") is not None for x in runs)
     return [[f"the default recipe over seeds {', '.join(map(str, r['seeds']))} (`cnnpipe bench train`)",
              "; ".join(parts) + f"; 94 % reached in {t94} of {len(runs)} runs (auto and fp32)",
-             ", ".join(f"`{p}`" for p in ["bench/recipe.json", *NATIVE_BF16])]]
+             ", ".join(f"`{p}`" for p in ["bench/recipe.json", *NATIVE_BF16_BENCHES])]]
 
 
 def experiments_rows() -> list[list[str]]:
@@ -384,21 +384,33 @@ def precision_native(path: str) -> None:
     out([f"On {m['processor']} ({m['cpus']} CPUs, with {' and '.join(native)}), torch {m['torch']}, "
          f"`{b['command']}`:", ""])
     seeds_table(path)
+    peak = b["peak"][0]["matmul_peak_gflops"]
+    out(["", f"This CPU's bf16 matmul peak is {peak['bfloat16'] / peak['float32']:.1f}× its fp32 one."])
     gap = (auto["mean_test_acc"] - fp32["mean_test_acc"]) * 100
     chose = sorted({x["precision"] for x in b["runs"] if x["train_params"]["precision"] == "auto"})
     which = f"chose {' or '.join(chose)} by seed" if len(chose) > 1 else f"chose {auto['precision']} on every seed"
     out(["", f"Default training (`auto`, which {which}) ran at "
-             f"**{auto['images_per_second_median'] / fp32['images_per_second_median']:.2f}×** the images/s of forced "
+             f"**{speedup(b):.2f}×** the images/s of forced "
              f"fp32, with a mean test accuracy {abs(gap):.2f} points {'above' if gap >= 0 else 'below'} it."])
 
 
-def make_run_probe(path: str) -> None:
-    """docs/benchmarks.md: a fresh clone's `make run` on a CPU with native bf16: its probe against the bench."""
+def speedup(b: dict) -> float:
+    """auto's images/s over forced fp32's in a `bench train --precisions auto,fp32` file."""
+    auto, fp32 = auto_and_fp32(b)
+    return auto["images_per_second_median"] / fp32["images_per_second_median"]
+
+
+def make_run_probe(path: str, bench: str) -> None:
+    """docs/benchmarks.md: a fresh clone's `make run` on a CPU with native bf16: its probe against the bench of
+    the same CPU kind over whole epochs."""
     r = load(path)
     probe = r["train"]["precision_choice"]["probe_images_per_s"]
+    gain, whole = probe["bf16"] / probe["fp32"], speedup(load(bench))
     minutes, seconds = divmod(round(r["wall_seconds"]), 60)
     out([f"On that machine a fresh clone's `make run` (`{path}`) took {minutes} min {seconds} s, trained in "
          f"{r['train']['precision']} at {num(r['train']['images_per_second'], 0)} images/s and reached "
          f"{pct(r['eval']['acc'])} test accuracy. Its probe measured bf16 at {num(probe['bf16'], 0)} images/s "
-         f"against fp32's {num(probe['fp32'], 0)} ({probe['bf16'] / probe['fp32']:.2f}×): a probe of a few steps "
-         "on one batch overstates bf16's lead over whole epochs on this CPU, though not the choice."])
+         f"against fp32's {num(probe['fp32'], 0)} ({gain:.2f}×), against {whole:.2f}× over whole epochs in "
+         f"`{bench}`: a probe of a few steps on one batch "
+         + ("overstates bf16's lead on this CPU, though not the choice." if gain > whole else
+            "does not overstate bf16's lead on this CPU.")])

@@ -415,7 +415,6 @@ def test_bf16_cpu_training_exports_an_onnx_model_that_passes_the_parity_check(tm
     assert result["agree"] == 1.0 and result["max_abs_diff"] < ExportParams().atol
 
 
-
 def test_a_ctrl_c_during_the_resume_save_waits_for_the_write_then_interrupts(tmp_path):
     """SIGINT inside the held block does not cut it short: the block finishes, then KeyboardInterrupt."""
     import os
