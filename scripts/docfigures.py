@@ -381,7 +381,8 @@ def precision_native(path: str) -> None:
     m = b["machine"]
     auto, fp32 = auto_and_fp32(b)
     native = [f for f in m["cpu_flags"] if f in ("amx_bf16", "avx512_bf16")]
-    out([f"On {m['processor']} ({m['cpus']} CPUs, with {' and '.join(native)}), torch {m['torch']}, "
+    code = f", code at `{m['source_revision']}`" if m.get("source_revision") else ""
+    out([f"On {m['processor']} ({m['cpus']} CPUs, with {' and '.join(native)}), torch {m['torch']}{code}, "
          f"`{b['command']}`:", ""])
     seeds_table(path)
     peak = b["peak"][0]["matmul_peak_gflops"]

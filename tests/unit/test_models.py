@@ -75,3 +75,17 @@ def test_fold_batchnorm_keeps_the_function_and_removes_the_norms(name, shape):
             assert norms  # a pool then a BN with a negative scale do not commute: that BN stays
         else:
             assert not norms
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_the_backward_pass_keeps_the_features_memory_format(channels_last):
+    """The head flattens N×C×H×W; in channels-last training its gradient must come back channels-last, or
+    every backward kernel of the features mixes two memory formats (their slow path). Plain layout stays
+    plain."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = build_model("rescnn", (1, 28, 28), 10).to(memory_format=fmt)
+    seen = []
+    model.features[-1].norm2.register_full_backward_hook(lambda module, grad_in, grad_out: seen.append(grad_out[0]))
+    model(torch.randn(4, 1, 28, 28).contiguous(memory_format=fmt)).sum().backward()
+    assert seen[0].is_contiguous(memory_format=fmt)
+    assert seen[0].is_contiguous() != channels_last

@@ -1,5 +1,6 @@
-"""What a benchmark ran on, recorded beside its figures: the processor and its vector/matrix extensions, and for
-GPU runs the GPU, its driver and the torch, CUDA and cuDNN builds. Figures are only comparable within one file."""
+"""What a benchmark ran on, recorded beside its figures: the code's git commit, the processor and its
+vector/matrix extensions, and for GPU runs the GPU, its driver and the torch, CUDA and cuDNN builds. Figures are
+only comparable within one file."""
 
 from __future__ import annotations
 
@@ -25,6 +26,21 @@ def command_line() -> str | None:
     return shlex.join(["cnnpipe", *sys.argv[1:]])
 
 
+def source_revision(where: Path = Path(__file__).parent) -> str | None:
+    """The git commit of the code a benchmark ran, "-dirty" where tracked files differ from it; None outside a
+    git checkout (an installed wheel)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(where), *args], capture_output=True, text=True, timeout=30,
+                              check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short=12", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("-dirty" if dirty else "")
+
+
 def cpu_flags() -> list[str]:
     """The vector and matrix extensions that matter for these figures (AVX2, AVX-512, AMX)."""
     return sorted(f for f in cpuinfo.cpu_flags() if f == "avx2" or f.startswith(("avx512", "amx")))
@@ -36,7 +52,8 @@ def machine() -> dict:
 
     return {"cpus": os.cpu_count(), "processor": cpuinfo.cpu_model() or platform.processor() or platform.machine(),
             "cpu_flags": cpu_flags(), "onnxruntime": ort.__version__,
-            "onnxruntime_providers": ort.get_available_providers(), "python": platform.python_version()}
+            "onnxruntime_providers": ort.get_available_providers(), "python": platform.python_version(),
+            "source_revision": source_revision()}
 
 
 def gpu_driver() -> str | None:

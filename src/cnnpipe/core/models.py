@@ -30,7 +30,21 @@ class Classifier(nn.Module):
         self.head = head(n)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # N×C×H×W -> N×classes
-        return self.head(self.features(x).flatten(1))
+        x = self.features(x)
+        if x.requires_grad and _channels_last_only(x):
+            x.register_hook(_to_channels_last)
+        return self.head(x.flatten(1))
+
+
+def _channels_last_only(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def _to_channels_last(grad: torch.Tensor) -> torch.Tensor:
+    """flatten(1) of channels-last features is a copy in N×C×H×W order, so its gradient comes back in that
+    order; every backward kernel of the features would then see two memory formats (their slow path in
+    GELU and batch norm). Handing the gradient back channels-last keeps the whole backward pass in one."""
+    return grad.contiguous(memory_format=torch.channels_last)
 
 
 def lenet(in_shape: Shape, num_classes: int) -> nn.Module:
