@@ -22,23 +22,24 @@ sys.path.insert(0, str(ROOT / "src"))
 from cnnpipe.bench.machine import source_revision, train_machine  # noqa: E402
 
 
-def run_fresh_clone(where: Path) -> float:
-    """Clone HEAD into `where`, run `make run` there; its wall seconds. Fails on a non-zero exit."""
+def run_fresh_clone(where: Path) -> tuple[str | None, float]:
+    """Clone HEAD into `where`, run `make run` there; the commit and the wall seconds. Fails on a non-zero exit."""
     subprocess.run(["git", "clone", "-q", str(ROOT), str(where)], check=True)
+    revision = source_revision(where)  # before the run rewrites the tracked metrics
     env = dict(os.environ, CNNPIPE_CACHE_DIR=str(where.parent / "cache"))
     env.pop("VIRTUAL_ENV", None)
     start = time.perf_counter()
     subprocess.run(["make", "run"], cwd=where, env=env, check=True)
-    return time.perf_counter() - start
+    return revision, time.perf_counter() - start
 
 
-def summary(clone: Path, wall: float) -> dict:
+def summary(clone: Path, revision: str | None, wall: float) -> dict:
     import torch
 
     metrics = {name: json.loads((clone / "metrics" / f"{name}.json").read_text())
                for name in ("train", "train.info", "eval", "quantize")}
     info = metrics["train.info"]
-    machine = dict(train_machine(torch.device("cpu")), source_revision=source_revision(clone))
+    machine = dict(train_machine(torch.device("cpu")), source_revision=revision)
     return {"command": "make run",
             "from": "a fresh clone (git clone, then make run: the venv created and installed, the whole pipeline run)",
             "script": "scripts/bench_make_run.py", "machine": machine, "wall_seconds": round(wall, 1),
@@ -53,7 +54,7 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="cnnpipe-make-run-") as tmp:
         clone = Path(tmp) / "clone"
-        result = summary(clone, run_fresh_clone(clone))
+        result = summary(clone, *run_fresh_clone(clone))
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: result[k] for k in ("wall_seconds", "train", "eval", "quantize")}, indent=1))
 

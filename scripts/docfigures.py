@@ -408,7 +408,8 @@ def make_run_probe(path: str, bench: str) -> None:
     probe = r["train"]["precision_choice"]["probe_images_per_s"]
     gain, whole = probe["bf16"] / probe["fp32"], speedup(load(bench))
     minutes, seconds = divmod(round(r["wall_seconds"]), 60)
-    out([f"On that machine a fresh clone's `make run` (`{path}`) took {minutes} min {seconds} s, trained in "
+    made = f", from `{r['script']}`" if r.get("script") else ""
+    out([f"On that machine a fresh clone's `make run` (`{path}`{made}) took {minutes} min {seconds} s, trained in "
          f"{r['train']['precision']} at {num(r['train']['images_per_second'], 0)} images/s and reached "
          f"{pct(r['eval']['acc'])} test accuracy. Its probe measured bf16 at {num(probe['bf16'], 0)} images/s "
          f"against fp32's {num(probe['fp32'], 0)} ({gain:.2f}×), against {whole:.2f}× over whole epochs in "
