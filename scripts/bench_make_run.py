@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -37,9 +39,11 @@ def summary(clone: Path, revision: str | None, wall: float) -> dict:
     import torch
 
     metrics = {name: json.loads((clone / "metrics" / f"{name}.json").read_text())
-               for name in ("train", "train.info", "eval", "quantize")}
+               for name in ("train", "train.info", "eval", "quantize", "quantize.info")}
     info = metrics["train.info"]
-    machine = dict(train_machine(torch.device("cpu")), source_revision=revision)
+    machine = dict(train_machine(torch.device("cpu")), source_revision=revision,  # the clone's own versions:
+                   torch=info["torch"], onnxruntime=metrics["quantize.info"]["onnxruntime"],
+                   python=info["environment"]["python"], uv_lock_sha256=info["environment"]["uv_lock_sha256"])
     return {"command": "make run",
             "from": "a fresh clone (git clone, then make run: the venv created and installed, the whole pipeline run)",
             "script": "scripts/bench_make_run.py", "machine": machine, "wall_seconds": round(wall, 1),
@@ -52,9 +56,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True, help="the bench file to write (JSON)")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory(prefix="cnnpipe-make-run-") as tmp:
-        clone = Path(tmp) / "clone"
+    tmp = Path(tempfile.mkdtemp(prefix="cnnpipe-make-run-"))
+    clone = tmp / "clone"
+    try:
         result = summary(clone, *run_fresh_clone(clone))
+    except subprocess.CalledProcessError as e:
+        sys.exit(f"error: `{shlex.join(e.cmd)}` failed (exit {e.returncode}); the clone is kept in {clone}: "
+                 f"fix what its output above names, then run this again")
+    shutil.rmtree(tmp)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: result[k] for k in ("wall_seconds", "train", "eval", "quantize")}, indent=1))
 

@@ -26,16 +26,19 @@ def command_line() -> str | None:
     return shlex.join(["cnnpipe", *sys.argv[1:]])
 
 
+CODE = (":/src", ":/scripts", ":/params.yaml", ":/pyproject.toml", ":/uv.lock")  # what a benchmark's figures follow
+
+
 def source_revision(where: Path = Path(__file__).parent) -> str | None:
-    """The git commit of the code a benchmark ran, "-dirty" where tracked files differ from it; None outside a
-    git checkout (an installed wheel)."""
+    """The git commit of the checkout holding `where` (by default this code), "-dirty" where its code or
+    settings (CODE) differ from that commit; None outside a git checkout."""
     def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(where), *args], capture_output=True, text=True, timeout=30,
-                              check=True).stdout.strip()
+        return subprocess.run(["git", "--no-optional-locks", "-C", str(where), *args], capture_output=True,
+                              text=True, timeout=30, check=True).stdout.strip()
 
     try:
         commit = git("rev-parse", "--short=12", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", *CODE)
     except (OSError, subprocess.SubprocessError):
         return None
     return commit + ("-dirty" if dirty else "")

@@ -31,12 +31,13 @@ class Classifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # N×C×H×W -> N×classes
         x = self.features(x)
-        if x.requires_grad and _channels_last_only(x):
-            x.register_hook(_to_channels_last)
+        if x.requires_grad and _channels_last_only(x) and not torch.compiler.is_compiling():
+            x.register_hook(_to_channels_last)  # under torch.compile the compiler chooses the layouts
         return self.head(x.flatten(1))
 
 
 def _channels_last_only(x: torch.Tensor) -> bool:
+    """x is an N×C×H×W tensor laid out channels-last, and not also plain contiguous (as N×C×1×1 ones are)."""
     return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
