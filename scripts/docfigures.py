@@ -416,3 +416,21 @@ def make_run_probe(path: str, bench: str) -> None:
          f"`{bench}`: a probe of a few steps on one batch "
          + ("overstates bf16's lead on this CPU, though not the choice." if gain > whole else
             "does not overstate bf16's lead on this CPU.")])
+
+
+def head_grad(path: str) -> None:
+    """docs/benchmarks.md: training steps with the head's gradient handed back channels-last against as flatten
+    returns it, side by side in one run."""
+    b = load(path)
+    m = b["machine"]
+    rows = []
+    for r in b["runs"]:
+        t, k = r["step_ms_median"], r["kernel_self_ms_per_step"]
+        on, off = k["channels_last_grad"], k["as_flatten_returns"]
+        rows.append([r["precision"], f"{t['as_flatten_returns']:.1f} ms", f"{t['channels_last_grad']:.1f} ms",
+                     f"**{r['speedup']:.2f}×**",
+                     f"{sum(off.values()):.1f} ms → {sum(on.values()):.1f} ms"])
+    out([f"`{b['command']}` on {m['processor']} ({m['cpus']} CPUs), `{b['model']}`, batch {b['batch']}, "
+         f"median of {b['rounds']} interleaved rounds of {b['steps_per_round']} steps:", ""])
+    table(["precision", "step, gradient as flatten returns it", "step, gradient channels-last", "speedup",
+           "GELU and batch-norm backward per step"], rows)
