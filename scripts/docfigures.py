@@ -407,15 +407,16 @@ def make_run_probe(path: str, bench: str) -> None:
     r = load(path)
     probe = r["train"]["precision_choice"]["probe_images_per_s"]
     gain, whole = probe["bf16"] / probe["fp32"], speedup(load(bench))
+    right = (r["train"]["precision_choice"]["chose"] == "bf16") == (whole > 1)
     minutes, seconds = divmod(round(r["wall_seconds"]), 60)
     made = f", from `{r['script']}`" if r.get("script") else ""
     out([f"On that machine a fresh clone's `make run` (`{path}`{made}) took {minutes} min {seconds} s, trained in "
          f"{r['train']['precision']} at {num(r['train']['images_per_second'], 0)} images/s and reached "
          f"{pct(r['eval']['acc'])} test accuracy. Its probe measured bf16 at {num(probe['bf16'], 0)} images/s "
          f"against fp32's {num(probe['fp32'], 0)} ({gain:.2f}×), against {whole:.2f}× over whole epochs in "
-         f"`{bench}`: a probe of a few steps on one batch "
-         + ("overstates bf16's lead on this CPU, though not the choice." if gain > whole else
-            "does not overstate bf16's lead on this CPU.")])
+         f"`{bench}`: a probe of a few steps on one batch is a rough measure (this one "
+         f"{'overstated' if gain > whole else 'understated'} bf16's lead), though it "
+         f"{'made the right choice' if right else 'chose the slower precision'}."])
 
 
 def head_grad(path: str) -> None:
