@@ -1,7 +1,8 @@
 """The head's channels-last gradient, on and off, side by side: rescnn training steps on the CPU in fp32 and bf16
-with the gradient of the flatten handed back channels-last (what training does) against as flatten returns it
-(N×C×H×W), interleaved in one process so machine noise hits both alike. Records the median step time of each and
-the profiler's self time per step of the backward kernels the mixed layout slows (GELU, batch norm).
+(the probe `precision: auto` times) with the gradient of the flatten handed back channels-last (what training
+does) against as flatten returns it (N×C×H×W), interleaved in one process so machine noise hits both alike.
+Records the median step time of each and the profiler's self time per step of the backward kernels the mixed
+layout slows (GELU, batch norm).
 
     .venv/bin/python scripts/bench_head_grad.py --out bench/head_grad_<cpu kind>.json
 """
@@ -12,24 +13,20 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 from cnnpipe.bench.machine import train_machine  # noqa: E402
-from cnnpipe.core import models  # noqa: E402
-from cnnpipe.core.inference import autocast  # noqa: E402
-from cnnpipe.core.params import TrainParams  # noqa: E402
-from cnnpipe.stages.train import make_optimizer  # noqa: E402
+from cnnpipe.core import cpuprecision, models  # noqa: E402
 
 KERNELS = ("aten::gelu_backward", "aten::native_batch_norm_backward")
 KEEP = models._to_channels_last
+SHAPE = (1, 28, 28)
 
 
 def set_hook(on: bool) -> None:
@@ -37,48 +34,29 @@ def set_hook(on: bool) -> None:
     models._to_channels_last = KEEP if on else (lambda grad: grad)
 
 
-def stepper(amp: torch.dtype | None, batch: int):
-    torch.manual_seed(0)
-    net = models.build_model("rescnn", (1, 28, 28), 10).to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(net, TrainParams())
-    x = torch.randn(batch, 1, 28, 28).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (batch,))
-
-    def step() -> None:
-        with autocast(torch.device("cpu"), amp):
-            loss = F.cross_entropy(net(x), y, label_smoothing=0.1)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return step
-
-
-def kernel_ms(step, steps: int) -> dict[str, float]:
+def kernel_ms(net: torch.nn.Module, amp: torch.dtype | None, batch: int, steps: int) -> dict[str, float]:
+    """The profiler's self time per step of KERNELS over `steps` of the probe's training step."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(steps):
-            step()
+        cpuprecision.probe(net, SHAPE, batch, amp, steps=steps, warmup=0)
     totals = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
     return {k: round(totals.get(k, 0.0) / steps / 1000, 3) for k in KERNELS}
 
 
 def compare(amp: torch.dtype | None, batch: int, rounds: int, steps: int) -> dict:
-    steps_of = {on: stepper(amp, batch) for on in (True, False)}
-    times: dict[bool, list[float]] = {True: [], False: []}
+    """The probe that `precision: auto` runs (cnnpipe.core.cpuprecision), timed with the hook on and off in turn."""
+    torch.manual_seed(0)
+    net = models.build_model("rescnn", SHAPE, 10).to(memory_format=torch.channels_last)
+    step_ms: dict[bool, list[float]] = {True: [], False: []}
     for _ in range(rounds):
         for on in (True, False):
             set_hook(on)
-            for _ in range(3):  # warm-up
-                steps_of[on]()
-            start = time.perf_counter()
-            for _ in range(steps):
-                steps_of[on]()
-            times[on].append((time.perf_counter() - start) / steps * 1000)
+            step_ms[on].append(batch / cpuprecision.probe(net, SHAPE, batch, amp, steps=steps, warmup=3) * 1000)
     kernels = {}
     for on in (True, False):
         set_hook(on)
-        kernels[on] = kernel_ms(steps_of[on], steps)
+        kernels[on] = kernel_ms(net, amp, batch, steps)
     set_hook(True)
-    on, off = statistics.median(times[True]), statistics.median(times[False])
+    on, off = statistics.median(step_ms[True]), statistics.median(step_ms[False])
     return {"precision": str(amp or torch.float32).removeprefix("torch."),
             "step_ms_median": {"channels_last_grad": round(on, 2), "as_flatten_returns": round(off, 2)},
             "speedup": round(off / on, 3), "kernel_self_ms_per_step": {"channels_last_grad": kernels[True],

@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from cnnpipe.bench.machine import source_revision, train_machine  # noqa: E402
+from cnnpipe.bench.machine import machine, source_revision  # noqa: E402
 
 
 def run_fresh_clone(where: Path) -> tuple[str | None, float]:
@@ -36,17 +36,15 @@ def run_fresh_clone(where: Path) -> tuple[str | None, float]:
 
 
 def summary(clone: Path, revision: str | None, wall: float) -> dict:
-    import torch
-
     metrics = {name: json.loads((clone / "metrics" / f"{name}.json").read_text())
                for name in ("train", "train.info", "eval", "quantize", "quantize.info")}
     info = metrics["train.info"]
-    machine = dict(train_machine(torch.device("cpu")), source_revision=revision,  # the clone's own versions:
-                   torch=info["torch"], onnxruntime=metrics["quantize.info"]["onnxruntime"],
-                   python=info["environment"]["python"], uv_lock_sha256=info["environment"]["uv_lock_sha256"])
+    ran_on = dict(machine(), source_revision=revision,  # the clone's own versions:
+                  torch=info["torch"], onnxruntime=metrics["quantize.info"]["onnxruntime"],
+                  python=info["environment"]["python"], uv_lock_sha256=info["environment"]["uv_lock_sha256"])
     return {"command": "make run",
             "from": "a fresh clone (git clone, then make run: the venv created and installed, the whole pipeline run)",
-            "script": "scripts/bench_make_run.py", "machine": machine, "wall_seconds": round(wall, 1),
+            "script": "scripts/bench_make_run.py", "machine": ran_on, "wall_seconds": round(wall, 1),
             "train": {"precision": info["precision"], "precision_choice": info.get("precision_choice"),
                       "images_per_second": info["images_per_second"], "seconds": metrics["train"]["sec"]},
             "eval": {"acc": metrics["eval"]["acc"]}, "quantize": {"acc": metrics["quantize"]["acc"]}}
