@@ -34,8 +34,7 @@ def test_train_learns_and_writes_artifacts(tmp_path, prepared):
     assert not set(info) & set(written)
     rows = list(csv.DictReader((tmp_path / "history.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
-    best = max(rows, key=lambda r: float(r["val_acc"]))
-    assert float(best["val_acc"]) == metrics["val_acc"] and int(best["epoch"]) == metrics["epoch"]
+    assert float(rows[-1]["val_acc"]) == metrics["val_acc"] and metrics["epoch"] == 4  # the last epoch is kept
     model, state = load_checkpoint(tmp_path / "model.pt")
     assert state["model"] == "bncnn" and state["classes"] == [str(d) for d in range(10)]
     assert state["input_shape"] == [1, 28, 28] and state["epoch"] == metrics["epoch"]
@@ -120,18 +119,43 @@ def test_draw_augment_uses_every_shift_and_flips_about_half():
     assert set(draw_augment(8, 0, False, g)) == set()  # off: nothing drawn, nothing applied
 
 
-def test_early_stopping(tmp_path, prepared):
-    """Training stops exactly `patience` epochs after the best validation accuracy; patience 0 runs them all."""
-    p = dataclasses.replace(TINY, epochs=30, patience=2, translate=0)
-    metrics = run(tmp_path, prepared, p)
+def test_early_stopping_keeps_the_best_epoch_and_a_full_run_the_last(tmp_path, prepared):
+    """Training stops exactly `patience` epochs after the best validation accuracy and keeps that epoch's
+    weights; patience 0 runs every epoch and keeps the last one's, even where an earlier one validated better."""
+    p = dataclasses.replace(TINY, epochs=30, patience=2, translate=0, schedule="constant")
+    metrics, weights = run_keeping_weights(tmp_path, prepared, p)
     rows = list(csv.DictReader((tmp_path / "history.csv").open()))
     assert metrics["stopped_early"] and metrics["epochs_run"] == len(rows) < 30
     assert metrics["epochs_run"] == metrics["epoch"] + 2
     best = float(rows[metrics["epoch"] - 1]["val_acc"])
     assert all(float(r["val_acc"]) <= best for r in rows[metrics["epoch"]:])
     assert all(float(r["val_acc"]) < best for r in rows[: metrics["epoch"] - 1])
-    full = run(tmp_path / "full", prepared, dataclasses.replace(p, epochs=metrics["epochs_run"] + 1, patience=0))
-    assert full["epochs_run"] == metrics["epochs_run"] + 1 and not full["stopped_early"]
+    assert saved_weights_equal(tmp_path / "model.pt", weights[metrics["epoch"]])
+    # the same epochs without early stopping (a constant schedule does not depend on their number)
+    full, full_weights = run_keeping_weights(tmp_path / "full", prepared,
+                                             dataclasses.replace(p, epochs=metrics["epochs_run"], patience=0))
+    assert trajectory(tmp_path / "full/history.csv") == trajectory(tmp_path / "history.csv")
+    assert full["epoch"] == full["epochs_run"] == metrics["epochs_run"] and not full["stopped_early"]
+    assert full["val_acc"] == float(rows[-1]["val_acc"]) <= metrics["val_acc"]
+    assert saved_weights_equal(tmp_path / "full/model.pt", full_weights[full["epochs_run"]])
+    assert not saved_weights_equal(tmp_path / "full/model.pt", full_weights[metrics["epoch"]])
+
+
+def run_keeping_weights(tmp_path, prepared, p: TrainParams) -> tuple[dict, dict[int, dict]]:
+    """Train, and return the metrics and a copy of the model's weights after every epoch."""
+    weights: dict[int, dict] = {}
+
+    def keep(row, model):
+        weights[row["epoch"]] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    metrics = train(p, prepared, tmp_path / "model.pt", tmp_path / "train.json", tmp_path / "history.csv",
+                    on_epoch=keep)
+    return metrics, weights
+
+
+def saved_weights_equal(checkpoint: Path, weights: dict) -> bool:
+    _, state = load_checkpoint(checkpoint)
+    return all(torch.equal(state["state_dict"][k], t) for k, t in weights.items())
 
 
 @pytest.mark.slow
@@ -170,8 +194,8 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, prepar
     assert resumed["epoch"] == reference["epoch"]
     for name, tensor in reference["state_dict"].items():
         assert torch.equal(resumed["state_dict"][name], tensor), name
-    # the saved weights are the best epoch's, which may come before the interruption: every epoch's losses
-    # show that the epochs after it trained exactly as the uninterrupted run did
+    # and every epoch's losses show that the epochs on both sides of the interruption trained exactly as the
+    # uninterrupted run's did
     assert trajectory(work / "plots/train_history.csv") == trajectory(tmp_path / "ref/history.csv")
     assert json.loads((work / "metrics/train.info.json").read_text())["epochs_run"] == 12 and not state.exists()
 

@@ -38,7 +38,7 @@ class Progress:
 
     history: list[dict] = field(default_factory=list)  # one row per epoch (plots/train_history.csv)
     best: dict | None = None  # the history row of the best validation accuracy
-    best_state: dict[str, torch.Tensor] | None = None  # the model's weights at that epoch
+    best_state: dict[str, torch.Tensor] | None = None  # the model's weights at that epoch (early stopping only)
     images: int = 0  # training images seen, all ranks together
     seconds: float = 0.0  # training time so far
     epoch: int = 0  # the last completed epoch

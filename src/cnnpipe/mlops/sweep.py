@@ -4,7 +4,7 @@ A sweep file names the keys and their ranges; Optuna (grid, random or TPE) propo
 trial is queued as `dvc exp run --queue -n <sweep>-<NNN> -S key=value ... <stage>` and `dvc queue start -j
 <parallel>` runs it, so `dvc exp show` lists every trial with its params and metrics. The train stage reports
 validation accuracy after every epoch to the study (core/trial.py) and Optuna's median pruner stops hopeless
-trials early; a pruned trial ends like any other run, with whole outputs and a model of its best epoch.
+trials early; a pruned trial ends like any other run, with whole outputs and a model of its last epoch.
 
 The study lives in a storage many processes share (a journal file, or a database URL), so a sweep that is
 stopped and started again keeps its finished trials and runs only what is left. At the end: a table of the
@@ -317,16 +317,18 @@ class DvcQueue:
 # ---- results ----------------------------------------------------------------------------------------------
 
 def conclude(study, trial_number: int, succeeded: bool, why: str = "") -> str:
-    """Tell the study how a trial ended: its best validation accuracy (complete, or pruned early), or failed."""
+    """Tell the study how a trial ended: the validation accuracy of the epoch its model keeps (the last; complete,
+    or pruned early), or failed."""
     from optuna.trial import TrialState
 
     t = study.trials[trial_number]
     values = t.intermediate_values
     if succeeded and values:
         state = TrialState.PRUNED if "pruned_after_epoch" in t.user_attrs else TrialState.COMPLETE
-        if state == TrialState.PRUNED:  # keep the pruned trial's best accuracy for the table
-            study._storage.set_trial_user_attr(t._trial_id, "best_val_acc", max(values.values()))
-        study.tell(t.number, max(values.values()) if state == TrialState.COMPLETE else None, state=state)
+        kept = values[max(values)]  # the train stage keeps the last epoch's weights
+        if state == TrialState.PRUNED:  # Optuna keeps no value for a pruned trial; the table shows this one
+            study._storage.set_trial_user_attr(t._trial_id, "kept_val_acc", kept)
+        study.tell(t.number, kept if state == TrialState.COMPLETE else None, state=state)
         return state.name.lower()
     study._storage.set_trial_user_attr(t._trial_id, "failure", why or "reported no validation accuracy")
     study.tell(t.number, state=TrialState.FAIL)
@@ -334,12 +336,12 @@ def conclude(study, trial_number: int, succeeded: bool, why: str = "") -> str:
 
 
 def rows(study) -> list[dict[str, Any]]:
-    """One row per trial that counts: its experiment, state, epochs run, best validation accuracy, params."""
+    """One row per trial that counts: its experiment, state, epochs run, its model's validation accuracy, params."""
     out = []
     for t in study.trials:
         if not counted(t):
             continue
-        acc = t.user_attrs.get("best_val_acc", t.value)  # pruned: its best epoch, not Optuna's last value
+        acc = t.user_attrs.get("kept_val_acc", t.value)  # pruned: Optuna's value is None
         out.append({"trial": t.number, "experiment": t.user_attrs.get("dvc_exp", ""), "state": STATES[t.state.name],
                     "epochs": len(t.intermediate_values), "val_acc": acc, **t.params})
     return out

@@ -1,4 +1,5 @@
-"""Stage 3, train: fit the model on the train split, validate every epoch, keep the best epoch.
+"""Stage 3, train: fit the model on the train split, validate every epoch, keep the last epoch (with early
+stopping, the best).
 
 Data lives on the device as uint8 for the whole run; each step gathers a batch by index, normalizes and
 augments it there, in autocast (bf16/fp16) on GPUs. Under torchrun every process holds the data, takes its
@@ -229,8 +230,10 @@ def train(p: TrainParams, prepared: str | Path = "data/prepared", model_path: st
           metrics_path: str | Path = "metrics/train.json", history_path: str | Path = "plots/train_history.csv",
           state_path: str | Path | None = None,
           on_epoch: Callable[[dict, nn.Module], None] | None = None) -> dict:
-    """Train, validate every epoch, keep the best epoch. The last completed epoch is kept in `state_path`
-    (default: beside the checkpoint, `.model.pt.resume`) until the run finishes. Under torchrun (WORLD_SIZE > 1)
+    """Train, validate every epoch, keep the last epoch's weights: the schedule anneals to them, and picking
+    an earlier epoch by its validation accuracy picks noise. With early stopping (`patience`) the run ends past
+    its best epoch and keeps that one's. The last completed epoch is kept in `state_path` (default: beside the
+    checkpoint, `.model.pt.resume`) until the run finishes. Under torchrun (WORLD_SIZE > 1)
     this runs in every process; rank 0 alone writes. `on_epoch(row, model)` is called after each epoch (the
     benchmark scores the test set there); its time is not counted as training time."""
     d = dist_from_env()
@@ -328,7 +331,8 @@ def run_epochs(p: TrainParams, run: Run, progress: Progress, state_path: Path, d
         progress.epoch = epoch
         if progress.best is None or va_acc > progress.best["val_acc"]:
             progress.best = row
-            progress.best_state = {k: v.detach().clone() for k, v in engine.net.state_dict().items()}
+            if p.patience > 0:  # early stopping ends on the best epoch's weights
+                progress.best_state = {k: v.detach().clone() for k, v in engine.net.state_dict().items()}
         progress.seconds = time.perf_counter() - start
         if p.resume:
             resume.save(state_path, run.key, engine, run.generator, progress, d)
@@ -352,14 +356,16 @@ def run_epochs(p: TrainParams, run: Run, progress: Progress, state_path: Path, d
 
 def finish(p: TrainParams, run: Run, progress: Progress, stopped_early: str | None, model_path: Path,
            metrics_path: Path, history_path: Path, state_path: Path, d: Dist) -> dict:
-    """Keep the best epoch's weights; rank 0 writes the checkpoint, history, curves and metrics, and removes
-    the resume state."""
-    engine, best = run.engine, progress.best
-    engine.net.load_state_dict(progress.best_state)
+    """Keep the last epoch's weights, or with early stopping the best epoch's; rank 0 writes the checkpoint,
+    history, curves and metrics, and removes the resume state."""
+    engine, kept = run.engine, progress.history[-1]
+    if p.patience > 0:
+        kept = progress.best
+        engine.net.load_state_dict(progress.best_state)
     metrics = {  # short names: `dvc metrics show` puts every stage's metrics side by side (see dvc.yaml)
-        "val_acc": best["val_acc"],
-        "val_loss": best["val_loss"],
-        "epoch": best["epoch"],  # the best epoch: the one saved
+        "val_acc": kept["val_acc"],
+        "val_loss": kept["val_loss"],
+        "epoch": kept["epoch"],  # the epoch saved
         "sec": round(progress.seconds, 2),
     }
     device = engine.device
@@ -381,7 +387,7 @@ def finish(p: TrainParams, run: Run, progress: Progress, stopped_early: str | No
     }
     if d.main:
         save_checkpoint(model_path, engine.net, p.model, run.meta,
-                        {"epoch": best["epoch"], "val_acc": best["val_acc"], "train_params": dataclasses.asdict(p)})
+                        {"epoch": kept["epoch"], "val_acc": kept["val_acc"], "train_params": dataclasses.asdict(p)})
         write_history(history_path, progress.history)
         training_curves(progress.history, history_path.with_suffix(".png"), train_note(p, run.meta.flip))
         write_metrics(metrics_path, metrics, info)
