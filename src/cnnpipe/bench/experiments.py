@@ -33,13 +33,14 @@ from cnnpipe.mlops.dvcops import dvc_checked as dvc
 
 @contextlib.contextmanager
 def clone_of(repo: Path) -> Iterator[Path]:
-    """A clone of the checkout's commit that uses the checkout's DVC cache."""
+    """A clone of the checkout's commit that uses the checkout's DVC cache. Outputs the cache lacks (a fresh
+    clone of the project has none) stay missing: the experiments train their own models."""
     tmp = Path(tempfile.mkdtemp(prefix="cnnpipe-bench-"))
     try:
         clone = tmp / "clone"
         sh(tmp, "git", "clone", "-q", str(repo.resolve()), str(clone))
         dvc(clone, "cache", "dir", "--local", str((repo / ".dvc/cache").resolve()))
-        dvc(clone, "checkout", "-q")
+        dvc(clone, "checkout", "-q", "--allow-missing")
         dvc(clone, "repro", "-q", "split")  # data up to date in the commit the experiments start from
         if sh(clone, "git", "status", "--porcelain", "--untracked-files=no"):
             sh(clone, "git", "commit", "-qam", "bench: data")
