@@ -317,7 +317,20 @@ def sweep() -> None:
     gap = sw["best_gap_points"]
     out(["", f"The pruned sweep ran {sw['epochs_ratio']:.2f}× the epochs; its best trial is "
              + (f"{abs(gap):.2f} points {'below' if gap > 0 else 'above'}" if gap else "the same as")
-             + " the unpruned sweep's best."])
+             + " the unpruned sweep's best." + missed_best(sw)])
+
+
+def missed_best(sw: dict) -> str:
+    """Where the median pruner stopped the trial that ended best unpruned: when, and how far behind it was."""
+    best = max(sw["none"]["trials"], key=lambda r: r["val_acc"])
+    same = next(r for r in sw["median"]["trials"] if r["trial"] == best["trial"])
+    if same["state"] != "pruned":
+        return ""
+    drawn = ", ".join(f"`{k}` {v:.2g}" for k, v in best.items() if k.startswith("train."))
+    return (f" That trial ({drawn}) was pruned after {same['epochs']} of its {best['epochs']} epochs, at "
+            f"{pct(same['val_acc'])} validation accuracy: the median pruner compares trials epoch by epoch, and "
+            f"under the one-cycle schedule a high learning rate's trial is still behind early on and can end ahead "
+            f"(the pruner's `warmup_epochs` delays its first cut).")
 
 
 # --- the GPU section (bench/gpu_*.json) ----------------------------------------------------------------------
