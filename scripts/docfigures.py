@@ -311,7 +311,7 @@ def queue() -> None:
 
 def sweep() -> None:
     sw = load("bench/sweep.json")
-    table(["pruner", "trials: complete / pruned / failed", "epochs run", "best validation accuracy"],
+    table(["pruner", "trials: complete / pruned / failed", "epochs run", "the best trial's validation accuracy"],
           [[name, " / ".join(str(sw[name]["states"][k]) for k in ("complete", "pruned", "failed")),
             str(sw[name]["epochs"]), pct(sw[name]["best_val_acc"])] for name in ("median", "none")])
     gap = sw["best_gap_points"]
@@ -322,12 +322,15 @@ def sweep() -> None:
 
 def missed_best(sw: dict) -> str:
     """Where the median pruner stopped the trial that ended best unpruned: when, and how far behind it was."""
-    best = max(sw["none"]["trials"], key=lambda r: r["val_acc"])
-    same = next(r for r in sw["median"]["trials"] if r["trial"] == best["trial"])
-    if same["state"] != "pruned":
+    def drawn(row: dict) -> dict:
+        return {k: v for k, v in row.items() if k.startswith("train.")}
+
+    best = max((r for r in sw["none"]["trials"] if r["state"] == "complete"), key=lambda r: r["val_acc"])
+    same = next((r for r in sw["median"]["trials"] if drawn(r) == drawn(best)), None)
+    if same is None or same["state"] != "pruned":
         return ""
-    drawn = ", ".join(f"`{k}` {v:.2g}" for k, v in best.items() if k.startswith("train."))
-    return (f" That trial ({drawn}) was pruned after {same['epochs']} of its {best['epochs']} epochs, at "
+    params = ", ".join(f"`{k}` {v:.2g}" for k, v in drawn(best).items())
+    return (f" That trial ({params}) was pruned after {same['epochs']} of its {best['epochs']} epochs, at "
             f"{pct(same['val_acc'])} validation accuracy: the median pruner compares trials epoch by epoch, and "
             f"under the one-cycle schedule a high learning rate's trial is still behind early on and can end ahead "
             f"(the pruner's `warmup_epochs` delays its first cut).")

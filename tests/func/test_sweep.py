@@ -42,13 +42,14 @@ def finish(proc: subprocess.Popen) -> tuple[int, str]:
 
 
 def experiments(repo: Path) -> dict[str, dict]:
-    """Experiment name -> its params.yaml train section, from `dvc exp show`."""
+    """Experiment name -> its params.yaml train section and its metrics/train.json, from `dvc exp show`."""
     shown = json.loads(dvc(repo, "exp", "show", "--json"))
     found = {}
     for baseline in shown:
         for exp in baseline.get("experiments") or []:
-            rev = exp["revs"][0]
-            found[exp["name"]] = rev["data"]["params"]["params.yaml"]["data"]["train"]
+            data = exp["revs"][0]["data"]
+            found[exp["name"]] = {"train": data["params"]["params.yaml"]["data"]["train"],
+                                  "metrics": data["metrics"]["metrics/train.json"]["data"]}
     return found
 
 
@@ -84,8 +85,9 @@ def test_sweep_queues_trials_prunes_and_resumes_after_a_stop(repo):
                for r in pruned)  # the hopeless ones are the lowest learning rates
 
     shown = experiments(repo)  # every trial is a DVC experiment with the trial's params
-    for r in rows:
-        assert shown[r["experiment"]]["lr"] == pytest.approx(float(r["train.lr"]))
+    for r in rows:  # each with its params, and counted with the accuracy of the model it kept
+        assert shown[r["experiment"]]["train"]["lr"] == pytest.approx(float(r["train.lr"]))
+        assert shown[r["experiment"]]["metrics"]["val_acc"] == pytest.approx(float(r["val_acc"]))
     best = max((r for r in rows if r["state"] == "complete"), key=lambda r: float(r["val_acc"]))
     assert f"best: trial {best['trial']} ({best['experiment']})" in out
 

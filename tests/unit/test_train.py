@@ -12,6 +12,7 @@ from cnnpipe.core.checkpoint import load_checkpoint
 from cnnpipe.core.data import augment, draw_augment
 from cnnpipe.core.errors import CnnpipeError
 from cnnpipe.core.params import TrainParams
+from cnnpipe.mlops.sweep import conclude
 from cnnpipe.stages.train import train
 
 # fp32: the same training on every CPU (auto would choose bf16 where the CPU has it; tested on its own below)
@@ -139,6 +140,44 @@ def test_early_stopping_keeps_the_best_epoch_and_a_full_run_the_last(tmp_path, p
     assert full["val_acc"] == float(rows[-1]["val_acc"]) <= metrics["val_acc"]
     assert saved_weights_equal(tmp_path / "full/model.pt", full_weights[full["epochs_run"]])
     assert not saved_weights_equal(tmp_path / "full/model.pt", full_weights[metrics["epoch"]])
+
+
+@pytest.mark.parametrize("patience", [0, 2])
+def test_a_sweep_trial_counts_with_the_epoch_its_model_keeps(tmp_path, prepared, monkeypatch, patience):
+    """Reported to a real study as DVC's queue would run it: every epoch's validation accuracy for the pruner,
+    and the trial's value is the kept epoch's: the last, or with early stopping the best. Noise for validation
+    images makes their accuracy wander from epoch to epoch, so the two differ."""
+    import numpy as np
+
+    val = prepared / "val_x.npy"
+    np.save(val, np.random.default_rng(0).integers(0, 256, np.load(val).shape, dtype=np.uint8))
+    study, number = as_sweep_trial(tmp_path / "sweep", monkeypatch)
+    p = dataclasses.replace(TINY, epochs=8, patience=patience, translate=0, schedule="constant")
+    metrics = train(p, prepared, tmp_path / "model.pt", tmp_path / "train.json", tmp_path / "history.csv")
+    history = [float(r["val_acc"]) for r in csv.DictReader((tmp_path / "history.csv").open())]
+    assert conclude(study, number, True) == "complete"
+    trial = study.trials[number]
+    assert list(trial.intermediate_values.values()) == history
+    assert trial.value == metrics["val_acc"] == (max(history) if patience else history[-1])
+    assert max(history) > history[-1]  # so the value tells the two rules apart
+
+
+def as_sweep_trial(root: Path, monkeypatch) -> tuple:
+    """The setting DVC's queue gives a sweep's trial: a study with the trial asked, its ticket, DVC's variables."""
+    import optuna
+
+    from cnnpipe.core import trial
+
+    storage = str(root / "study.journal")
+    study = optuna.create_study(study_name="s", storage=trial.open_storage(storage), direction="maximize")
+    asked = study.ask()
+    ticket = trial.ticket_path(root, "s-000")
+    ticket.parent.mkdir(parents=True)
+    ticket.write_text(json.dumps({"study": "s", "storage": storage, "trial_id": asked._trial_id,
+                                  "pruner": {"kind": "none"}}))
+    monkeypatch.setenv("DVC_EXP_NAME", "s-000")
+    monkeypatch.setenv("DVC_ROOT", str(root))
+    return study, asked.number
 
 
 def run_keeping_weights(tmp_path, prepared, p: TrainParams) -> tuple[dict, dict[int, dict]]:

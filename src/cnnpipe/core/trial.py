@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 
 TICKETS = Path(".dvc/tmp/cnnpipe-trials")
 
-Reporter = Callable[[int, float, bool], bool]  # (epoch, val_acc, last epoch?) -> stop now?
+# (epoch, its val_acc, the val_acc of the epoch the model keeps if the run ends now, last epoch?) -> stop now?
+Reporter = Callable[[int, float, float, bool], bool]
 
 
 def ticket_path(repo: str | Path, exp_name: str) -> Path:
@@ -64,9 +65,10 @@ def reporter_from_env(env: dict[str, str] | None = None) -> Reporter | None:
                               pruner=make_pruner(ticket["pruner"]))
     trial = optuna.trial.Trial(study, ticket["trial_id"])
 
-    def report(epoch: int, val_acc: float, last: bool) -> bool:
+    def report(epoch: int, val_acc: float, kept_val_acc: float, last: bool) -> bool:
         try:
-            trial.report(val_acc, epoch)
+            trial.report(val_acc, epoch)  # what the pruner compares, epoch by epoch
+            trial.set_user_attr("kept_val_acc", kept_val_acc)  # what the trial counts with when it ends
             if last or not trial.should_prune():
                 return False
             trial.set_user_attr("pruned_after_epoch", epoch)

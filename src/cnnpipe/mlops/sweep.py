@@ -4,7 +4,8 @@ A sweep file names the keys and their ranges; Optuna (grid, random or TPE) propo
 trial is queued as `dvc exp run --queue -n <sweep>-<NNN> -S key=value ... <stage>` and `dvc queue start -j
 <parallel>` runs it, so `dvc exp show` lists every trial with its params and metrics. The train stage reports
 validation accuracy after every epoch to the study (core/trial.py) and Optuna's median pruner stops hopeless
-trials early; a pruned trial ends like any other run, with whole outputs and a model of its last epoch.
+trials early; a pruned trial ends like any other run, with whole outputs and a model of the epoch it keeps
+(the last; with early stopping, the best).
 
 The study lives in a storage many processes share (a journal file, or a database URL), so a sweep that is
 stopped and started again keeps its finished trials and runs only what is left. At the end: a table of the
@@ -317,16 +318,16 @@ class DvcQueue:
 # ---- results ----------------------------------------------------------------------------------------------
 
 def conclude(study, trial_number: int, succeeded: bool, why: str = "") -> str:
-    """Tell the study how a trial ended: the validation accuracy of the epoch its model keeps (the last; complete,
-    or pruned early), or failed."""
+    """Tell the study how a trial ended: the validation accuracy of the epoch its model keeps (the last, or with
+    early stopping the best; the train stage records it), complete or pruned early; or failed."""
     from optuna.trial import TrialState
 
     t = study.trials[trial_number]
     values = t.intermediate_values
     if succeeded and values:
         state = TrialState.PRUNED if "pruned_after_epoch" in t.user_attrs else TrialState.COMPLETE
-        kept = values[max(values)]  # the train stage keeps the last epoch's weights
-        if state == TrialState.PRUNED:  # Optuna keeps no value for a pruned trial; the table shows this one
+        kept = t.user_attrs.get("kept_val_acc", values[max(values)])  # recorded with each epoch, else the last
+        if "kept_val_acc" not in t.user_attrs:  # Optuna keeps no value for a pruned trial; the table shows this
             study._storage.set_trial_user_attr(t._trial_id, "kept_val_acc", kept)
         study.tell(t.number, kept if state == TrialState.COMPLETE else None, state=state)
         return state.name.lower()

@@ -288,9 +288,10 @@ def build_run(p: TrainParams, prepared: Path, device: torch.device, d: Dist) -> 
     return Run(engine, meta, x, y, vx, vy, mean, std, p.flip and meta.flip, generator, key)
 
 
-def should_stop(report: trial.Reporter | None, epoch: int, val_acc: float, last: bool, d: Dist) -> bool:
+def should_stop(report: trial.Reporter | None, epoch: int, val_acc: float, kept_val_acc: float, last: bool,
+                d: Dist) -> bool:
     """A sweep's pruner decides on rank 0; under torchrun every rank learns the decision."""
-    stop = bool(report(epoch, val_acc, last)) if report is not None and d.main else False
+    stop = bool(report(epoch, val_acc, kept_val_acc, last)) if report is not None and d.main else False
     if d.world > 1:
         flag = torch.tensor([int(stop)])
         dist.broadcast(flag, 0)
@@ -341,7 +342,8 @@ def run_epochs(p: TrainParams, run: Run, progress: Progress, state_path: Path, d
             on_epoch(dict(row, train_seconds=round(t1 - start, 2)), engine.net)
             start += time.perf_counter() - t1
         patience_out = p.patience > 0 and epoch - progress.best["epoch"] >= p.patience
-        if should_stop(report, epoch, va_acc, epoch == p.epochs or patience_out, d):
+        kept_acc = progress.best["val_acc"] if p.patience > 0 else va_acc  # the epoch finish() would keep
+        if should_stop(report, epoch, va_acc, kept_acc, epoch == p.epochs or patience_out, d):
             log.info("pruned by the sweep after epoch %d: validation accuracy %.4f is below the median of "
                      "earlier trials at this epoch", epoch, va_acc)
             stopped_early = "pruned"
