@@ -215,8 +215,7 @@ def seeds_table(path: str) -> None:
 def kept_epoch() -> None:
     """The runs of the default recipe in bench/ whose best validation epoch came before the last, and what that
     epoch scored on the test set against the last (the one the train stage keeps); indented for a list item."""
-    paths = ("bench/recipe.json", "bench/precision_amx.json", "bench/precision_avx512bf16.json",
-             "bench/gpu_recipe.json", "bench/gpu_fp32.json")
+    paths = ("bench/recipe.json", *NATIVE_BF16_BENCHES, "bench/gpu_recipe.json", "bench/gpu_fp32.json")
     runs = [r for path in paths for r in load(path)["runs"] if len(r.get("epochs", [])) > 1]
     earlier = []
     for r in runs:

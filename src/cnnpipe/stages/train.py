@@ -342,7 +342,7 @@ def run_epochs(p: TrainParams, run: Run, progress: Progress, state_path: Path, d
             on_epoch(dict(row, train_seconds=round(t1 - start, 2)), engine.net)
             start += time.perf_counter() - t1
         patience_out = p.patience > 0 and epoch - progress.best["epoch"] >= p.patience
-        kept_acc = progress.best["val_acc"] if p.patience > 0 else va_acc  # the epoch finish() would keep
+        kept_acc = kept_row(p, progress)["val_acc"]  # if the run ended now
         if should_stop(report, epoch, va_acc, kept_acc, epoch == p.epochs or patience_out, d):
             log.info("pruned by the sweep after epoch %d: validation accuracy %.4f is below the median of "
                      "earlier trials at this epoch", epoch, va_acc)
@@ -356,13 +356,17 @@ def run_epochs(p: TrainParams, run: Run, progress: Progress, state_path: Path, d
     return progress, stopped_early
 
 
+def kept_row(p: TrainParams, progress: Progress) -> dict:
+    """The history row of the epoch whose weights the run keeps: the last, or with early stopping the best."""
+    return progress.best if p.patience > 0 else progress.history[-1]
+
+
 def finish(p: TrainParams, run: Run, progress: Progress, stopped_early: str | None, model_path: Path,
            metrics_path: Path, history_path: Path, state_path: Path, d: Dist) -> dict:
     """Keep the last epoch's weights, or with early stopping the best epoch's; rank 0 writes the checkpoint,
     history, curves and metrics, and removes the resume state."""
-    engine, kept = run.engine, progress.history[-1]
+    engine, kept = run.engine, kept_row(p, progress)
     if p.patience > 0:
-        kept = progress.best
         engine.net.load_state_dict(progress.best_state)
     metrics = {  # short names: `dvc metrics show` puts every stage's metrics side by side (see dvc.yaml)
         "val_acc": kept["val_acc"],
