@@ -11,6 +11,7 @@ from helpers import train_workdir
 from cnnpipe.core.checkpoint import load_checkpoint
 from cnnpipe.core.data import augment, draw_augment
 from cnnpipe.core.errors import CnnpipeError
+from cnnpipe.core.figures import accuracy_notes, training_curves
 from cnnpipe.core.params import TrainParams
 from cnnpipe.mlops.sweep import conclude
 from cnnpipe.stages.train import train
@@ -140,6 +141,17 @@ def test_early_stopping_keeps_the_best_epoch_and_a_full_run_the_last(tmp_path, p
     assert full["val_acc"] == float(rows[-1]["val_acc"]) <= metrics["val_acc"]
     assert saved_weights_equal(tmp_path / "full/model.pt", full_weights[full["epochs_run"]])
     assert not saved_weights_equal(tmp_path / "full/model.pt", full_weights[metrics["epoch"]])
+
+
+def test_the_accuracy_plot_labels_the_kept_epoch_and_a_better_one_not_kept(tmp_path):
+    """The curves mark the saved model's epoch; a validation peak at another epoch is labelled as not kept."""
+    history = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.1 / e, "train_acc": a, "val_acc": a}
+               for e, a in ((1, 0.80), (2, 0.86), (3, 0.84))]
+    assert accuracy_notes(history, 3) == [("kept 84.00%\n(epoch 3)", history[2]),
+                                          ("best 86.00%\n(epoch 2, not kept)", history[1])]
+    assert accuracy_notes(history, 2) == [("kept 86.00%\n(epoch 2)", history[1])]
+    png = training_curves(history, tmp_path / "curves.png", 3)
+    assert png.read_bytes().startswith(b"\x89PNG")
 
 
 @pytest.mark.parametrize("patience", [0, 2])

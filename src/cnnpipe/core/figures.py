@@ -33,9 +33,21 @@ def _save(fig, path: str | Path) -> Path:
     return Path(path)
 
 
-def training_curves(history: Sequence[dict], path: str | Path, train_note: str = "") -> Path:
-    """Loss and accuracy per epoch, train beside validation (rows of plots/train_history.csv). `train_note`
-    says how the train figures were measured where they differ from validation's (e.g. label smoothing)."""
+def accuracy_notes(history: Sequence[dict], kept_epoch: int) -> list[tuple[str, dict]]:
+    """The validation points the accuracy plot labels: the epoch whose weights the run kept and, where
+    validation peaked at another epoch, that one, so the peak is not read as the saved model."""
+    kept = next(r for r in history if r["epoch"] == kept_epoch)
+    notes = [(f"kept {kept['val_acc']:.2%}\n(epoch {kept['epoch']})", kept)]
+    best = max(history, key=lambda r: r["val_acc"])
+    if best["val_acc"] > kept["val_acc"]:
+        notes.append((f"best {best['val_acc']:.2%}\n(epoch {best['epoch']}, not kept)", best))
+    return notes
+
+
+def training_curves(history: Sequence[dict], path: str | Path, kept_epoch: int, train_note: str = "") -> Path:
+    """Loss and accuracy per epoch, train beside validation (rows of plots/train_history.csv), with the
+    epoch whose weights the run kept marked. `train_note` says how the train figures were measured where they
+    differ from validation's (e.g. label smoothing)."""
     plt = _pyplot()
     epochs = [r["epoch"] for r in history]
     fig, (loss, acc) = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -46,9 +58,9 @@ def training_curves(history: Sequence[dict], path: str | Path, train_note: str =
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         ax.legend()
-    best = max(history, key=lambda r: r["val_acc"])
-    acc.annotate(f"best {best['val_acc']:.2%}\n(epoch {best['epoch']})", (best["epoch"], best["val_acc"]),
-                 textcoords="offset points", xytext=(-60, -34), arrowprops={"arrowstyle": "->"})
+    for (text, row), offset in zip(accuracy_notes(history, kept_epoch), ((-60, -34), (-70, -64)), strict=False):
+        acc.annotate(text, (row["epoch"], row["val_acc"]), textcoords="offset points", xytext=offset,
+                     arrowprops={"arrowstyle": "->"})
     from matplotlib.ticker import PercentFormatter
 
     acc.yaxis.set_major_formatter(PercentFormatter(1.0))

@@ -395,7 +395,8 @@ def finish(p: TrainParams, run: Run, progress: Progress, stopped_early: str | No
         save_checkpoint(model_path, engine.net, p.model, run.meta,
                         {"epoch": kept["epoch"], "val_acc": kept["val_acc"], "train_params": dataclasses.asdict(p)})
         write_history(history_path, progress.history)
-        training_curves(progress.history, history_path.with_suffix(".png"), train_note(p, run.meta.flip))
+        training_curves(progress.history, history_path.with_suffix(".png"), kept["epoch"],
+                        train_note(p, run.meta.flip))
         write_metrics(metrics_path, metrics, info)
         state_path.unlink(missing_ok=True)  # finished: the next run starts fresh
     return metrics | info
