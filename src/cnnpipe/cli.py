@@ -142,7 +142,8 @@ def _bench_sweep(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from cnnpipe.bench.experiments import bench_sweep
-    bench_sweep(Path(args.repo), Path(args.out), args.trials, args.parallel, args.epochs, args.train_size or None)
+    bench_sweep(Path(args.repo), Path(args.out), args.trials, args.parallel, args.epochs, args.train_size or None,
+                warmups=args.warmup_epochs)
 
 
 def _bench_train(args: argparse.Namespace) -> None:
@@ -332,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", type=int, default=2)
     p.add_argument("--epochs", type=int, default=6, help="train.epochs of every trial")
     p.add_argument("--train-size", type=int, default=10000, help="split.train_size (0 = the whole split)")
+    p.add_argument("--warmup-epochs", type=int, nargs="*", default=[], metavar="N",
+                   help="also sweep with a median pruner that cuts no trial in its first N epochs (one sweep per N)")
     p.set_defaults(func=_bench_sweep)
 
     p = bench.add_parser("train", help="tutorial 000's training loop vs our engine, same model and batch size")

@@ -5,8 +5,8 @@ bench queue: the same four one-epoch experiments through `dvc queue start -j 1`,
 process on all the cores (train.threads = the core count, the baseline: no sharing). Wall time from
 `dvc queue start` until the last one ends, and images/s and threads per process.
 
-bench sweep: one search space swept twice with the same random draws, with Optuna's median pruner and without:
-epochs run, best validation accuracy, wall time.
+bench sweep: one search space swept with the same random draws, with Optuna's median pruner (pruning from the
+first epoch, and with each `--warmup-epochs` given) and without: epochs run, best validation accuracy, wall time.
 """
 
 from __future__ import annotations
@@ -120,9 +120,17 @@ SWEEP_SPACE = {
 }
 
 
+def pruner_arms(warmups: list[int]) -> dict[str, dict[str, Any]]:
+    """The sweeps to run: the median pruner as Optuna sets it (pruning from the first epoch), one more median
+    pruner for each warmup in `warmups` (no cut in its first N epochs), and no pruner."""
+    arms = {"median": {"kind": "median", "warmup_epochs": 0}}
+    arms |= {f"median_warmup{w}": {"kind": "median", "warmup_epochs": w} for w in warmups if w > 0}
+    return arms | {"none": {"kind": "none"}}
+
+
 def bench_sweep(repo: Path, out: Path, trials: int = 12, parallel: int = 2, epochs: int = 6,
-                train_size: int | None = 10000, seed: int = 0) -> dict:
-    """The same random draws swept with the median pruner and without, in one clone."""
+                train_size: int | None = 10000, seed: int = 0, warmups: list[int] | None = None) -> dict:
+    """The same random draws swept with each pruner of `pruner_arms(warmups)`, in one clone."""
 
     results = {}
     with clone_of(repo) as clone:
@@ -132,28 +140,34 @@ def bench_sweep(repo: Path, out: Path, trials: int = 12, parallel: int = 2, epoc
         apply_overrides(clone / "params.yaml", {"split.train_size": train_size, "train.epochs": epochs})
         dvc(clone, "repro", "-q", "split")
         sh(clone, "git", "commit", "-qam", "bench: sweep settings")
-        for pruner in ("median", "none"):
-            spec_file = clone / f"bench-{pruner}.yaml"
+        for arm, pruner in pruner_arms(warmups or []).items():
+            spec_file = clone / f"bench-{arm}.yaml"
             spec_file.write_text(yaml.safe_dump({"sampler": "random", "seed": seed, "trials": trials,
                                                  "parallel": parallel, "pruner": pruner, "space": SWEEP_SPACE}))
             spec = sw.load_spec(spec_file, clone / "params.yaml")
             t0 = time.perf_counter()
-            table = sw.run(spec, clone, log=lambda line, tag=pruner: print(f"[{tag}] {line}", flush=True))
+            table = sw.run(spec, clone, log=lambda line, tag=arm: print(f"[{tag}] {line}", flush=True))
             wall = time.perf_counter() - t0
             best = sw.best_row(table)
-            results[pruner] = {"wall_seconds": round(wall, 1), "epochs": sum(r["epochs"] for r in table),
-                               "best_val_acc": best["val_acc"] if best else None,
-                               "states": {s: sum(r["state"] == s for r in table)
-                                          for s in ("complete", "pruned", "failed")},
-                               "trials": table}
-    pruned, full = results["median"], results["none"]
+            results[arm] = {"pruner": pruner, "wall_seconds": round(wall, 1), "epochs": sum(r["epochs"] for r in table),
+                            "best_val_acc": best["val_acc"] if best else None,
+                            "states": {s: sum(r["state"] == s for r in table)
+                                       for s in ("complete", "pruned", "failed")},
+                            "trials": table}
+    full = results["none"]
     result = {"cpu": cpu_model(), "cores": len(cpushare.affinity()), "trials": trials, "parallel": parallel,
-              "epochs_per_trial": epochs, "train_size": train_size, "space": SWEEP_SPACE, **results,
-              "epochs_ratio": round(pruned["epochs"] / full["epochs"], 2),
-              "best_gap_points": round(100 * (full["best_val_acc"] - pruned["best_val_acc"]), 2),
-              "wall_ratio": round(pruned["wall_seconds"] / full["wall_seconds"], 2)}
-    print(f"pruned: {pruned['epochs']} epochs, best {pruned['best_val_acc']:.4f}, {pruned['wall_seconds']} s; "
-          f"unpruned: {full['epochs']} epochs, best {full['best_val_acc']:.4f}, {full['wall_seconds']} s; "
-          f"epochs {result['epochs_ratio']}x, best {result['best_gap_points']} points apart")
+              "epochs_per_trial": epochs, "train_size": train_size, "space": SWEEP_SPACE, **results}
+    for arm, pruned in results.items():
+        if arm == "none":
+            continue
+        ratios = {"epochs_ratio": round(pruned["epochs"] / full["epochs"], 2),
+                  "best_gap_points": round(100 * (full["best_val_acc"] - pruned["best_val_acc"]), 2),
+                  "wall_ratio": round(pruned["wall_seconds"] / full["wall_seconds"], 2)}
+        pruned |= ratios
+        if arm == "median":
+            result |= ratios
+        print(f"{arm}: {pruned['epochs']} epochs, best {pruned['best_val_acc']:.4f}, {pruned['wall_seconds']} s; "
+              f"unpruned: {full['epochs']} epochs, best {full['best_val_acc']:.4f}, {full['wall_seconds']} s; "
+              f"epochs {ratios['epochs_ratio']}x, best {ratios['best_gap_points']} points apart")
     write_json(out, result)
     return result
