@@ -83,3 +83,38 @@ def test_float_keys_get_float_ranges_and_exponent_choices_are_numbers(tmp_path):
                                      "  train.lr: [1e-3, 3e-3]\n  train.epochs: {low: 2, high: 6}\n")
     smoothing, lr, epochs = load_spec(tmp_path / "s.yaml", ROOT / "params.yaml").space
     assert not smoothing.is_int and epochs.is_int and lr.choices == [1e-3, 3e-3]
+
+
+def test_each_bench_sweep_arm_loads_as_its_pruner(tmp_path):
+    """`cnnpipe bench sweep --warmup-epochs 3` sweeps with Optuna's median pruner, with one that spares each
+    trial's first 3 epochs, and with none; each arm's sweep file loads as that pruner."""
+    import optuna
+
+    from cnnpipe.bench.experiments import SWEEP_SPACE, pruner_arms
+    from cnnpipe.core.trial import make_pruner
+
+    arms = pruner_arms([3])
+    assert list(arms) == ["median", "median_warmup3", "none"]
+    pruners = {}
+    for arm, pruner in arms.items():
+        (tmp_path / f"{arm}.yaml").write_text(yaml.safe_dump({"sampler": "random", "pruner": pruner,
+                                                               "space": SWEEP_SPACE}))
+        pruners[arm] = make_pruner(load_spec(tmp_path / f"{arm}.yaml", ROOT / "params.yaml").pruner)
+    assert isinstance(pruners["none"], optuna.pruners.NopPruner)
+    # Optuna's steps are epochs from 1, and it prunes from step n_warmup_steps on
+    assert pruners["median"]._n_warmup_steps == 1 and pruners["median_warmup3"]._n_warmup_steps == 4
+
+
+@pytest.mark.parametrize("epochs, warmup", [(None, 3), ({"low": 4, "high": 8}, 1), ([9, 6], 2)])
+def test_the_median_pruner_spares_a_third_of_the_fewest_epochs_by_default(tmp_path, epochs, warmup):
+    """A high learning rate's trial trails early under the one-cycle schedule; by default no trial is cut in the
+    first third of its epochs (params.yaml's 10, or the fewest the space allows). An explicit warmup wins."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["train"]["epochs"] = 10
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
+    space = {"train.lr": [0.001, 0.003]} | ({"train.epochs": epochs} if epochs else {})
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"space": space}))
+    assert load_spec(tmp_path / "s.yaml", tmp_path / "params.yaml").pruner["warmup_epochs"] == warmup
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"space": space, "pruner": {"warmup_epochs": 0}}))
+    assert load_spec(tmp_path / "s.yaml", tmp_path / "params.yaml").pruner["warmup_epochs"] == 0
