@@ -136,11 +136,11 @@ def experiments_rows() -> list[list[str]]:
              f"every process on all cores: {q['ratio_j2_all_cores_to_j1']:.2f}×)", "`bench/queue.json`"]]
     if Path("bench/sweep.json").is_file():
         sw = load("bench/sweep.json")
-        arm = default_arm(sw)
-        ratios = sw[arm] if "epochs_ratio" in sw[arm] else sw
-        gap = ratios["best_gap_points"]
-        rows.append([f"{sw['trials']}-trial sweep, the default median pruner ({pruner_label(sw, arm)[8:]}) "
-                     "against none", f"{ratios['epochs_ratio']:.2f}× the epochs, "
+        arm = next(a for a in sweep_arms(sw)
+                   if a != "none" and sw[a]["pruner"]["warmup_epochs"] == sw["default_warmup"])
+        gap = sw[arm]["best_gap_points"]
+        rows.append([f"{sw['trials']}-trial sweep, the default median pruner (from epoch {first_cut(sw, arm)} of "
+                     f"{sw['epochs_per_trial']}) against none", f"{sw[arm]['epochs_ratio']:.2f}× the epochs, "
                      + (f"best trial {abs(gap):.2f} points {'below' if gap > 0 else 'above'} the unpruned best"
                         if gap else "the same best trial"), "`bench/sweep.json`"])
     return rows
@@ -311,22 +311,20 @@ def queue() -> None:
 
 
 def sweep_arms(sw: dict) -> list[str]:
-    """The sweeps of bench/sweep.json in the order run: Optuna's median pruner, any with warmup epochs, none."""
+    """The sweeps of bench/sweep.json in the order run: median pruners by warmup, then none."""
     return [k for k, v in sw.items() if isinstance(v, dict) and "states" in v]
 
 
+def first_cut(sw: dict, arm: str) -> int:
+    """The first epoch after which the arm's median pruner may stop a trial."""
+    return sw[arm]["pruner"]["warmup_epochs"] + 1
+
+
 def pruner_label(sw: dict, arm: str) -> str:
-    warmup = sw[arm].get("pruner", {}).get("warmup_epochs", 0)
-    return "none" if arm == "none" else f"median, from epoch {warmup + 1}"
-
-
-def default_arm(sw: dict) -> str:
-    """The sweep of bench/sweep.json whose pruner is a sweep file's default for its trials' epochs."""
-    from cnnpipe.mlops.sweep import default_warmup
-
-    warmup = default_warmup([], {"train": {"epochs": sw["epochs_per_trial"]}})
-    return next((a for a in sweep_arms(sw) if a != "none"
-                 and sw[a].get("pruner", {}).get("warmup_epochs", 0) == warmup), "median")
+    if arm == "none":
+        return "none"
+    default = " (a sweep file's default)" if sw[arm]["pruner"]["warmup_epochs"] == sw["default_warmup"] else ""
+    return f"median, from epoch {first_cut(sw, arm)}{default}"
 
 
 def sweep() -> None:
@@ -336,12 +334,10 @@ def sweep() -> None:
           [[pruner_label(sw, a), " / ".join(str(sw[a]["states"][k]) for k in ("complete", "pruned", "failed")),
             str(sw[a]["epochs"]), pct(sw[a]["best_val_acc"])] for a in arms])
     lines = []
-    for arm in arms[:-1]:
-        ratios = sw[arm] if "epochs_ratio" in sw[arm] else sw
-        gap = ratios["best_gap_points"]
-        lines.append(f"- The median pruner from epoch {pruner_label(sw, arm).rsplit(' ', 1)[1]}: "
-                     f"{ratios['epochs_ratio']:.2f}× the epochs and {ratios['wall_ratio']:.2f}× the wall time of the "
-                     "unpruned sweep; its best trial is "
+    for arm in (a for a in arms if a != "none"):
+        gap = sw[arm]["best_gap_points"]
+        lines.append(f"- The median pruner from epoch {first_cut(sw, arm)}: {sw[arm]['epochs_ratio']:.2f}× the epochs "
+                     f"and {sw[arm]['wall_ratio']:.2f}× the wall time of the unpruned sweep; its best trial is "
                      + (f"{abs(gap):.2f} points {'below' if gap > 0 else 'above'}" if gap else "the same as")
                      + " the unpruned sweep's best." + missed_best(sw, arm))
     out(["", *lines])

@@ -19,6 +19,12 @@ PIPELINE_MODULES = {"torch", "torchvision", "pandas", "yaml", "tqdm", "dvc", "pr
                     "onnxscript", "networkx", "ruamel", "gto", "optuna"}
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
 def _download(args: argparse.Namespace) -> None:
     from cnnpipe.core.params import load_section
     from cnnpipe.stages.download import download
@@ -333,8 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", type=int, default=2)
     p.add_argument("--epochs", type=int, default=6, help="train.epochs of every trial")
     p.add_argument("--train-size", type=int, default=10000, help="split.train_size (0 = the whole split)")
-    p.add_argument("--warmup-epochs", type=int, nargs="*", default=[], metavar="N",
-                   help="also sweep with a median pruner that cuts no trial in its first N epochs (one sweep per N)")
+    p.add_argument("--warmup-epochs", type=_positive_int, nargs="*", default=[], metavar="N",
+                   help="also sweep with a median pruner that cuts no trial in its first N epochs (one sweep per N; "
+                        "the sweep-file default, a third of --epochs, is always swept)")
     p.set_defaults(func=_bench_sweep)
 
     p = bench.add_parser("train", help="tutorial 000's training loop vs our engine, same model and batch size")

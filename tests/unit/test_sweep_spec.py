@@ -86,15 +86,16 @@ def test_float_keys_get_float_ranges_and_exponent_choices_are_numbers(tmp_path):
 
 
 def test_each_bench_sweep_arm_loads_as_its_pruner(tmp_path):
-    """`cnnpipe bench sweep --warmup-epochs 3` sweeps with Optuna's median pruner, with one that spares each
-    trial's first 3 epochs, and with none; each arm's sweep file loads as that pruner."""
+    """`cnnpipe bench sweep --epochs 9 --warmup-epochs 1` sweeps with the median pruner from the first epoch,
+    from the sweep-file default's first epoch (a third of 9), from each warmup given, and with no pruner; each
+    arm's sweep file loads as that pruner."""
     import optuna
 
     from cnnpipe.bench.experiments import SWEEP_SPACE, pruner_arms
     from cnnpipe.core.trial import make_pruner
 
-    arms = pruner_arms([3])
-    assert list(arms) == ["median", "median_warmup3", "none"]
+    arms = pruner_arms([1], 9)
+    assert list(arms) == ["median", "median_warmup1", "median_warmup3", "none"]
     pruners = {}
     for arm, pruner in arms.items():
         (tmp_path / f"{arm}.yaml").write_text(yaml.safe_dump({"sampler": "random", "pruner": pruner,
@@ -102,10 +103,10 @@ def test_each_bench_sweep_arm_loads_as_its_pruner(tmp_path):
         pruners[arm] = make_pruner(load_spec(tmp_path / f"{arm}.yaml", ROOT / "params.yaml").pruner)
     assert isinstance(pruners["none"], optuna.pruners.NopPruner)
     # Optuna's steps are epochs from 1, and it prunes from step n_warmup_steps on
-    assert pruners["median"]._n_warmup_steps == 1 and pruners["median_warmup3"]._n_warmup_steps == 4
+    assert [pruners[a]._n_warmup_steps for a in ("median", "median_warmup1", "median_warmup3")] == [1, 2, 4]
 
 
-@pytest.mark.parametrize("epochs, warmup", [(None, 3), ({"low": 4, "high": 8}, 1), ([9, 6], 2)])
+@pytest.mark.parametrize("epochs, warmup", [(None, 3), ({"low": 4, "high": 8}, 1), ([9, 6], 2), ([2, 4], 0)])
 def test_the_median_pruner_spares_a_third_of_the_fewest_epochs_by_default(tmp_path, epochs, warmup):
     """A high learning rate's trial trails early under the one-cycle schedule; by default no trial is cut in the
     first third of its epochs (params.yaml's 10, or the fewest the space allows). An explicit warmup wins."""

@@ -150,8 +150,18 @@ def test_the_accuracy_plot_labels_the_kept_epoch_and_a_better_one_not_kept(tmp_p
     assert accuracy_notes(history, 3) == [("kept 84.00%\n(epoch 3)", history[2]),
                                           ("best 86.00%\n(epoch 2, not kept)", history[1])]
     assert accuracy_notes(history, 2) == [("kept 86.00%\n(epoch 2)", history[1])]
+    with pytest.raises(ValueError, match="epoch 4 is not in the training history"):
+        accuracy_notes(history, 4)
     png = training_curves(history, tmp_path / "curves.png", 3)
-    assert png.read_bytes().startswith(b"\x89PNG")
+    assert described(png) == "Validation accuracy: kept 84.00% (epoch 3); best 86.00% (epoch 2, not kept)"
+
+
+def described(png: Path) -> str:
+    """A picture's Description text chunk: what its labels say."""
+    from PIL import Image
+
+    with Image.open(png) as image:
+        return image.text["Description"]
 
 
 @pytest.mark.parametrize("patience", [0, 2])
@@ -172,6 +182,10 @@ def test_a_sweep_trial_counts_with_the_epoch_its_model_keeps(tmp_path, prepared,
     assert list(trial.intermediate_values.values()) == history
     assert trial.value == metrics["val_acc"] == (max(history) if patience else history[-1])
     assert max(history) > history[-1]  # so the value tells the two rules apart
+    # the curves label the kept epoch, and with patience 0 the better one it did not keep
+    label = described(tmp_path / "history.png")
+    assert label.startswith(f"Validation accuracy: kept {metrics['val_acc']:.2%} (epoch {metrics['epoch']})")
+    assert ("not kept" in label) == (patience == 0)
 
 
 def as_sweep_trial(root: Path, monkeypatch) -> tuple:

@@ -5,8 +5,9 @@ bench queue: the same four one-epoch experiments through `dvc queue start -j 1`,
 process on all the cores (train.threads = the core count, the baseline: no sharing). Wall time from
 `dvc queue start` until the last one ends, and images/s and threads per process.
 
-bench sweep: one search space swept with the same random draws, with Optuna's median pruner (pruning from the
-first epoch, and with each `--warmup-epochs` given) and without: epochs run, best validation accuracy, wall time.
+bench sweep: one search space swept with the same random draws, with the median pruner from the first epoch, from
+the sweep-file default's first epoch and from each `--warmup-epochs` given, and without a pruner: epochs run,
+best validation accuracy, wall time.
 """
 
 from __future__ import annotations
@@ -120,17 +121,19 @@ SWEEP_SPACE = {
 }
 
 
-def pruner_arms(warmups: list[int]) -> dict[str, dict[str, Any]]:
-    """The sweeps to run: the median pruner as Optuna sets it (pruning from the first epoch), one more median
-    pruner for each warmup in `warmups` (no cut in its first N epochs), and no pruner."""
+def pruner_arms(warmups: list[int], epochs: int) -> dict[str, dict[str, Any]]:
+    """The sweeps to run: the median pruner with no warmup (pruning from the first epoch), one median pruner per
+    warmup (no cut in a trial's first N epochs) for the sweep-file default at `epochs` epochs and each of
+    `warmups`, and no pruner."""
     arms = {"median": {"kind": "median", "warmup_epochs": 0}}
-    arms |= {f"median_warmup{w}": {"kind": "median", "warmup_epochs": w} for w in warmups if w > 0}
+    arms |= {f"median_warmup{w}": {"kind": "median", "warmup_epochs": w}
+             for w in sorted({sw.default_warmup([], {"train": {"epochs": epochs}}), *warmups}) if w > 0}
     return arms | {"none": {"kind": "none"}}
 
 
 def bench_sweep(repo: Path, out: Path, trials: int = 12, parallel: int = 2, epochs: int = 6,
                 train_size: int | None = 10000, seed: int = 0, warmups: list[int] | None = None) -> dict:
-    """The same random draws swept with each pruner of `pruner_arms(warmups)`, in one clone."""
+    """The same random draws swept with each pruner of `pruner_arms(warmups, epochs)`, in one clone."""
 
     results = {}
     with clone_of(repo) as clone:
@@ -140,7 +143,7 @@ def bench_sweep(repo: Path, out: Path, trials: int = 12, parallel: int = 2, epoc
         apply_overrides(clone / "params.yaml", {"split.train_size": train_size, "train.epochs": epochs})
         dvc(clone, "repro", "-q", "split")
         sh(clone, "git", "commit", "-qam", "bench: sweep settings")
-        for arm, pruner in pruner_arms(warmups or []).items():
+        for arm, pruner in pruner_arms(warmups or [], epochs).items():
             spec_file = clone / f"bench-{arm}.yaml"
             spec_file.write_text(yaml.safe_dump({"sampler": "random", "seed": seed, "trials": trials,
                                                  "parallel": parallel, "pruner": pruner, "space": SWEEP_SPACE}))
@@ -156,7 +159,8 @@ def bench_sweep(repo: Path, out: Path, trials: int = 12, parallel: int = 2, epoc
                             "trials": table}
     full = results["none"]
     result = {"cpu": cpu_model(), "cores": len(cpushare.affinity()), "trials": trials, "parallel": parallel,
-              "epochs_per_trial": epochs, "train_size": train_size, "space": SWEEP_SPACE, **results}
+              "epochs_per_trial": epochs, "train_size": train_size, "space": SWEEP_SPACE,
+              "default_warmup": sw.default_warmup([], {"train": {"epochs": epochs}}), **results}
     for arm, pruned in results.items():
         if arm == "none":
             continue
@@ -164,8 +168,6 @@ def bench_sweep(repo: Path, out: Path, trials: int = 12, parallel: int = 2, epoc
                   "best_gap_points": round(100 * (full["best_val_acc"] - pruned["best_val_acc"]), 2),
                   "wall_ratio": round(pruned["wall_seconds"] / full["wall_seconds"], 2)}
         pruned |= ratios
-        if arm == "median":
-            result |= ratios
         print(f"{arm}: {pruned['epochs']} epochs, best {pruned['best_val_acc']:.4f}, {pruned['wall_seconds']} s; "
               f"unpruned: {full['epochs']} epochs, best {full['best_val_acc']:.4f}, {full['wall_seconds']} s; "
               f"epochs {ratios['epochs_ratio']}x, best {ratios['best_gap_points']} points apart")

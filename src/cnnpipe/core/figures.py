@@ -24,11 +24,13 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: str | Path) -> Path:
+def _save(fig, path: str | Path, description: str = "") -> Path:
+    """Write the figure as a PNG; `description` goes into its Description text chunk."""
     plt = _pyplot()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"Software": None} | ({"Description": description} if description else {})
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None}, bbox_inches="tight")
+        fig.savefig(tmp, format="png", dpi=100, metadata=metadata, bbox_inches="tight")
     plt.close(fig)
     return Path(path)
 
@@ -36,7 +38,10 @@ def _save(fig, path: str | Path) -> Path:
 def accuracy_notes(history: Sequence[dict], kept_epoch: int) -> list[tuple[str, dict]]:
     """The validation points the accuracy plot labels: the epoch whose weights the run kept and, where
     validation peaked at another epoch, that one, so the peak is not read as the saved model."""
-    kept = next(r for r in history if r["epoch"] == kept_epoch)
+    kept = next((r for r in history if r["epoch"] == kept_epoch), None)
+    if kept is None:
+        raise ValueError(f"epoch {kept_epoch} is not in the training history (epochs {history[0]['epoch']} to "
+                         f"{history[-1]['epoch']})")
     notes = [(f"kept {kept['val_acc']:.2%}\n(epoch {kept['epoch']})", kept)]
     best = max(history, key=lambda r: r["val_acc"])
     if best["val_acc"] > kept["val_acc"]:
@@ -58,14 +63,15 @@ def training_curves(history: Sequence[dict], path: str | Path, kept_epoch: int, 
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         ax.legend()
-    for (text, row), offset in zip(accuracy_notes(history, kept_epoch), ((-60, -34), (-70, -64)), strict=False):
+    notes = accuracy_notes(history, kept_epoch)
+    for (text, row), offset in zip(notes, ((-60, -34), (-70, -64)), strict=False):
         acc.annotate(text, (row["epoch"], row["val_acc"]), textcoords="offset points", xytext=offset,
                      arrowprops={"arrowstyle": "->"})
     from matplotlib.ticker import PercentFormatter
 
     acc.yaxis.set_major_formatter(PercentFormatter(1.0))
     fig.suptitle("Training" + (f" (train loss and accuracy: {train_note})" if train_note else ""))
-    return _save(fig, path)
+    return _save(fig, path, "Validation accuracy: " + "; ".join(text.replace("\n", " ") for text, _ in notes))
 
 
 def confusion_figure(cm: np.ndarray, classes: Sequence[str], path: str | Path) -> Path:
