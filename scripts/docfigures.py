@@ -136,8 +136,7 @@ def experiments_rows() -> list[list[str]]:
              f"every process on all cores: {q['ratio_j2_all_cores_to_j1']:.2f}×)", "`bench/queue.json`"]]
     if Path("bench/sweep.json").is_file():
         sw = load("bench/sweep.json")
-        arm = next(a for a in sweep_arms(sw)
-                   if a != "none" and sw[a]["pruner"]["warmup_epochs"] == sw["default_warmup"])
+        arm = next(a for a in sweep_arms(sw) if is_default(sw, a))
         gap = sw[arm]["best_gap_points"]
         rows.append([f"{sw['trials']}-trial sweep, the default median pruner (from epoch {first_cut(sw, arm)} of "
                      f"{sw['epochs_per_trial']}) against none", f"{sw[arm]['epochs_ratio']:.2f}× the epochs, "
@@ -320,11 +319,15 @@ def first_cut(sw: dict, arm: str) -> int:
     return sw[arm]["pruner"]["warmup_epochs"] + 1
 
 
+def is_default(sw: dict, arm: str) -> bool:
+    """The arm swept with a sweep file's default pruner for the bench's trials."""
+    return arm != "none" and sw[arm]["pruner"]["warmup_epochs"] == sw["default_warmup"]
+
+
 def pruner_label(sw: dict, arm: str) -> str:
     if arm == "none":
         return "none"
-    default = " (a sweep file's default)" if sw[arm]["pruner"]["warmup_epochs"] == sw["default_warmup"] else ""
-    return f"median, from epoch {first_cut(sw, arm)}{default}"
+    return f"median, from epoch {first_cut(sw, arm)}" + (" (a sweep file's default)" if is_default(sw, arm) else "")
 
 
 def sweep() -> None:
@@ -343,7 +346,7 @@ def sweep() -> None:
     out(["", *lines])
 
 
-def missed_best(sw: dict, arm: str = "median") -> str:
+def missed_best(sw: dict, arm: str) -> str:
     """Where a median pruner stopped the trial that ended best unpruned: when, and how far behind it was."""
     def drawn(row: dict) -> dict:
         return {k: v for k, v in row.items() if k.startswith("train.")}

@@ -93,8 +93,9 @@ def test_each_bench_sweep_arm_loads_as_its_pruner(tmp_path):
 
     from cnnpipe.bench.experiments import SWEEP_SPACE, pruner_arms
     from cnnpipe.core.trial import make_pruner
+    from cnnpipe.mlops.sweep import default_warmup
 
-    arms = pruner_arms([1], 9)
+    arms = pruner_arms([default_warmup(9), 1])
     assert list(arms) == ["median", "median_warmup1", "median_warmup3", "none"]
     pruners = {}
     for arm, pruner in arms.items():

@@ -121,20 +121,20 @@ SWEEP_SPACE = {
 }
 
 
-def pruner_arms(warmups: list[int], epochs: int) -> dict[str, dict[str, Any]]:
+def pruner_arms(warmups: list[int]) -> dict[str, dict[str, Any]]:
     """The sweeps to run: the median pruner with no warmup (pruning from the first epoch), one median pruner per
-    warmup (no cut in a trial's first N epochs) for the sweep-file default at `epochs` epochs and each of
-    `warmups`, and no pruner."""
+    warmup in `warmups` (no cut in a trial's first N epochs), and no pruner."""
     arms = {"median": {"kind": "median", "warmup_epochs": 0}}
-    arms |= {f"median_warmup{w}": {"kind": "median", "warmup_epochs": w}
-             for w in sorted({sw.default_warmup([], {"train": {"epochs": epochs}}), *warmups}) if w > 0}
+    arms |= {f"median_warmup{w}": {"kind": "median", "warmup_epochs": w} for w in sorted(set(warmups)) if w > 0}
     return arms | {"none": {"kind": "none"}}
 
 
 def bench_sweep(repo: Path, out: Path, trials: int = 12, parallel: int = 2, epochs: int = 6,
                 train_size: int | None = 10000, seed: int = 0, warmups: list[int] | None = None) -> dict:
-    """The same random draws swept with each pruner of `pruner_arms(warmups, epochs)`, in one clone."""
+    """The same random draws swept with each pruner of `pruner_arms`: the given warmups and the sweep-file
+    default at `epochs` epochs. In one clone."""
 
+    default = sw.default_warmup(epochs)
     results = {}
     with clone_of(repo) as clone:
         from cnnpipe.mlops.dvcops import apply_overrides
@@ -143,7 +143,7 @@ def bench_sweep(repo: Path, out: Path, trials: int = 12, parallel: int = 2, epoc
         apply_overrides(clone / "params.yaml", {"split.train_size": train_size, "train.epochs": epochs})
         dvc(clone, "repro", "-q", "split")
         sh(clone, "git", "commit", "-qam", "bench: sweep settings")
-        for arm, pruner in pruner_arms(warmups or [], epochs).items():
+        for arm, pruner in pruner_arms([default, *(warmups or [])]).items():
             spec_file = clone / f"bench-{arm}.yaml"
             spec_file.write_text(yaml.safe_dump({"sampler": "random", "seed": seed, "trials": trials,
                                                  "parallel": parallel, "pruner": pruner, "space": SWEEP_SPACE}))
@@ -160,7 +160,7 @@ def bench_sweep(repo: Path, out: Path, trials: int = 12, parallel: int = 2, epoc
     full = results["none"]
     result = {"cpu": cpu_model(), "cores": len(cpushare.affinity()), "trials": trials, "parallel": parallel,
               "epochs_per_trial": epochs, "train_size": train_size, "space": SWEEP_SPACE,
-              "default_warmup": sw.default_warmup([], {"train": {"epochs": epochs}}), **results}
+              "default_warmup": default, **results}
     for arm, pruned in results.items():
         if arm == "none":
             continue

@@ -176,7 +176,7 @@ def load_spec(path: str | Path, params_path: str | Path = "params.yaml") -> Spec
         if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "seed" else 1):
             raise _fail(path, f"{key} {value!r}: must be a whole number of at least {0 if key == 'seed' else 1}")
         ints[key] = value
-    pruner = {"kind": "median", "startup_trials": 4, "warmup_epochs": default_warmup(space, current)}
+    pruner = {"kind": "median", "startup_trials": 4, "warmup_epochs": default_warmup(fewest_epochs(space, current))}
     given = raw.get("pruner", "median")
     given = {"kind": given} if isinstance(given, str) else given
     if not isinstance(given, dict) or given.get("kind", "median") not in PRUNERS or set(given) - set(pruner):
@@ -185,13 +185,17 @@ def load_spec(path: str | Path, params_path: str | Path = "params.yaml") -> Spec
     return Spec(name, space, sampler, ints["trials"], ints["parallel"], stage, pruner, ints["seed"])
 
 
-def default_warmup(space: list[Dim], params: dict) -> int:
-    """The median pruner's default warmup: a third of a trial's epochs (the fewest the space allows), in which
-    no trial is cut. Under the one-cycle schedule a high learning rate's trial trails the others until its
-    rate has come down, and can still end ahead (docs/benchmarks.md, "Sweeps: what pruning saves")."""
+def fewest_epochs(space: list[Dim], params: dict) -> int:
+    """The fewest epochs a trial trains: params.yaml's train.epochs, or the least the space allows."""
     dim = next((d for d in space if d.key == "train.epochs"), None)
-    epochs = params["train"]["epochs"] if dim is None else min(dim.choices or [dim.low])
-    return int(epochs) // 3
+    return int(params["train"]["epochs"] if dim is None else min(dim.choices or [dim.low]))
+
+
+def default_warmup(epochs: int) -> int:
+    """The median pruner's default warmup: a third of a trial's epochs, in which no trial is cut. Under the
+    one-cycle schedule a high learning rate's trial trails the others until its rate has come down, and can
+    still end ahead (docs/benchmarks.md, "Sweeps: what pruning saves")."""
+    return epochs // 3
 
 
 def _upstream(stages: dict, stage: str) -> set[str]:
