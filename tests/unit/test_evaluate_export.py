@@ -80,9 +80,9 @@ def test_evaluate_refuses_other_dataset(tmp_path, prepared, trained):
         evaluate(EvaluateParams(), prepared, trained, tmp_path / "e.json", tmp_path / "c.csv", tmp_path / "p.csv")
 
 
-def test_tta_flip_follows_the_models_dataset(tmp_path, prepared, trained):
-    """Flip TTA runs only when asked and the checkpoint says flips keep labels; the prepared folder's flag
-    does not decide it."""
+def test_tta_flip_follows_the_models_dataset_and_its_training(tmp_path, prepared, trained):
+    """Flip TTA runs only when asked, the checkpoint says flips keep labels and the model was trained on
+    mirrored images; the prepared folder's flag does not decide it."""
     import torch
 
     def run(name: str, tta: bool) -> dict:
@@ -98,7 +98,12 @@ def test_tta_flip_follows_the_models_dataset(tmp_path, prepared, trained):
     assert not run("folder", True)["tta_flip"]
 
     state = torch.load(trained, weights_only=True)
-    torch.save(state | {"flip": True}, trained)  # the model's dataset is flip-safe
-    flipped = run("flipped", True)
+    assert state["train_params"]["flip"] is False
+    torch.save(state | {"flip": True}, trained)  # the model's dataset is flip-safe, but it never saw a mirror
+    unmirrored = run("unmirrored", True)
+    assert not unmirrored["tta_flip"] and unmirrored["loss"] == plain["loss"]
+
+    torch.save(state | {"flip": True, "train_params": state["train_params"] | {"flip": True}}, trained)
+    flipped = run("flipped", True)  # flip-safe and trained on mirrors
     assert flipped["tta_flip"] and flipped["loss"] != plain["loss"]
     assert run("off", False)["loss"] == plain["loss"]

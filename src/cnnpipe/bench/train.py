@@ -155,13 +155,14 @@ def time_to_accuracy(prepared: Path, p: TrainParams, tta_flip: bool, targets: li
     """Part (c): train with `p`, score the test set after each epoch; the training seconds at which each
     target test accuracy was first reached."""
     from cnnpipe.core.inference import tta_logits
+    from cnnpipe.stages.evaluate import use_flip_tta
     from cnnpipe.stages.train import train
 
     device = resolve_device(p.device)
     meta = load_meta(prepared)
     tx, ty = to_device(*load_split(prepared, "test"), device)
     mean, std = stats_tensors(meta, device)
-    tta = tta_flip and meta.flip
+    tta = use_flip_tta(tta_flip, meta.flip, p.flip)  # as the evaluate stage scores the model
     rows: list[dict] = []
 
     def score(row: dict, model: nn.Module) -> None:

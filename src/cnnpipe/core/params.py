@@ -97,7 +97,7 @@ class TrainParams:
 class EvaluateParams:
     batch_size: int = param(1000, ge=1, le=1_000_000)  # inference only: large batches are fastest
     device: str = param("auto", pattern=DEVICE)
-    tta_flip: bool = True  # average the logits of each image and its mirror (where flips are label-safe)
+    tta_flip: bool = True  # average each image's and its mirror's logits (label-safe data, model trained on flips)
 
 
 @dataclass(frozen=True)

@@ -74,6 +74,13 @@ def draw(confusion_path: Path, per_class_path: Path, cm: np.ndarray, scores: dic
     mistakes_grid(x.cpu().numpy(), actual, probs, classes, confusion_path.with_name("mistakes.png"))
 
 
+def use_flip_tta(asked: bool, flip_safe: bool, trained_on_mirrors: bool) -> bool:
+    """Average each image's logits with its mirror's where asked, where a mirror keeps the label on the
+    model's dataset, and where the model was trained on mirrored images: one that never saw them scores
+    points lower with the mirror's logits than without (docs/benchmarks.md)."""
+    return asked and flip_safe and trained_on_mirrors
+
+
 @cpushare.registered
 def evaluate(p: EvaluateParams, prepared: str | Path = "data/prepared", model_path: str | Path = "models/model.pt",
              metrics_path: str | Path = "metrics/eval.json",
@@ -93,7 +100,9 @@ def evaluate(p: EvaluateParams, prepared: str | Path = "data/prepared", model_pa
     mean, std = stats_tensors(meta, device)
     model = model.to(memory_format=torch.channels_last)
     t0 = time.perf_counter()
-    tta = p.tta_flip and meta.flip
+    tta = use_flip_tta(p.tta_flip, meta.flip, state.get("train_params", {}).get("flip", True))
+    if p.tta_flip and meta.flip and not tta:
+        log.info("flip TTA off: %s was trained without mirrored images (train.flip: false)", model_path)
     logits = tta_logits(model, x, mean, std, p.batch_size, tta)
     seconds = time.perf_counter() - t0
     loss = F.cross_entropy(logits, y).item()
