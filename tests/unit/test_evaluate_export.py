@@ -107,3 +107,16 @@ def test_tta_flip_follows_the_models_dataset_and_its_training(tmp_path, prepared
     flipped = run("flipped", True)  # flip-safe and trained on mirrors
     assert flipped["tta_flip"] and flipped["loss"] != plain["loss"]
     assert run("off", False)["loss"] == plain["loss"]
+
+    torch.save({k: v for k, v in state.items() if k != "train_params"} | {"flip": True}, trained)
+    assert run("unknown", True)["tta_flip"]  # no record of its training: the dataset's flag decides
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_the_bench_scores_with_the_flip_where_the_evaluate_stage_would(tmp_path, prepared, flip):
+    from cnnpipe.bench.train import time_to_accuracy
+
+    meta = json.loads((prepared / "meta.json").read_text())
+    (prepared / "meta.json").write_text(json.dumps(meta | {"flip": True}))  # flips keep labels here
+    p = TrainParams(model="lenet", epochs=1, batch_size=25, lr=0.01, flip=flip, device="cpu", precision="fp32")
+    assert time_to_accuracy(prepared, p, True, [0.5])["tta_flip"] is flip
