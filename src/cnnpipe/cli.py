@@ -220,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="top-k labels for image files or directories (onnxruntime)")
     p.add_argument("paths", nargs="+", metavar="IMAGE_OR_DIR")
     p.add_argument("--model", default="models/model.onnx", help="ONNX model (default: %(default)s)")
-    p.add_argument("-k", type=int, default=3, help="labels per image (default: %(default)s)")
+    p.add_argument("-k", type=_positive_int, default=3, help="labels per image (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="JSON for machines instead of a table")
     p.set_defaults(func=_predict)
 

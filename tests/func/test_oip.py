@@ -88,6 +88,8 @@ def pixels_request(tensor: dict | None = None, **request) -> dict:
     ("/v2/models/bncnn/versions/0/infer", None, 404, "version '0'"),
     (None, {"inputs": []}, 400, "one tensor"),
     (None, pixels_request({"name": "image"}), 400, "unknown input 'image'"),
+    (None, pixels_request({"name": ["pixels"]}), 400, "unknown input ['pixels']"),
+    (None, pixels_request({"name": "input", "datatype": "FP32", "data": [1e39] * 784}), 400, "beyond float32"),
     (None, pixels_request({"datatype": "FP32"}), 400, "datatype UINT8"),
     (None, pixels_request({"shape": [1, 3, 28, 28], "data": [0] * 2352}), 400, "shape must be [N, 1, 28, 28]"),
     (None, pixels_request({"shape": [2, 1, 28, 28]}), 400, "784 values; shape [2, 1, 28, 28] needs 1568"),

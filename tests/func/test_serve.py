@@ -98,6 +98,7 @@ def test_predict_multipart_json_and_raw(server, local, onnx_model):
     ({"content": b"[[NaN, 1], [1, 1]]", "headers": {"content-type": "application/json"}}, 400, "malformed JSON"),
     ({"json": [np.full((28, 28), 999).tolist()]}, 422, "within 0-255"),
     ({"json": [np.zeros((28, 28, 2)).tolist()]}, 422, "not an image"),
+    ({"json": [[[]]]}, 422, "shape [1, 0] is not an image"),
     ({"json": [[[1, 2], [3]]]}, 422, "rectangular array"),
     ({"json": {"nothing": 1}}, 422, "non-empty array"),
     ({"json": [np.zeros((28, 28)).tolist()] * 5}, 413, "limit is 4"),

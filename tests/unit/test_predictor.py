@@ -106,6 +106,9 @@ def test_colour_arrays_get_pil_luma(predictor):
     (np.full((28, 28), 300.0), "within 0-255"),
     (np.zeros((28, 28, 2)), "not an image"),
     (np.zeros((2, 3, 4, 5, 6)), "not an image"),
+    (np.zeros((0, 0)), "shape \\[0, 0\\] is not an image"),
+    (np.zeros((2, 0)), "not an image"),
+    (np.zeros((3, 0, 5)), "not an image"),
 ])
 def test_bad_images(predictor, image, message):
     with pytest.raises(InputError, match=message):
@@ -152,3 +155,12 @@ def test_predict_cli(onnx_model, predictor, tmp_path):
     assert table.returncode == 0 and "top-2" in table.stdout
     line = next(line for line in table.stdout.splitlines() if "img0.png" in line)
     assert line.split()[1:3] == [expected[0][0]["label"], f"{expected[0][0]['probability']:.3f}"]
+
+
+@pytest.mark.parametrize("k", ["0", "-3", "two"])
+def test_predict_cli_refuses_a_k_below_one(onnx_model, tmp_path, k):
+    (tmp_path / "img.png").write_bytes(png(np.zeros((28, 28))))
+    proc = subprocess.run([sys.executable, "-m", "cnnpipe.cli", "predict", "--model", str(onnx_model), f"-k={k}",
+                           str(tmp_path / "img.png")], capture_output=True, text=True)
+    assert proc.returncode == 2 and not proc.stdout
+    assert f"argument -k: '{k}' is not a whole number of at least 1" in proc.stderr

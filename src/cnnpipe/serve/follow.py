@@ -59,9 +59,12 @@ def target(follow: Follow) -> registry.Version:
     return found
 
 
+def cached(name: str, version: str) -> Path:
+    return cache_dir() / f"{name}-{version}.onnx"
+
+
 def fetch(follow: Follow, version: registry.Version) -> Path:
-    out = cache_dir() / f"{version.name}-{version.version}.onnx"
-    return registry.fetch(follow.repo, f"{version.name}@{version.version}", out)
+    return registry.fetch(follow.repo, f"{version.name}@{version.version}", cached(version.name, version.version))
 
 
 def initial_model(follow: Follow) -> tuple[Path, str]:
@@ -133,6 +136,8 @@ class Follower:
             except Exception as e:  # any failure keeps the model being served
                 reason = str(e) if isinstance(e, CnnpipeError) else f"{type(e).__name__}: {e}"
                 self.failed = attempted
+                if attempted is not None and attempted != old.version:
+                    cached(version.name, attempted).unlink(missing_ok=True)
                 detail = f"still serving {old.version}; the new version did not load: {reason}"
                 self.state["reload_error"] = detail
                 self.metrics.reloads.labels("failed").inc()
@@ -145,5 +150,6 @@ class Follower:
             log.warning("now serving %s %s (sha256 %s), was %s", version.name, version.version,
                         predictor.info.sha256[:12], old.version)
         await old.retire()
+        cached(version.name, old.version).unlink(missing_ok=True)  # in memory now: the cache holds only what is served
         return {"status": "swapped", "from": old.version, "version": new.version, "sha256": predictor.info.sha256}
 

@@ -102,7 +102,7 @@ def parse_request(body: Any, info: ModelInfo, max_images: int, binary: bytes = b
     if not isinstance(tensor, dict):
         raise OipError(400, "each input must be an object with name, shape, datatype and data")
     name, dtype, shape, data = (tensor.get(k) for k in ("name", "datatype", "shape", "data"))
-    if name not in INPUTS:
+    if not isinstance(name, str) or name not in INPUTS:
         raise OipError(400, f"unknown input {name!r}; this model takes 'input' (FP32) or 'pixels' (UINT8)")
     if dtype != INPUTS[name]:
         raise OipError(400, f"input {name!r} must have datatype {INPUTS[name]}, got {dtype!r}")
@@ -150,11 +150,13 @@ def to_array(data: Any, shape: list[int], dtype: str) -> np.ndarray:
         raise OipError(400, "tensor data must be numbers in a flat or rectangular nested array") from e
     if flat.size != int(np.prod(shape)):
         raise OipError(400, f"tensor data has {flat.size} values; shape {shape} needs {int(np.prod(shape))}")
-    if not np.isfinite(flat).all():
-        raise OipError(400, "tensor data holds NaN or infinite values")
-    if dtype == "UINT8" and (flat.min() < 0 or flat.max() > 255 or not np.array_equal(flat, np.round(flat))):
+    if dtype == "UINT8" and not (np.all(flat >= 0) and np.all(flat <= 255) and np.array_equal(flat, np.round(flat))):
         raise OipError(400, "UINT8 data must be whole numbers from 0 to 255")
-    return flat.astype(DATATYPES[dtype]).reshape(shape)
+    with np.errstate(over="ignore"):  # values beyond float32's range become infinite, refused just below
+        x = flat.astype(DATATYPES[dtype])
+    if not np.isfinite(x).all():
+        raise OipError(400, "tensor data holds NaN or infinite values (or values beyond float32's range)")
+    return x.reshape(shape)
 
 
 def parse_outputs(raw: Any, parameters: dict) -> tuple[list[str], frozenset[str]]:

@@ -180,7 +180,7 @@ class Predictor:
             arr = arr.transpose(1, 2, 0)  # C×H×W -> H×W×C
         if arr.ndim == 3 and arr.shape[2] == 1:
             arr = arr[:, :, 0]
-        if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] != 3):
+        if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] != 3) or 0 in arr.shape[:2]:
             raise InputError(f"pixel array of shape {list(arr.shape)} is not an image; send H×W or H×W×3 (or C×H×W)")
         channels = 1 if arr.ndim == 2 else 3
         if channels != c:
