@@ -62,7 +62,7 @@ def sweep_trial(name: str, study: str, storage: str, trial_id: int, params: dict
     if ref:
         sh(clone, "git", "fetch", "-q", remote, f"+{ref}:{ref}")
         sh(clone, "git", "checkout", "-q", "--detach", commit or ref)
-    dvc(clone, "pull", "-q", "--allow-missing")
+    dvc(clone, "pull", "--allow-missing")
     the_study = optuna.load_study(study_name=study, storage=trialmod.open_storage(storage))
     number = the_study._storage.get_trial(trial_id).number
     the_study._storage.set_trial_user_attr(trial_id, "worker", f"{socket.gethostname()}:{clone}")
@@ -146,7 +146,7 @@ def sweep(file: str = "sweeps/example.yaml", trials: int | None = None, parallel
         raise CnnpipeError("the checkout has uncommitted changes the workers would not see; commit them first")
     commit, ref = sh(root, "git", "rev-parse", "HEAD"), f"refs/cnnpipe/sweeps/{spec.name}"
     sh(root, "git", "push", "-q", "-f", remote, f"HEAD:{ref}")  # the workers check out exactly this
-    dvc(root, "push", "-q")  # and find the data the trials need
+    dvc(root, "push")  # and find the data the trials need (not -q: it drops DVC's ERROR line)
     study = sw.open_study(spec, storage)
     sw.pin_commit(study, spec, commit)
     sw.drive(spec, study, WorkPool(deployment, spec, storage, ref, commit, remote), poll, print)

@@ -201,3 +201,132 @@ def test_promote_refuses_uncommitted_changes_beside_the_results(repo):
         assert proc.returncode == 1 and "uncommitted changes to .dvcignore" in proc.stderr, proc.stderr
     finally:
         ignore.write_text(before)
+
+
+# --- the gate's edge cases, on a one-stage project that writes its models and metrics from params.yaml ---
+
+MAKE = """import json, pathlib, yaml
+p = yaml.safe_load(open("params.yaml"))["make"]
+pathlib.Path("models").mkdir(exist_ok=True)
+pathlib.Path("metrics").mkdir(exist_ok=True)
+pathlib.Path("models/model.onnx").write_text(p["fp32"])
+pathlib.Path("models/model.int8.onnx").write_text(p["int8"])
+pathlib.Path("metrics/eval.json").write_text(json.dumps(p["metrics"]))
+"""
+
+
+@pytest.fixture
+def tiny(tmp_path) -> Path:
+    """A git + DVC project whose one stage writes both registered models and metrics/eval.json from params.yaml's
+    `make` section (fast: nothing is trained)."""
+    repo = tmp_path / "tiny"
+    repo.mkdir()
+    (repo / "make.py").write_text(MAKE)
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({
+        "stages": {"make": {"cmd": f"{sys.executable} make.py", "deps": ["make.py"], "params": ["make"],
+                            "outs": ["models/model.onnx", "models/model.int8.onnx"],
+                            "metrics": [{"metrics/eval.json": {"cache": False}}]}},
+        "artifacts": {"image-classifier": {"path": "models/model.onnx", "type": "model"},
+                      "image-classifier-int8": {"path": "models/model.int8.onnx", "type": "model"}}}))
+    (repo / "params.yaml").write_text(yaml.safe_dump({"make": {"fp32": "a", "int8": "b", "metrics": {"acc": 0.9}},
+                                                      "promote": {"stage": "prod", "rules": ["eval.acc >= 0.5"]}}))
+    run(repo, "git", "init", "-q")
+    run(repo, "git", "config", "user.email", "ci@example.com")
+    run(repo, "git", "config", "user.name", "CI")
+    dvc(repo, "init", "-q")
+    dvc(repo, "config", "core.autostage", "true")
+    commit(repo, "project")
+    return repo
+
+
+def made(repo: Path, message: str, **values) -> None:
+    """Set `make` (and `promote`) values, reproduce and commit the run."""
+    set_params(repo, **values)
+    dvc(repo, "repro")
+    commit(repo, message)
+
+
+def head(repo: Path) -> str:
+    return run(repo, "git", "rev-parse", "HEAD").strip()
+
+
+def test_promote_registers_a_run_where_only_the_int8_model_changed(tiny):
+    made(tiny, "first")
+    assert cnnpipe(tiny, "promote").stdout.startswith("promoted as v1.0.0")
+    made(tiny, "int8 only", make={"int8": "c"})
+    second = cnnpipe(tiny, "promote")
+    assert second.returncode == 0 and second.stdout.startswith("promoted as v1.1.0"), second.stdout + second.stderr
+    again = cnnpipe(tiny, "promote")
+    assert again.returncode == 0 and again.stdout.startswith("unchanged: the run's model is production's (v1.1.0)")
+
+
+def test_a_rule_against_production_fails_when_production_lacks_the_metric(tiny):
+    made(tiny, "first")
+    assert cnnpipe(tiny, "promote").stdout.startswith("promoted as v1.0.0")
+    made(tiny, "a new metric", make={"fp32": "z", "metrics": {"acc": 0.9, "f1": 0.8}},
+         promote={"rules": ["eval.acc >= prod - 0.002", "eval.f1 >= prod - 0.002"]})
+    proc = cnnpipe(tiny, "promote")
+    assert proc.returncode == 3 and proc.stdout.startswith("refused"), proc.stdout + proc.stderr
+    assert "pass  eval.acc >= prod - 0.002" in proc.stdout
+    assert "FAIL  eval.f1 >= prod - 0.002: production has no eval.f1" in proc.stdout
+    assert "image-classifier@v1.1.0" not in tags(tiny)
+
+
+def test_a_failed_push_says_what_dvc_said_and_that_the_version_is_registered(tiny, tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    dvc(tiny, "remote", "add", "-d", "store", str(tmp_path / "a-file" / "store"))
+    made(tiny, "first")
+    proc = cnnpipe(tiny, "promote")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("cnnpipe promote: error: registered v1.0.0 in prod, but dvc push failed (ERROR")
+    assert "Not a directory" in lines[0] and "run `dvc push --all-tags`" in lines[0]
+    assert "image-classifier#prod#1" in tags(tiny)
+
+
+def test_an_experiment_name_means_the_run_from_head_and_an_ambiguous_one_is_refused(tiny):
+    from cnnpipe.mlops.dvcops import run_experiment
+    from cnnpipe.mlops.promote import resolve_rev
+
+    older = run_experiment(tiny, "x", {}, log=lambda line: None)
+    base = head(tiny)
+    for i in range(64):  # a baseline whose hash sorts before the first one's, as refs/exps/<ab>/<cdef...> sort
+        run(tiny, "git", "commit", "-q", "--allow-empty", "-m", f"next {i}")
+        if head(tiny) < base:
+            break
+        run(tiny, "git", "reset", "-q", "--hard", base)
+    newer = run_experiment(tiny, "x", {"make.fp32": "q"}, log=lambda line: None)
+    assert newer.commit != older.commit
+    assert run(tiny, "git", "rev-parse", f"{newer.commit}^").strip() == head(tiny)
+    assert resolve_rev(tiny, "x") == newer.commit
+
+    run(tiny, "git", "commit", "-q", "--allow-empty", "-m", "neither")  # HEAD has no run named x
+    proc = cnnpipe(tiny, "promote", "--rev", "x", "--dry-run")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+    assert older.commit[:10] in lines[0] and newer.commit[:10] in lines[0]
+    assert "pass one of these commits instead" in lines[0]
+    assert cnnpipe(tiny, "promote", "--rev", newer.commit[:10], "--dry-run").returncode == 0
+
+
+def test_promote_rev_refuses_a_run_stopped_part_way(tiny):
+    """A sweep's trial runs the pipeline only up to train: its commit holds a new model beside the later stages'
+    results for the old one. Promoting it would register metrics that are not the model's."""
+    stages = yaml.safe_load((tiny / "dvc.yaml").read_text())
+    stages["stages"]["score"] = {"cmd": f"{sys.executable} -c \"import shutil; shutil.copy('models/model.onnx', "
+                                        "'metrics/scored.txt')\"",
+                                 "deps": ["models/model.onnx"], "outs": [{"metrics/scored.txt": {"cache": False}}]}
+    (tiny / "dvc.yaml").write_text(yaml.safe_dump(stages))
+    made(tiny, "first")
+    from cnnpipe.mlops.dvcops import run_experiment
+
+    half = run_experiment(tiny, "half", {"make.fp32": "q"}, targets=("make",), log=lambda line: None)
+    proc = cnnpipe(tiny, "promote", "--rev", "half")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+    assert (f"--rev {half.commit[:10]}: the run did not finish: score last ran on another models/model.onnx than "
+            "make made") in lines[0]
+    assert tags(tiny) == []
+    run_experiment(tiny, "whole", {"make.fp32": "q"}, log=lambda line: None)
+    whole = cnnpipe(tiny, "promote", "--rev", "whole")
+    assert whole.returncode == 0 and whole.stdout.startswith("promoted as v1.0.0"), whole.stdout + whole.stderr

@@ -3,6 +3,7 @@ result is written."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import pytest
 import yaml
 
 from cnnpipe.core.errors import CnnpipeError
-from cnnpipe.mlops.sweep import Dim, load_spec
+from cnnpipe.mlops.sweep import Dim, load_spec, open_study, pin_commit
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,6 +28,39 @@ ROOT = Path(__file__).resolve().parents[2]
 ])
 def test_bad_sweep_files_queue_nothing(tmp_path, space, problem):
     assert_refused(tmp_path, {"name": "bad", "space": space}, problem)
+
+
+@pytest.mark.parametrize("pruner, problem", [
+    ({"startup_trials": -1}, "pruner startup_trials -1: must be a whole number of at least 0"),
+    ({"warmup_epochs": "two"}, "pruner warmup_epochs 'two': must be a whole number of at least 0"),
+    ({"kind": "median", "warmup_epochs": 1.5}, "pruner warmup_epochs 1.5"),
+    ({"startup_trials": True}, "pruner startup_trials True"),
+])
+def test_bad_pruner_values_write_no_study(tmp_path, pruner, problem):
+    assert_refused(tmp_path, {"space": {"train.lr": [0.01]}, "pruner": pruner}, problem)
+
+
+def test_a_pruner_optuna_refuses_opens_no_storage(tmp_path):
+    spec = load_spec(ROOT / "sweeps/example.yaml", ROOT / "params.yaml")
+    journal = tmp_path / "sweeps" / "bad.journal"
+    with pytest.raises(ValueError, match="startup trials"):
+        open_study(dataclasses.replace(spec, pruner={"kind": "median", "startup_trials": -1}), str(journal))
+    assert not journal.parent.exists()
+
+
+def test_a_sweep_resumed_with_another_space_or_sampler_is_refused(tmp_path):
+    spec = load_spec(ROOT / "sweeps/example.yaml", ROOT / "params.yaml")
+    storage = str(tmp_path / "example.journal")
+    pin_commit(open_study(spec, storage), spec, "c0ffee")
+    bigger = dataclasses.replace(spec, trials=40, parallel=1)  # a new budget is a resume, not another sweep
+    pin_commit(open_study(bigger, storage), bigger, "c0ffee")
+    changed = (dataclasses.replace(spec, sampler="random"),
+               dataclasses.replace(spec, space=[dataclasses.replace(spec.space[0], high=spec.space[0].high * 2),
+                                                *spec.space[1:]]))
+    for other in changed:
+        with pytest.raises(CnnpipeError, match=r"^sweep example started with another space or sampler than its "
+                                               r"file now gives; give this sweep a new name \(name: in the file\)"):
+            pin_commit(open_study(other, storage), other, "c0ffee")
 
 
 def test_a_zero_budget_queues_nothing(tmp_path):

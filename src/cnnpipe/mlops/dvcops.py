@@ -110,6 +110,7 @@ def run_experiment(repo: str | Path, name: str, overrides: dict[str, Any],
     if not EXP_NAME.fullmatch(name):
         raise CnnpipeError(f"experiment name {name!r} is not valid; use letters, digits, '.', '_' or '-'")
     sets = [f"-S{key}={json.dumps(value)}" for key, value in overrides.items()]
+    baseline = head_commit(repo)  # DVC records the experiment under the commit it ran from
     proc = subprocess.Popen([sys.executable, "-m", "dvc", "exp", "run", "--temp", "-n", name, *sets, *targets],
                             cwd=repo, env=dvc_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
@@ -126,16 +127,43 @@ def run_experiment(repo: str | Path, name: str, overrides: dict[str, Any],
         dvc_errors = [ln for ln in lines if ln.startswith("ERROR")]
         where = f"stage '{ran[-1]}' failed" if ran else "dvc exp run failed"
         raise CnnpipeError(f"{where} (exit {code}): {(own or dvc_errors or lines or ['no output'])[-1]}")
-    return Experiment(name, experiment_commit(repo, name), ran, output)
+    return Experiment(name, experiment_commit(repo, name, baseline), ran, output)
 
 
-def experiment_commit(repo: str | Path, name: str) -> str:
+def head_commit(repo: str | Path) -> str:
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+
+
+def experiment_refs(repo: str | Path, name: str) -> dict[str, str]:
+    """The experiments named `name`: baseline commit -> experiment commit (DVC's refs/exps/ab/cdef.../name)."""
     refs = subprocess.run(["git", "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps"], cwd=repo,
                           capture_output=True, text=True).stdout.splitlines()
-    found = [line.split()[0] for line in refs if line.endswith(f"/{name}")]
+    found = {}
+    for line in refs:
+        commit, ref = line.split()
+        parts = ref.split("/")
+        if len(parts) == 5 and parts[4] == name:
+            found[parts[2] + parts[3]] = commit
+    return found
+
+
+def experiment_commit(repo: str | Path, name: str, baseline: str | None = None) -> str:
+    """The commit of the experiment `name` run from `baseline`; without one, the experiment run from HEAD, else
+    the only experiment of that name. Names repeat across baselines: two or more elsewhere is an error."""
+    found = experiment_refs(repo, name)
+    if baseline is not None:
+        if baseline not in found:
+            raise CnnpipeError(f"dvc exp run finished but no experiment {name!r} is recorded on {baseline[:10]}")
+        return found[baseline]
     if not found:
-        raise CnnpipeError(f"dvc exp run finished but no experiment {name!r} is recorded")
-    return found[-1]
+        raise CnnpipeError(f"no experiment {name!r} is recorded; see `dvc exp show --all-commits`")
+    head = head_commit(repo)
+    if head in found:
+        return found[head]
+    if len(found) == 1:
+        return next(iter(found.values()))
+    listed = ", ".join(f"{commit[:10]} (run from {base[:10]})" for base, commit in sorted(found.items()))
+    raise CnnpipeError(f"experiment {name!r} is on several commits: {listed}; pass one of these commits instead")
 
 
 def metrics_at(repo: str | Path, rev: str) -> list[dict[str, Any]]:
@@ -168,9 +196,17 @@ def checked(cwd: str | Path, *args: str) -> str:
     """Run a command (with DVC's environment) in `cwd`; its stdout, or a one-line CnnpipeError."""
     proc = subprocess.run(list(args), cwd=cwd, env=dvc_env(), capture_output=True, text=True)
     if proc.returncode != 0:
-        raise CnnpipeError(f"{' '.join(args[:4])} failed in {cwd}: "
-                           f"{(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
+        raise CnnpipeError(f"{' '.join(args[:4])} failed in {cwd}: {error_line(proc.stderr)}")
     return proc.stdout.strip()
+
+
+def error_line(stderr: str) -> str:
+    """The line of a failed command's stderr that says what went wrong: DVC's last ERROR line (DVC ends with a
+    support footer; `-q` drops the ERROR line itself), else the last line."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("ERROR")]
+    others = [line for line in lines if not line.startswith("Having any troubles?")]
+    return (errors or others or ["no output"])[-1]
 
 
 def dvc_checked(cwd: str | Path, *args: str) -> str:
@@ -181,7 +217,7 @@ def dvc_json(repo: str | Path, *args: str) -> Any:
     proc = subprocess.run([sys.executable, "-m", "dvc", *args, "--json"], cwd=repo, env=dvc_env(),
                           capture_output=True, text=True)
     if proc.returncode != 0:
-        raise CnnpipeError(f"dvc {' '.join(args)} failed: {(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
+        raise CnnpipeError(f"dvc {' '.join(args)} failed: {error_line(proc.stderr)}")
     return json.loads(proc.stdout or "{}")
 
 

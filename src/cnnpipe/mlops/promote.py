@@ -20,6 +20,7 @@ from pathlib import Path
 from cnnpipe.core.errors import CnnpipeError
 from cnnpipe.core.params import PromoteParams
 from cnnpipe.mlops import registry
+from cnnpipe.mlops.dvcops import error_line, experiment_commit, experiment_refs
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +38,8 @@ class Rule:
     value: float | None  # a fixed bound, or None: production's value plus `margin`
     margin: float = 0.0
 
-    def bound(self, production: dict[str, float] | None) -> float | None:
-        if self.value is not None:
-            return self.value
-        if production is None or self.metric not in production:
-            return None
-        return production[self.metric] + self.margin
+    def bound(self, production: dict[str, float]) -> float:
+        return self.value if self.value is not None else production[self.metric] + self.margin
 
 
 @dataclass
@@ -100,14 +97,19 @@ def commit_metrics(repo: Path, commit: str) -> dict[str, float]:
 
 
 def decide(rules: list[Rule], run: dict[str, float], production: dict[str, float] | None) -> Decision:
-    """Every rule must hold. Rules against production are skipped when nothing is in production yet."""
+    """Every rule must hold. Rules against production are skipped when nothing is in production yet, and fail
+    when the production version has no value of their metric."""
     decision = Decision(promote=True)
     for rule in rules:
-        bound = rule.bound(production)
-        if bound is None:
-            why = "nothing in production yet" if production is None else f"production has no {rule.metric}"
-            decision.reasons.append(f"skip  {rule.text}: {why}")
+        if rule.value is None and production is None:
+            decision.reasons.append(f"skip  {rule.text}: nothing in production yet")
             continue
+        if rule.value is None and rule.metric not in production:
+            decision.promote = False
+            decision.reasons.append(f"FAIL  {rule.text}: production has no {rule.metric} to compare with; "
+                                    "use a fixed bound until a version with it is in production")
+            continue
+        bound = rule.bound(production or {})
         value = run[rule.metric]
         ok = value >= bound if rule.op == ">=" else value <= bound
         decision.promote &= ok
@@ -152,9 +154,9 @@ def push_models(repo: Path) -> None:
     """Send the models to the DVC remote when one is configured, so `dvc artifacts get` works elsewhere."""
     remote = dvc(repo, "remote", "default")
     if remote.returncode == 0 and remote.stdout.strip():
-        proc = dvc(repo, "push", "-q", "--all-tags")
+        proc = dvc(repo, "push", "--all-tags")  # not -q: it drops DVC's ERROR line
         if proc.returncode != 0:
-            raise CnnpipeError(f"dvc push failed: {proc.stderr.strip()[-200:]}")
+            raise CnnpipeError(f"dvc push failed ({error_line(proc.stderr)})")
 
 
 def model_md5(lock_text: str, path: str) -> str | None:
@@ -168,18 +170,46 @@ def model_md5(lock_text: str, path: str) -> str | None:
     return None
 
 
+def same_models(repo: Path, lock: str, prod_lock: str) -> bool:
+    """Every model the registry records has the same content in both dvc.lock texts."""
+    declared = registry.declared(repo)
+    paths = [declared.get(name, {}).get("path") for name in registry.ARTIFACTS]
+    return all(path and model_md5(lock, path) is not None and model_md5(lock, path) == model_md5(prod_lock, path)
+               for path in paths)
+
+
+def check_run_finished(lock_text: str, dvc_yaml: str, rev: str) -> None:
+    """A committed run must have run every stage, each on the outputs of the stages before it. A run stopped part
+    way (a sweep's trial stops after train) still holds the later stages' metrics of an older model."""
+    import yaml
+
+    locked = (yaml.safe_load(lock_text) or {}).get("stages", {})
+    missing = [stage for stage in (yaml.safe_load(dvc_yaml) or {}).get("stages", {}) if stage not in locked]
+    if missing:
+        raise CnnpipeError(f"--rev {rev}: the run has no {', '.join(missing)} in its dvc.lock; reproduce the whole "
+                           "pipeline for it (`dvc exp apply`, `dvc repro`, commit) before promoting")
+    made = {out["path"]: (stage, out.get("md5")) for stage, entry in locked.items() for out in entry.get("outs", [])}
+    for stage, entry in locked.items():
+        for dep in entry.get("deps", []):
+            producer, md5 = made.get(dep["path"], (None, None))
+            if producer is not None and dep.get("md5") != md5:
+                raise CnnpipeError(f"--rev {rev}: the run did not finish: {stage} last ran on another {dep['path']} "
+                                   f"than {producer} made; reproduce the whole pipeline for it (`dvc exp apply`, "
+                                   "`dvc repro`, commit) before promoting")
+
+
 def resolve_rev(repo: Path, rev: str) -> str:
-    """A commit, from a Git revision or a DVC experiment's name."""
+    """A commit, from a Git revision or a DVC experiment's name (the one run from HEAD, else the only one)."""
     proc = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"], cwd=repo,
                           capture_output=True, text=True)
     if proc.returncode == 0:
         return proc.stdout.strip()
-    from cnnpipe.mlops.dvcops import experiment_commit
-
+    if not experiment_refs(repo, rev):
+        raise CnnpipeError(f"--rev {rev}: no such commit or experiment; see `dvc exp show`")
     try:
         return experiment_commit(repo, rev)
-    except CnnpipeError:
-        raise CnnpipeError(f"--rev {rev}: no such commit or experiment; see `dvc exp show`") from None
+    except CnnpipeError as e:
+        raise CnnpipeError(f"--rev {rev}: {e}") from None
 
 
 def promote(repo: str | Path, p: PromoteParams, run_name: str = "", dry_run: bool = False,
@@ -195,10 +225,9 @@ def promote(repo: str | Path, p: PromoteParams, run_name: str = "", dry_run: boo
     current = registry.in_stage(repo, registry.MODEL, p.stage)
     production = commit_metrics(repo, current.commit) if current else None
     lock = registry.git(repo, "show", f"{rev}:dvc.lock") if rev else (repo / "dvc.lock").read_text()
-    path = registry.declared(repo)[registry.MODEL]["path"]
-    prod_lock = registry.git(repo, "show", f"{current.commit}:dvc.lock") if current else ""
-    run_md5 = model_md5(lock, path)
-    if current and run_md5 is not None and run_md5 == model_md5(prod_lock, path):
+    if rev is not None:
+        check_run_finished(lock, registry.git(repo, "show", f"{rev}:dvc.yaml"), rev[:10])
+    if current and same_models(repo, lock, registry.git(repo, "show", f"{current.commit}:dvc.lock")):
         return Decision(promote=False, production=current.version, unchanged=True)
     decision = decide(rules, run, production)
     decision.production = current.version if current else None
@@ -208,5 +237,9 @@ def promote(repo: str | Path, p: PromoteParams, run_name: str = "", dry_run: boo
             commit_results(repo, f"Results of {label}, promoted to {p.stage}")
         decision.version = registry.register_and_assign(repo, p.stage, f"{label}: " + "; ".join(
             r for r in decision.reasons), ref=rev or "HEAD")
-        push_models(repo)  # after tagging: `--all-tags` then includes the new version's commit
+        try:
+            push_models(repo)  # after tagging: `--all-tags` then includes the new version's commit
+        except CnnpipeError as e:
+            raise CnnpipeError(f"registered {decision.version} in {p.stage}, but {e}: fix the remote and run "
+                               "`dvc push --all-tags`") from e
     return decision

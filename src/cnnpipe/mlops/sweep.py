@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import math
 import subprocess
@@ -181,6 +182,10 @@ def load_spec(path: str | Path, params_path: str | Path = "params.yaml") -> Spec
     given = {"kind": given} if isinstance(given, str) else given
     if not isinstance(given, dict) or given.get("kind", "median") not in PRUNERS or set(given) - set(pruner):
         raise _fail(path, "pruner: median or none, or {kind: median, startup_trials: N, warmup_epochs: M}")
+    for key in ("startup_trials", "warmup_epochs"):
+        value = given.get(key, 0)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise _fail(path, f"pruner {key} {value!r}: must be a whole number of at least 0")
     pruner.update(given)
     return Spec(name, space, sampler, ints["trials"], ints["parallel"], stage, pruner, ints["seed"])
 
@@ -243,13 +248,14 @@ def open_study(spec: Spec, storage: str):
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    pruner = trialmod.make_pruner(spec.pruner)  # before the storage: a pruner Optuna refuses writes no study
     if spec.sampler in ("grid", "random"):  # a grid: every point enqueued below, in order
         sampler = optuna.samplers.RandomSampler(seed=spec.seed)
     else:
         sampler = optuna.samplers.TPESampler(seed=spec.seed, n_startup_trials=min(4, spec.trials),
                                              constant_liar=spec.parallel > 1)
     study = optuna.create_study(study_name=spec.name, storage=trialmod.open_storage(storage), sampler=sampler,
-                                pruner=trialmod.make_pruner(spec.pruner), direction="maximize",
+                                pruner=pruner, direction="maximize",
                                 load_if_exists=True)
     n = len(study.trials)
     if spec.sampler == "grid" and not n:
@@ -475,14 +481,28 @@ def drive(spec: Spec, study, backend, poll: float = 2.0, log: Callable[[str], No
                                    f"`{backend.where} {name}` (queued trials finish on their own)")
 
 
+def search_key(spec: Spec) -> str:
+    """A hash of what the trials are drawn from: the space and the sampler."""
+    text = json.dumps({"sampler": spec.sampler, "space": [dataclasses.asdict(d) for d in spec.space]},
+                      sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def pin_commit(study, spec: Spec, commit: str) -> None:
-    """A study belongs to the commit it started on: trials of two code versions are not compared."""
+    """A study belongs to the commit and the search it started with: trials of two code versions, or drawn
+    from two spaces, are not compared."""
     started = study.user_attrs.get("commit")
     if started is None:
         study.set_user_attr("commit", commit)
     elif started != commit:
         raise CnnpipeError(f"sweep {spec.name} started on commit {started[:12]}, the checkout is at {commit[:12]}; "
                            "give this sweep a new name (name: in the file) or go back to that commit")
+    searched = study.user_attrs.get("search")
+    if searched is None:
+        study.set_user_attr("search", search_key(spec))
+    elif searched != search_key(spec):
+        raise CnnpipeError(f"sweep {spec.name} started with another space or sampler than its file now gives; "
+                           "give this sweep a new name (name: in the file) or undo the edit")
 
 
 def load_existing(spec: Spec, storage: str):
