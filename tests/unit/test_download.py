@@ -107,3 +107,19 @@ def test_unknown_dataset_and_md5_key(tmp_path):
         download(DownloadParams(dataset="imagenet"), tmp_path / "raw")
     with pytest.raises(CnnpipeError, match=r"download\.md5 names foo\.gz"):
         download(DownloadParams(dataset="mnist", md5={"foo.gz": "0"}), tmp_path / "raw")
+
+
+def test_images_read_in_place_outside_data_own_are_named_as_unwatched(tmp_path, monkeypatch, caplog):
+    """Under data/own (the split stage's dependency) a folder is read in place quietly; elsewhere the stage
+    warns that DVC does not see its images change."""
+    from cnnpipe.core.demo_images import make_example_images
+
+    monkeypatch.chdir(tmp_path)
+    for folder in ("data/own/shapes", "elsewhere/shapes"):
+        make_example_images(tmp_path / folder, per_class=2, size=8)
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            download(DownloadParams(dataset="imagefolder", sources=[folder]), tmp_path / "raw")
+        warned = [r.getMessage() for r in caplog.records if "DVC does not watch" in r.getMessage()]
+        assert len(warned) == (folder == "elsewhere/shapes"), warned
+    assert warned[0].startswith("elsewhere/shapes is outside data/own")

@@ -28,6 +28,20 @@ def test_unknown_model_lists_choices():
 def test_model_too_big_for_images():
     with pytest.raises(CnnpipeError, match=r"model 'lenet' does not fit 8×8 images"):
         build_model("lenet", (1, 8, 8), 10)
+    for name in ("bncnn", "rescnn", "airnet"):  # with batch norm: one line too, not a traceback
+        with pytest.raises(CnnpipeError, match=rf"model '{name}' does not fit 4×4 images.*larger images"):
+            build_model(name, (3, 4, 4), 10)
+
+
+@pytest.mark.parametrize("name", ["bncnn", "rescnn", "airnet"])
+def test_batch_norm_models_build_for_small_images_and_start_with_clean_statistics(name):
+    """Sizing the head runs one dummy image through the features: in eval mode, so batch norm takes 1×1 maps
+    and its statistics count no pass; the model comes back in training mode."""
+    model = build_model(name, (3, 12, 12), 10)
+    assert model.training and all(m.training for m in model.modules())
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(int(m.num_batches_tracked) == 0 and not m.running_mean.any() for m in norms)
+    assert model(torch.randn(2, 3, 12, 12)).shape == (2, 10)
 
 
 def test_training_flops_per_image_match_a_hand_count():

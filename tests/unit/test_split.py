@@ -118,3 +118,43 @@ def test_flips_of_own_images_are_the_users_call(tmp_path):
     split(SplitParams(val_size=20, flip=False), tmp_path / "raw-cifar", tmp_path / "prep-cifar",
           tmp_path / "split-cifar.json")
     assert json.loads((tmp_path / "prep-cifar" / "meta.json").read_text())["flip"] is True
+
+
+def test_a_test_class_without_training_images_is_refused(tmp_path):
+    """An image folder whose test/ has a class that train/ lacks: a model could never predict it."""
+    import shutil
+
+    from cnnpipe.core.demo_images import make_example_images
+
+    own = tmp_path / "own"
+    make_example_images(own / "train", per_class=6, size=8)
+    make_example_images(own / "test", per_class=2, size=8)
+    download(DownloadParams(dataset="imagefolder", sources=[str(own)]), tmp_path / "raw")
+    split(SplitParams(val_size=3, image_size=8, workers=1), tmp_path / "raw", tmp_path / "prep",
+          tmp_path / "split.json")  # every class on both sides: fine
+    shutil.rmtree(own / "train" / "square")
+    with pytest.raises(CnnpipeError, match=r"class square has test images but no readable training images"):
+        split(SplitParams(val_size=2, image_size=8, workers=1), tmp_path / "raw", tmp_path / "prep2",
+              tmp_path / "split2.json")
+    assert not (tmp_path / "prep2").exists() and not (tmp_path / "split2.json").exists()
+
+
+def test_a_split_failing_while_it_writes_keeps_the_previous_output(tmp_path, mnist_mirror, monkeypatch):
+    """The outputs appear whole or not at all: a failure halfway through writing them (a full disk) leaves the
+    previous split's files as they were, and no temporary folder behind."""
+    from cnnpipe.stages import split as stage
+
+    mirror, md5 = mnist_mirror
+    download(DownloadParams(dataset="mnist", sources=[str(mirror)], md5=md5), tmp_path / "raw")
+    split(SplitParams(val_size=50, seed=0), tmp_path / "raw", tmp_path / "prep", tmp_path / "split.json")
+    before = {f.name: f.read_bytes() for f in (tmp_path / "prep").iterdir()}
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(stage, "write_meta", disk_full)  # after the arrays are written
+    with pytest.raises(OSError, match="No space left"):
+        split(SplitParams(val_size=50, seed=1), tmp_path / "raw", tmp_path / "prep", tmp_path / "split.json")
+    assert {f.name: f.read_bytes() for f in (tmp_path / "prep").iterdir()} == before
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["mirror", "prep", "raw", "split.info.json",
+                                                          "split.json"]

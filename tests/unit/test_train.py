@@ -293,6 +293,67 @@ def test_corrupt_resume_state(tmp_path, prepared):
     run(tmp_path, prepared, dataclasses.replace(TINY, epochs=1, resume=False))  # resume off: ignored
 
 
+def interrupted_after_epoch(n: int):
+    """An on_epoch callback that stops the run like a Ctrl-C after epoch n (its resume state is saved)."""
+    def stop(row, model):
+        if row["epoch"] == n:
+            raise KeyboardInterrupt
+
+    return stop
+
+
+def test_a_resume_state_from_other_data_is_ignored(tmp_path, prepared, caplog):
+    """The same params and as many images, but other ones (a new split seed, a swapped image): training starts
+    over instead of continuing the weights of the old data. The same data resumes."""
+    import numpy as np
+
+    caplog.set_level("INFO", logger="cnnpipe")
+    p = dataclasses.replace(TINY, epochs=3)
+    for data_changed in (False, True):
+        out = tmp_path / str(data_changed)
+        with pytest.raises(KeyboardInterrupt):
+            train(p, prepared, out / "model.pt", out / "train.json", out / "history.csv",
+                  on_epoch=interrupted_after_epoch(1))
+        if data_changed:
+            x = np.load(prepared / "train_x.npy")
+            np.save(prepared / "train_x.npy", np.roll(x, 1, axis=0))
+        caplog.clear()
+        metrics = train(p, prepared, out / "model.pt", out / "train.json", out / "history.csv")
+        assert ("resuming after epoch 1" in caplog.text) != data_changed
+        assert ("made with other params or data" in caplog.text) == data_changed
+        assert metrics["epochs_run"] == 3 and not (out / ".model.pt.resume").exists()
+
+
+@pytest.mark.parametrize("stop", ["patience", "pruned"])
+def test_a_run_interrupted_after_deciding_to_stop_stops_there_when_rerun(tmp_path, prepared, monkeypatch, stop):
+    """Killed while writing its outputs after an early stop (patience) or a pruner's verdict, the rerun writes
+    the same outputs: it does not train on past the epoch where the run had ended."""
+    from cnnpipe.stages import train as stage
+
+    p = dataclasses.replace(TINY, epochs=30, patience=2 if stop == "patience" else 0, translate=0,
+                            schedule="constant")
+    if stop == "pruned":  # a sweep's pruner that stops the trial after its third epoch
+        monkeypatch.setattr(stage.trial, "reporter_from_env", lambda: lambda epoch, *rest: epoch == 3)
+    reference = run(tmp_path / "ref", prepared, p)
+    assert reference["stopped_early"] and reference["epochs_run"] < 30
+
+    save = stage.save_checkpoint
+
+    def killed_while_saving(*args, **kwargs):
+        monkeypatch.setattr(stage, "save_checkpoint", save)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stage, "save_checkpoint", killed_while_saving)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "work", prepared, p)
+    rerun = run(tmp_path / "work", prepared, p)
+    assert rerun["epochs_run"] == reference["epochs_run"] and rerun["epoch"] == reference["epoch"]
+    assert rerun["pruned"] == (stop == "pruned")
+    assert trajectory(tmp_path / "work/history.csv") == trajectory(tmp_path / "ref/history.csv")
+    _, kept = load_checkpoint(tmp_path / "ref/model.pt")
+    assert saved_weights_equal(tmp_path / "work/model.pt", kept["state_dict"])
+
+
 @pytest.mark.slow
 def test_precision_on_cpu(tmp_path, prepared):
     with pytest.raises(CnnpipeError, match="train.precision fp16 needs a CUDA GPU; use fp32 or bf16"):

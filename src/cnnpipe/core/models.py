@@ -20,13 +20,15 @@ Shape = tuple[int, int, int]  # C, H, W
 
 
 class Classifier(nn.Module):
-    """features -> flatten -> head, with the head's input size measured on a dummy image."""
+    """features -> flatten -> head, with the head's input size measured on a dummy image (in eval mode:
+    batch norm can neither fail on one image's 1×1 maps nor count the dummy pass in its statistics)."""
 
     def __init__(self, features: nn.Module, head: Callable[[int], nn.Module], in_shape: Shape):
         super().__init__()
         self.features = features
         with torch.no_grad():
-            n = features(torch.zeros(1, *in_shape)).flatten(1).shape[1]
+            n = features.eval()(torch.zeros(1, *in_shape)).flatten(1).shape[1]
+        features.train()
         self.head = head(n)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # N×C×H×W -> N×classes
@@ -169,7 +171,7 @@ def build_model(name: str, in_shape: Shape, num_classes: int) -> nn.Module:
         raise CnnpipeError(f"unknown model '{name}'; set train.model to one of: {', '.join(MODELS)}")
     try:
         return MODELS[name](tuple(in_shape), num_classes)
-    except RuntimeError as e:
+    except (RuntimeError, ValueError) as e:
         c, h, w = in_shape
         raise CnnpipeError(
             f"model '{name}' does not fit {h}×{w} images ({str(e).splitlines()[0]}); "

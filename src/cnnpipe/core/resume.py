@@ -14,11 +14,12 @@ import json
 import logging
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -29,7 +30,7 @@ from cnnpipe.core.runtime import Dist
 
 log = logging.getLogger(__name__)
 
-STATE_FORMAT = 3  # bump when the state's layout changes: older states are then ignored
+STATE_FORMAT = 4  # bump when the state's layout changes: older states are then ignored
 
 
 @dataclass
@@ -42,15 +43,21 @@ class Progress:
     images: int = 0  # training images seen, all ranks together
     seconds: float = 0.0  # training time so far
     epoch: int = 0  # the last completed epoch
+    stopped_early: str | None = None  # "patience" or "pruned" once the run has decided to end there
 
 
-def fingerprint(p: TrainParams, meta, n_train: int, world: int, device: torch.device,
+def fingerprint(p: TrainParams, meta, arrays: Sequence[np.ndarray], world: int, device: torch.device,
                 amp: torch.dtype | None) -> str:
-    """What a resume state must have been made with: every param but `resume`, the data's shape, the number of
-    processes (each has its own random streams), and the device type and precision `auto` resolved to."""
+    """What a resume state must have been made with: every param but `resume`, the data (its description and
+    the bytes of `arrays`, the train and validation images and labels), the number of processes (each has its
+    own random streams), and the device type and precision `auto` resolved to."""
     params = {k: v for k, v in dataclasses.asdict(p).items() if k != "resume"}
-    blob = json.dumps([STATE_FORMAT, params, meta.dataset, list(meta.shape), meta.classes, n_train, world,
-                       device.type, str(amp)], sort_keys=True)
+    data = hashlib.sha256()
+    for a in arrays:
+        data.update(f"{a.dtype}{a.shape}".encode())
+        data.update(np.ascontiguousarray(a).data)
+    blob = json.dumps([STATE_FORMAT, params, dataclasses.asdict(meta), data.hexdigest(), world, device.type,
+                       str(amp)], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

@@ -186,9 +186,20 @@ def download(params: DownloadParams, out_dir: str | Path = "data/raw") -> Path:
 
 
 
+OWN_IMAGES = Path("data/own")  # the split stage's dependency (dvc.yaml): images read in place are watched here
+
+
+def warn_if_untracked(root: Path, watched: Path = OWN_IMAGES) -> None:
+    """Images read in place from outside `watched` are no dependency of any stage: say that a changed image
+    would rerun nothing."""
+    if not root.resolve().is_relative_to(watched.resolve()):
+        log.warning("%s is outside %s, so DVC does not watch its images: a changed image reruns nothing; "
+                    "move it under %s (or run `dvc repro --force split` after a change)", root, watched, watched)
+
+
 def download_custom(params: DownloadParams, out_dir: Path) -> Path:
-    """The user's images: a local folder or CSV is read in place (split depends on it, so DVC sees a changed
-    image); an archive (local or http(s)) is checked against download.md5 and unpacked safely."""
+    """The user's images: a local folder or CSV is read in place (under data/own, a dependency of split, DVC
+    sees a changed image); an archive (local or http(s)) is checked against download.md5 and unpacked safely."""
     kind = params.dataset
     failures: list[str] = []
     with atomic_dir(out_dir) as tmp:
@@ -200,6 +211,7 @@ def download_custom(params: DownloadParams, out_dir: Path) -> Path:
                 continue
             if local is not None and not own_images.is_archive(local.name):
                 root = own_images.check_source(kind, local)
+                warn_if_untracked(root)
                 manifest = {"dataset": kind, "root": str(root), "in_raw": False}
                 break
             name = (local.name if local is not None else PurePosixPath(urlparse(source).path).name)

@@ -169,6 +169,11 @@ def custom_source(raw_dir: Path, manifest: dict, p: SplitParams) -> Source:
         raise CnnpipeError(f"{root}: found {len(classes)} classes; need 2 to 256")
     y = y.astype(np.uint8)
     is_test = np.array([part == "test" for _, _, part in kept])
+    untrained = sorted(set(range(len(classes))) - set(y[~is_test].tolist()))
+    if untrained:
+        names = ", ".join(classes[c] for c in untrained)
+        raise CnnpipeError(f"{root}: class {names} has test images but no readable training images; add "
+                           "training images for it under train/ or remove it from test/")
     paths = np.array([f for f, _, _ in kept], dtype=object)
     shape = (p.channels, p.image_size, p.image_size)
     test = (images[is_test], y[is_test]) if is_test.any() else None

@@ -277,14 +277,15 @@ def build_run(p: TrainParams, prepared: Path, device: torch.device, d: Dist) -> 
     x_np, y_np = load_split(prepared, "train")
     check_fits(p, dataclasses.replace(meta, sizes={"train": len(y_np)}))
     engine = build_engine(p, meta, len(y_np) // p.batch_size, device, d)
+    vx_np, vy_np = load_split(prepared, "val")
     x, y = to_device(x_np, y_np, device)
-    vx, vy = to_device(*load_split(prepared, "val"), device)
+    vx, vy = to_device(vx_np, vy_np, device)
     mean, std = stats_tensors(meta, device)
     generator = torch.Generator(device=device).manual_seed(p.seed)
     if d.world > 1:
         log.info("torchrun: %d processes (%s), each %d images of every %d-image batch", d.world,
                  dist.get_backend(), p.batch_size // d.world, p.batch_size)
-    key = resume.fingerprint(p, meta, len(y_np), d.world, device, engine.amp)
+    key = resume.fingerprint(p, meta, [x_np, y_np, vx_np, vy_np], d.world, device, engine.amp)
     return Run(engine, meta, x, y, vx, vy, mean, std, p.flip and meta.flip, generator, key)
 
 
@@ -309,6 +310,8 @@ def run_epochs(p: TrainParams, run: Run, progress: Progress, state_path: Path, d
     steps = len(run.y) // p.batch_size
     interactive = sys.stderr.isatty() and d.main  # a bar on a terminal; plain lines in CI, DVC, Prefect
     start = time.perf_counter() - progress.seconds
+    if progress.stopped_early:  # interrupted after deciding to stop, before the outputs were written
+        return progress, progress.stopped_early
     stopped_early = None
     for epoch in range(progress.epoch + 1, p.epochs + 1):
         used: set[int] = set()
@@ -353,6 +356,9 @@ def run_epochs(p: TrainParams, run: Run, progress: Progress, state_path: Path, d
             stopped_early = "patience"
             break
     progress.seconds = time.perf_counter() - start
+    if stopped_early and p.resume:  # a rerun after an interruption from here on ends here too
+        progress.stopped_early = stopped_early
+        resume.save(state_path, run.key, engine, run.generator, progress, d)
     return progress, stopped_early
 
 
