@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import subprocess
 import sys
 import threading
@@ -126,9 +127,12 @@ def test_promote_fetch_and_a_server_that_follows_production(repo, tmp_path):
     assert sha256(tmp_path / "prod.onnx") == sha256(repo / "models/model.onnx")
     v1_sha = sha256(repo / "models/model.onnx")
 
-    proc, url = serve(repo, "--poll", "0.5")
+    tmp = tmp_path / "server-tmp"  # where the server keeps the versions it fetched
+    tmp.mkdir()
+    proc, url = serve(repo, "--poll", "0.5", env={**os.environ, "TMPDIR": str(tmp)})
     try:
         assert httpx.get(url + "/metadata").json()["version"] == "v1.0.0"
+        assert cached(tmp) == ["image-classifier-v1.0.0.onnx"]
         load = Load(url)
         load.start()
         time.sleep(1)
@@ -144,6 +148,7 @@ def test_promote_fetch_and_a_server_that_follows_production(repo, tmp_path):
         assert meta["sha256"] == sha256(repo / "models/model.onnx") != v1_sha
         assert len(load.statuses) > 20 and set(load.statuses) == {200}, sorted(set(load.statuses))
         assert reloads(url) == {"ok": 1.0}
+        assert cached(tmp) == ["image-classifier-v1.1.0.onnx"]  # the file of a retired version goes
 
         # the same model again is not a new version (a run refused by the gate: test_flows.py)
         again = cnnpipe(repo, "promote")
@@ -166,9 +171,15 @@ def test_promote_fetch_and_a_server_that_follows_production(repo, tmp_path):
         still = httpx.post(url + "/predict", content=load.body, headers={"content-type": "image/png"})
         assert still.status_code == 200
         assert reloads(url) == {"ok": 1.0, "failed": 1.0}
+        assert cached(tmp) == ["image-classifier-v1.1.0.onnx"]  # and so does one that did not load
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def cached(tmp: Path) -> list[str]:
+    """The model files in a server's cache of fetched versions."""
+    return sorted(f.name for f in tmp.glob("cnnpipe-models-*/*"))
 
 
 def test_bad_registry_references_are_one_line_errors(repo):
