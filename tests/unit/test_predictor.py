@@ -164,3 +164,28 @@ def test_predict_cli_refuses_a_k_below_one(onnx_model, tmp_path, k):
                            str(tmp_path / "img.png")], capture_output=True, text=True)
     assert proc.returncode == 2 and not proc.stdout
     assert f"argument -k: '{k}' is not a whole number of at least 1" in proc.stderr
+
+
+def test_predict_files_works_through_a_folder_a_batch_at_a_time(predictor, tmp_path, monkeypatch):
+    """Files are read and run BATCH at a time (memory stays flat), with unreadable ones reported in place."""
+    from cnnpipe.serve import predict
+
+    x, _ = make_images(5, 10, (1, 28, 28), seed=4)
+    files = []
+    for i in range(5):
+        files.append(tmp_path / f"img{i}.png")
+        files[-1].write_bytes(png(x[i, 0]) if i != 2 else b"broken")
+    monkeypatch.setattr(predict, "BATCH", 2)
+    read = []
+    monkeypatch.setattr(predictor, "preprocess", lambda images, resize, real=predictor.preprocess:
+                        read.append(len(read)) or real(images, resize))
+    results = predict.predict_files(predictor, files, 1)
+    first = next(results)
+    assert len(read) == 2  # only the first batch read so far
+    rows = [first, *results]
+    assert [f for f, _ in rows] == files and "not a readable image" in rows[2][1]
+    expected = predictor.predict([png(x[i, 0]) for i in (0, 1, 3, 4)], k=1)
+    got = [top for f, top in rows if f != files[2]]
+    assert [[t["index"] for t in top] for top in got] == [[t["index"] for t in top] for top in expected]
+    assert [top[0]["probability"] for top in got] == pytest.approx([top[0]["probability"] for top in expected],
+                                                                   abs=1e-5)

@@ -29,19 +29,20 @@ def expand(paths: list[str]) -> list[Path]:
 
 
 def predict_files(predictor: Predictor, files: list[Path], k: int, resize: bool = True):
-    """Yield (path, top-k) for readable images and (path, error message) for the others."""
-    good: list[tuple[Path, object]] = []
-    results: dict[Path, object] = {}
-    for f in files:
-        try:
-            good.append((f, predictor.preprocess([f.read_bytes()], resize)[0]))
-        except (OSError, InputError) as e:
-            results[f] = str(e) if isinstance(e, InputError) else f"cannot read ({e.strerror or e})"
-    for i in range(0, len(good), BATCH):
-        chunk = good[i: i + BATCH]
-        tops = predictor.top_k(predictor.logits(np.stack([x for _, x in chunk])), k)
-        results.update({f: top for (f, _), top in zip(chunk, tops, strict=True)})
-    return [(f, results[f]) for f in files]
+    """Yield (path, top-k) for readable images and (path, error message) for the others, in order; BATCH files
+    at a time, so memory stays flat however many there are."""
+    for i in range(0, len(files), BATCH):
+        results: dict[Path, object] = {}
+        good: list[tuple[Path, np.ndarray]] = []
+        for f in files[i: i + BATCH]:
+            try:
+                good.append((f, predictor.preprocess([f.read_bytes()], resize)[0]))
+            except (OSError, InputError) as e:
+                results[f] = str(e) if isinstance(e, InputError) else f"cannot read ({e.strerror or e})"
+        if good:
+            tops = predictor.top_k(predictor.logits(np.stack([x for _, x in good])), k)
+            results.update({f: top for (f, _), top in zip(good, tops, strict=True)})
+        yield from ((f, results[f]) for f in files[i: i + BATCH])
 
 
 def main(model: str, paths: list[str], k: int, as_json: bool) -> int:
