@@ -341,3 +341,24 @@ def test_promote_rev_refuses_a_run_stopped_part_way(tiny):
     run_experiment(tiny, "whole", {"make.fp32": "q"}, log=lambda line: None)
     whole = cnnpipe(tiny, "promote", "--rev", "whole")
     assert whole.returncode == 0 and whole.stdout.startswith("promoted as v1.0.0"), whole.stdout + whole.stderr
+
+
+def test_promotions_take_turns_and_the_later_one_is_gated_against_the_earlier(tiny):
+    """A promotion started while another is registering waits for it, then reads production afresh: here it
+    finds its own model there and registers nothing (run side by side, both would have read an empty
+    production and registered the same model twice, or one would have failed on git's tag lock)."""
+    from cnnpipe.mlops.promote import one_at_a_time
+    from cnnpipe.mlops.registry import register_and_assign
+
+    made(tiny, "first")
+    with one_at_a_time(tiny):
+        proc = subprocess.Popen([CLI, "-q", "promote"], cwd=tiny, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        said = ""
+        while "another promotion is running" not in said and (line := proc.stderr.readline()):
+            said += line
+        assert "waiting for it to finish" in said, said
+        assert register_and_assign(tiny, "prod", "the other promotion") == "v1.0.0"
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and out.startswith("unchanged: the run's model is production's (v1.0.0)"), out + err
+    assert "image-classifier@v1.1.0" not in tags(tiny)

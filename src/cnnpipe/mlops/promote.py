@@ -5,15 +5,19 @@ checked against the rules of params.yaml's `promote` section; rules may compare 
 production stage (its commit's metrics). Passed: the run's results are committed, the next version of both
 models is registered and assigned to the stage (Git tags in GTO's format, see registry.py), and the DVC cache
 is pushed when a remote is configured. Refused: nothing changes, and the decision says which rule failed.
+Promotions of one repository take turns, each gated against what the one before it put in production.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -212,6 +216,20 @@ def resolve_rev(repo: Path, rev: str) -> str:
         raise CnnpipeError(f"--rev {rev}: {e}") from None
 
 
+@contextlib.contextmanager
+def one_at_a_time(repo: Path) -> Iterator[None]:
+    """Promotions of one repository take turns (the nightly flow and a person at the CLI, say): each reads
+    production after the one before it has registered its version, and so is gated against it."""
+    git_dir = Path(registry.git(repo, "rev-parse", "--git-common-dir"))
+    with open((repo / git_dir) / "cnnpipe-promote.lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("another promotion is running in %s; waiting for it to finish", repo)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield  # closing the file releases the lock
+
+
 def promote(repo: str | Path, p: PromoteParams, run_name: str = "", dry_run: bool = False,
             rev: str | None = None) -> Decision:
     """Gate the run in the checkout, or the committed run `rev` (an experiment's commit), against production."""
@@ -222,11 +240,18 @@ def promote(repo: str | Path, p: PromoteParams, run_name: str = "", dry_run: boo
     if rev is None:
         check_only_results_changed(repo)
         check_up_to_date(repo)
-    current = registry.in_stage(repo, registry.MODEL, p.stage)
-    production = commit_metrics(repo, current.commit) if current else None
     lock = registry.git(repo, "show", f"{rev}:dvc.lock") if rev else (repo / "dvc.lock").read_text()
     if rev is not None:
         check_run_finished(lock, registry.git(repo, "show", f"{rev}:dvc.yaml"), rev[:10])
+    with one_at_a_time(repo):
+        return gate(repo, p, rules, run, lock, run_name, dry_run, rev)
+
+
+def gate(repo: Path, p: PromoteParams, rules: list[Rule], run: dict[str, float], lock: str, run_name: str,
+         dry_run: bool, rev: str | None) -> Decision:
+    """Against what is in production now: the decision, and with it passed (and not a dry run) the new version."""
+    current = registry.in_stage(repo, registry.MODEL, p.stage)
+    production = commit_metrics(repo, current.commit) if current else None
     if current and same_models(repo, lock, registry.git(repo, "show", f"{current.commit}:dvc.lock")):
         return Decision(promote=False, production=current.version, unchanged=True)
     decision = decide(rules, run, production)
