@@ -73,11 +73,34 @@ def test_export_beyond_tolerance_fails_and_leaves_nothing(tmp_path, prepared, tr
     assert not list(tmp_path.glob(".m.onnx*"))
 
 
-def test_evaluate_refuses_other_dataset(tmp_path, prepared, trained):
+@pytest.mark.parametrize("change, message", [
+    ({"dataset": "fashion-mnist"}, "dataset mnist there, fashion-mnist here"),
+    ({"shape": [3, 28, 28]}, r"image shape \[1, 28, 28\] there, \[3, 28, 28\] here"),
+    # own images are all `imagefolder`: a class added, or the same classes in another order, is other data
+    ({"classes": [str(d) for d in range(10)] + ["10"]}, r"classes \['0', .*'9'\] there, \['0', .*'10'\] here"),
+    ({"classes": [str(d) for d in reversed(range(10))]}, r"classes \['0', .* there, \['9', .* here"),
+])
+def test_evaluate_export_and_quantize_refuse_other_data(tmp_path, prepared, trained, change, message):
+    """Each stage that scores or checks a model on prepared data refuses data unlike its training data, in one
+    line, writing nothing."""
+    from cnnpipe.core.params import QuantizeParams
+    from cnnpipe.stages.quantize import quantize
+
+    export(ExportParams(check_images=16), prepared, trained, tmp_path / "m.onnx", tmp_path / "export.json")
     meta = json.loads((prepared / "meta.json").read_text())
-    (prepared / "meta.json").write_text(json.dumps(meta | {"dataset": "fashion-mnist"}))
-    with pytest.raises(CnnpipeError, match="trained on mnist.*holds fashion-mnist"):
+    (prepared / "meta.json").write_text(json.dumps(meta | change))
+    pattern = rf"was trained on other data than .*prepared holds: {message}; retrain \(dvc repro train\)"
+    with pytest.raises(CnnpipeError, match=pattern):
         evaluate(EvaluateParams(), prepared, trained, tmp_path / "e.json", tmp_path / "c.csv", tmp_path / "p.csv")
+    with pytest.raises(CnnpipeError, match=pattern):
+        export(ExportParams(check_images=16), prepared, trained, tmp_path / "m2.onnx", tmp_path / "export2.json")
+    with pytest.raises(CnnpipeError, match=pattern):
+        quantize(QuantizeParams(calibration_images=16, latency_runs=1), prepared, tmp_path / "m.onnx",
+                 tmp_path / "m.int8.onnx", tmp_path / "q.json")
+    refused = {"e.json", "c.csv", "p.csv", "m2.onnx", "export2.json", "m.int8.onnx", "q.json"}
+    written = {f.name for f in tmp_path.iterdir()}
+    assert "m.onnx" in written and not written & refused
+    assert not [name for name in written if name.startswith((".m2.onnx", ".m.int8.onnx"))]
 
 
 def test_tta_flip_follows_the_models_dataset_and_its_training(tmp_path, prepared, trained):

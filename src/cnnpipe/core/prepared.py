@@ -33,6 +33,22 @@ def load_meta(prepared: str | Path) -> Meta:
     return Meta(m["dataset"], m["classes"], tuple(m["shape"]), m["mean"], m["std"], m["flip"], m.get("sizes"))
 
 
+def check_same_data(model: Meta, data: Meta, model_path: str | Path, prepared: str | Path) -> None:
+    """A model is scored or checked only on data like its training data: the same dataset, image shape and
+    classes in the same order (own images are all named imagefolder or csv: the classes tell them apart)."""
+    for what, mine, theirs in (("dataset", model.dataset, data.dataset),
+                               ("image shape", list(model.shape), list(data.shape)),
+                               ("classes", list(model.classes), list(data.classes))):
+        if mine != theirs:
+            raise CnnpipeError(f"{model_path} was trained on other data than {prepared} holds: {what} "
+                               f"{_short(mine)} there, {_short(theirs)} here; retrain (dvc repro train)")
+
+
+def _short(value) -> str:
+    text = str(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def write_meta(directory: str | Path, meta: Meta) -> Path:
     data = dataclasses.asdict(meta)
     data["shape"] = list(meta.shape)

@@ -20,12 +20,11 @@ import torch.nn.functional as F
 from cnnpipe.core import cpushare
 from cnnpipe.core.checkpoint import load_checkpoint, meta_of
 from cnnpipe.core.data import stats_tensors, to_device
-from cnnpipe.core.errors import CnnpipeError
 from cnnpipe.core.figures import confusion_figure, mistakes_grid, per_class_figure
 from cnnpipe.core.fsutil import atomic_path, write_metrics
 from cnnpipe.core.inference import tta_logits
 from cnnpipe.core.params import EvaluateParams
-from cnnpipe.core.prepared import load_meta, load_split
+from cnnpipe.core.prepared import check_same_data, load_meta, load_split
 from cnnpipe.core.runtime import resolve_device, set_threads
 
 log = logging.getLogger(__name__)
@@ -90,12 +89,7 @@ def evaluate(p: EvaluateParams, prepared: str | Path = "data/prepared", model_pa
     set_threads(0)
     model, state = load_checkpoint(model_path, device)
     meta = meta_of(state)
-    data_meta = load_meta(prepared)
-    if data_meta.dataset != meta.dataset or list(data_meta.shape) != list(meta.shape):
-        raise CnnpipeError(
-            f"{model_path} was trained on {meta.dataset} {meta.shape} but {prepared} holds "
-            f"{data_meta.dataset} {data_meta.shape}; retrain (dvc repro train)"
-        )
+    check_same_data(meta, load_meta(prepared), model_path, prepared)
     x, y = to_device(*load_split(prepared, "test"), device)
     mean, std = stats_tensors(meta, device)
     model = model.to(memory_format=torch.channels_last)
@@ -104,6 +98,8 @@ def evaluate(p: EvaluateParams, prepared: str | Path = "data/prepared", model_pa
     if p.tta_flip and meta.flip and not tta:
         log.info("flip TTA off: %s was trained without mirrored images (train.flip: false)", model_path)
     logits = tta_logits(model, x, mean, std, p.batch_size, tta)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the kernels queued above, all counted
     seconds = time.perf_counter() - t0
     loss = F.cross_entropy(logits, y).item()
     actual = y.cpu().numpy()

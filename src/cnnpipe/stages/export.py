@@ -16,13 +16,13 @@ import onnx
 import torch
 
 from cnnpipe.core import cpushare
-from cnnpipe.core.checkpoint import load_checkpoint
+from cnnpipe.core.checkpoint import load_checkpoint, meta_of
 from cnnpipe.core.errors import CnnpipeError
 from cnnpipe.core.fsutil import atomic_path, file_digest, write_metrics
 from cnnpipe.core.models import fold_batchnorm
 from cnnpipe.core.onnx_io import normalize_pixels, session_options
 from cnnpipe.core.params import ExportParams
-from cnnpipe.core.prepared import load_split
+from cnnpipe.core.prepared import check_same_data, load_meta, load_split
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,7 @@ def compare(path: Path, model: torch.nn.Module, x: np.ndarray, y: np.ndarray) ->
 def export(p: ExportParams, prepared: str | Path = "data/prepared", model_path: str | Path = "models/model.pt",
            onnx_path: str | Path = "models/model.onnx", metrics_path: str | Path = "metrics/export.json") -> dict:
     model, state = load_checkpoint(model_path, "cpu")
+    check_same_data(meta_of(state), load_meta(prepared), model_path, prepared)  # its test images check the graph
     x_test, y_test = load_split(prepared, "test", mmap=True)
     n = min(p.check_images, len(y_test))
     x = normalize_pixels(np.asarray(x_test[:n]), state["mean"], state["std"])

@@ -7,6 +7,7 @@ fp32, so `dvc metrics diff` shows the trade) and metrics/quantize.info.json (bot
 
 from __future__ import annotations
 
+import json
 import logging
 import statistics
 import tempfile
@@ -21,7 +22,7 @@ from cnnpipe.core.errors import CnnpipeError
 from cnnpipe.core.fsutil import atomic_path, write_metrics
 from cnnpipe.core.onnx_io import normalize_pixels
 from cnnpipe.core.params import QuantizeParams
-from cnnpipe.core.prepared import load_meta, load_split
+from cnnpipe.core.prepared import Meta, check_same_data, load_meta, load_split
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,18 @@ def ort_version() -> str:
     return ort.__version__
 
 
+def onnx_meta(path: Path) -> Meta:
+    """What the export stage wrote into the model's metadata about its training data."""
+    props = {p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}
+    try:
+        return Meta(props["cnnpipe.dataset"], json.loads(props["cnnpipe.classes"]),
+                    tuple(json.loads(props["cnnpipe.input_shape"])), json.loads(props["cnnpipe.mean"]),
+                    json.loads(props["cnnpipe.std"]), False)
+    except (KeyError, ValueError) as e:
+        raise CnnpipeError(f"{path} has no cnnpipe metadata ({e}); export it with the export stage "
+                           "(dvc repro export)") from e
+
+
 @cpushare.registered
 def quantize(p: QuantizeParams, prepared: str | Path = "data/prepared", onnx_path: str | Path = "models/model.onnx",
              int8_path: str | Path = "models/model.int8.onnx",
@@ -92,6 +105,7 @@ def quantize(p: QuantizeParams, prepared: str | Path = "data/prepared", onnx_pat
     if not onnx_path.is_file():
         raise CnnpipeError(f"{onnx_path}: not found; run the export stage first (dvc repro export)")
     meta = load_meta(prepared)
+    check_same_data(onnx_meta(onnx_path), meta, onnx_path, prepared)  # calibrated and scored on that data
     vx, _ = load_split(prepared, "val", mmap=True)
     tx, ty = load_split(prepared, "test")
     calibration = normalize_pixels(np.asarray(vx[: p.calibration_images]), meta.mean, meta.std)
