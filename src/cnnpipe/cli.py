@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from cnnpipe import DEFAULT_PARAMS
 from cnnpipe.core.errors import CnnpipeError
@@ -23,6 +25,22 @@ def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
     return int(text)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number above 0")
+    return value
+
+
+def _onnx_file(text: str) -> str:
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"{text}: no such file; run `dvc repro` to make it, or pass another model")
+    return text
 
 
 def _download(args: argparse.Namespace) -> None:
@@ -133,6 +151,9 @@ def _bench_swap(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from cnnpipe.bench.swap import bench_swap
+    if args.promote_at >= args.seconds:
+        raise CnnpipeError(f"--promote-at {args.promote_at:g} is not within the load's --seconds {args.seconds:g}; "
+                           "promote before the load ends")
     bench_swap(Path(args.onnx), Path(args.int8), Path(args.out), args.seconds, args.promote_at, args.clients,
                args.poll)
 
@@ -290,15 +311,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks, side by side in one run").add_subparsers(
         dest="bench", required=True)
     p = bench.add_parser("serve", help="inference latency per engine; HTTP throughput against a plain baseline")
-    p.add_argument("--onnx", default="models/model.onnx")
-    p.add_argument("--int8", default="models/model.int8.onnx")
+    p.add_argument("--onnx", type=_onnx_file, default="models/model.onnx")
+    p.add_argument("--int8", default="models/model.int8.onnx", help="its rows are left out where it is missing")
     p.add_argument("--checkpoint", default="models/model.pt")
     p.add_argument("--prepared", default="data/prepared")
     p.add_argument("--out", default="bench/serve.json")
-    p.add_argument("--clients", type=int, default=32, help="concurrent closed-loop clients")
-    p.add_argument("--seconds", type=float, default=10.0, help="load duration per run")
-    p.add_argument("--repeats", type=int, default=3, help="runs per mode; medians are reported")
-    p.add_argument("--runs", type=int, default=400, help="timed batch-1 calls per engine")
+    p.add_argument("--clients", type=_positive_int, default=32, help="concurrent closed-loop clients")
+    p.add_argument("--seconds", type=_positive_float, default=10.0, help="load duration per run")
+    p.add_argument("--repeats", type=_positive_int, default=3, help="runs per mode; medians are reported")
+    p.add_argument("--runs", type=_positive_int, default=400, help="timed batch-1 calls per engine")
     p.add_argument("--threads", type=int, default=0,
                    help="onnxruntime threads of the served model (0 = the process's share of the cores)")
     p.add_argument("--max-wait-ms", type=float, default=1.0, help="batching window of the served model")
@@ -306,23 +327,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_bench_serve)
 
     p = bench.add_parser("hostile", help="/healthz latency while the service is under hostile traffic")
-    p.add_argument("--onnx", default="models/model.onnx")
+    p.add_argument("--onnx", type=_onnx_file, default="models/model.onnx")
     p.add_argument("--out", default="bench/hostile.json")
-    p.add_argument("--seconds", type=float, default=20.0)
-    p.add_argument("--connections", type=int, default=2, help="connections per kind of attack")
+    p.add_argument("--seconds", type=_positive_float, default=20.0)
+    p.add_argument("--connections", type=_positive_int, default=2, help="connections per kind of attack")
     p.add_argument("--pause", type=float, default=0.05, help="seconds each attacker waits between requests")
     p.add_argument("--body-timeout", type=float, default=10.0,
                    help="the served model's --body-timeout and --header-timeout")
     p.set_defaults(func=_bench_hostile)
 
     p = bench.add_parser("swap", help="requests, errors and latency while a server following prod swaps models")
-    p.add_argument("--onnx", default="models/model.onnx")
-    p.add_argument("--int8", default="models/model.int8.onnx")
+    p.add_argument("--onnx", type=_onnx_file, default="models/model.onnx")
+    p.add_argument("--int8", type=_onnx_file, default="models/model.int8.onnx")
     p.add_argument("--out", default="bench/swap.json")
-    p.add_argument("--seconds", type=float, default=15.0, help="load duration")
-    p.add_argument("--promote-at", type=float, default=5.0, help="seconds into the load when prod moves")
-    p.add_argument("--clients", type=int, default=16, help="concurrent closed-loop clients")
-    p.add_argument("--poll", type=float, default=0.2, help="the server's --poll")
+    p.add_argument("--seconds", type=_positive_float, default=15.0, help="load duration")
+    p.add_argument("--promote-at", type=_positive_float, default=5.0, help="seconds into the load when prod moves")
+    p.add_argument("--clients", type=_positive_int, default=16, help="concurrent closed-loop clients")
+    p.add_argument("--poll", type=_positive_float, default=0.2, help="the server's --poll")
     p.set_defaults(func=_bench_swap)
 
     p = bench.add_parser("queue", help="four one-epoch experiments through dvc queue start -j 1 and -j 2")

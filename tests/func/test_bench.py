@@ -138,6 +138,38 @@ def test_bench_train_too_many_steps(tmp_path, prepared):
     assert not out.exists()
 
 
+def test_bench_train_tutorial_loop_needs_28_by_28_grey_images(tmp_path, prepared):
+    """The tutorial's LeNet takes 1×28×28 images: other data is refused before anything runs."""
+    meta = json.loads((prepared / "meta.json").read_text())
+    (prepared / "meta.json").write_text(json.dumps(meta | {"shape": [3, 16, 16]}))
+    out = tmp_path / "o.json"
+    proc = subprocess.run([CLI, "bench", "train", "--prepared", str(prepared), "--out", str(out), "--steps", "2",
+                           "--batch", "20", "--device", "cpu", "--no-accuracy"], capture_output=True, text=True)
+    assert proc.returncode == 1 and not out.exists()
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"cnnpipe bench: error: the tutorial's loop (--steps) takes 1×28×28 images and {prepared} holds 3×16×16 "
+        "ones; pass --steps 0 to time the training runs alone")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["serve", "--onnx", "nonexistent.onnx"], "argument --onnx: nonexistent.onnx: no such file; run `dvc repro`"),
+    (["hostile", "--onnx", "nonexistent.onnx"], "argument --onnx: nonexistent.onnx: no such file"),
+    (["serve", "--repeats", "0"], "argument --repeats: '0' is not a whole number of at least 1"),
+    (["hostile", "--seconds", "0"], "argument --seconds: '0' is not a number above 0"),
+    (["swap", "--seconds", "nan"], "argument --seconds: 'nan' is not a number above 0"),
+    (["swap", "--seconds", "5", "--promote-at", "5"], "--promote-at 5 is not within the load's --seconds 5"),
+])
+def test_bench_arguments_out_of_range_are_one_line_errors(tmp_path, onnx_model, args, message):
+    """Refused before any server starts or any load runs, with nothing written."""
+    models = [] if "--onnx" in args else ["--onnx", str(onnx_model)]
+    models += ["--int8", str(onnx_model)] if args[0] in ("serve", "swap") else []
+    out = tmp_path / "o.json"
+    proc = subprocess.run([CLI, "bench", *args, *models, "--out", str(out)], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode in (1, 2) and message in proc.stderr.strip().splitlines()[-1], proc.stderr
+    assert not out.exists()
+
+
 @pytest.mark.slow
 def test_bench_serve_tiny(tmp_path, onnx_model):
     out = tmp_path / "serve.json"
@@ -219,3 +251,32 @@ def test_bench_clone_works_without_the_outputs_in_the_dvc_cache(tmp_path):
         assert (clone / "data/prepared").is_dir()
         assert not (clone / "models/model.pt").exists()
         assert "up to date" in dvc(clone, "status", "split")
+
+
+@pytest.mark.parametrize("generator", ["wrk", "python asyncio"])
+def test_bench_serve_counts_only_answered_requests(tmp_path, onnx_model, generator):
+    """Requests/s counts the requests served, whichever load generator runs: error answers (here 422s for a
+    body that is no image) are errors, not throughput."""
+    from helpers import start_server, stop
+
+    from cnnpipe.bench.serve import Load, load_generator, measure
+
+    if generator == "wrk" and not load_generator().startswith("wrk"):
+        pytest.skip("wrk is not installed")
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(buf, format="PNG")
+    png = buf.getvalue()
+    proc, url = start_server(onnx_model)
+    try:
+        port = int(url.rsplit(":", 1)[1])
+        bad = measure(port, Load("/predict", b"not an image", "image/png"), 2, 1.0, generator, tmp_path)
+        good = measure(port, Load("/predict", png, "image/png"), 2, 1.0, generator, tmp_path)
+    finally:
+        stop(proc)
+    assert bad["requests"] == 0 and bad["requests_per_s"] == 0 and bad["errors"] > 0, bad
+    assert good["requests"] > 0 and good["errors"] == 0, good

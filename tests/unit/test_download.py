@@ -2,6 +2,7 @@ import gzip
 import hashlib
 import json
 import types
+from pathlib import Path
 
 import pytest
 from helpers import IDX_FILES, md5_of
@@ -123,3 +124,25 @@ def test_images_read_in_place_outside_data_own_are_named_as_unwatched(tmp_path, 
         warned = [r.getMessage() for r in caplog.records if "DVC does not watch" in r.getMessage()]
         assert len(warned) == (folder == "elsewhere/shapes"), warned
     assert warned[0].startswith("elsewhere/shapes is outside data/own")
+
+
+@pytest.mark.parametrize("download, said", [
+    ({"dataset": "mnist"}, "dataset: mnist (download.dataset): nothing to check here"),
+    ({"dataset": "fashion-mnist", "sources": ["official", "{tmp}/nothing", "{tmp}/fm"]},
+     "dataset: Fashion-MNIST found in {tmp}/fm"),
+])
+def test_make_dataset_follows_params(tmp_path, download, said):
+    """`make dataset` (scripts/ensure_dataset.sh) checks the dataset params.yaml names, in its sources."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    (tmp_path / "fm").mkdir()
+    (tmp_path / "fm" / "train-images-idx3-ubyte.gz").write_bytes(b"")
+    sources = [s.format(tmp=tmp_path) for s in download.get("sources", [])]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"download": download | {"sources": sources}}))
+    script = Path(__file__).resolve().parents[2] / "scripts" / "ensure_dataset.sh"
+    proc = subprocess.run(["bash", str(script)], cwd=tmp_path, env={"PY": sys.executable, "PATH": "/usr/bin:/bin"},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == said.format(tmp=tmp_path), proc.stdout + proc.stderr

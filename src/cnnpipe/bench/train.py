@@ -129,6 +129,9 @@ def engine_loop(x: torch.Tensor, y: torch.Tensor, meta, steps: int, batch: int, 
 def throughput(prepared: Path, steps: int, repeats: int, batch: int, device: torch.device) -> dict:
     """Parts (a) and (b)."""
     meta = load_meta(prepared)
+    if tuple(meta.shape) != (1, 28, 28):
+        raise CnnpipeError(f"the tutorial's loop (--steps) takes 1×28×28 images and {prepared} holds "
+                           f"{'×'.join(map(str, meta.shape))} ones; pass --steps 0 to time the training runs alone")
     x_np, y_np = load_split(prepared, "train")
     if (steps + 5) * batch > len(y_np):
         raise CnnpipeError(f"--steps {steps} at --batch {batch} needs {(steps + 5) * batch} training images "
@@ -339,7 +342,9 @@ def summarize(precision: str, runs: list[dict], targets: list[float]) -> dict:
         reached[t] = {"median_seconds": round(statistics.median(seconds), 1) if seconds else None,
                       "seeds_reached": len(seconds)}
     chosen = sorted({r["precision"] for r in runs})  # auto may choose per run (a timing probe decides)
+    devices = sorted({r["device"] for r in runs})
     return {"precision_asked": precision, "precision": chosen[0] if len(chosen) == 1 else "+".join(chosen),
+            "device": devices[0] if len(devices) == 1 else "+".join(devices),
             "seeds": [r["train_params"]["seed"] for r in runs], "final_test_acc": accs,
             "mean_test_acc": round(statistics.mean(accs), 5), "min_test_acc": min(accs),
             "spread_test_acc": round(max(accs) - min(accs), 5),
@@ -406,14 +411,18 @@ def _bench_train(prepared: Path, subset: Path, out: Path, steps: int, repeats: i
         result["accuracy"], result["runs"] = runs[0], runs
         write_json(out, result)
         print_report({"summary": result["summary"]})
-    if resolve_device(device).type == "cpu" and ("throughput" in result or "accuracy" in result):
+    # (e) for what ran on the CPU, each in one precision (auto may choose per seed: no one peak for such a row)
+    throughput_on_cpu = "throughput" in result and resolve_device(device).type == "cpu"
+    cpu_rows = [a for a in result.get("summary") or ([result["accuracy"]] if "accuracy" in result else [])
+                if a.get("device") == "cpu" and a["precision"] in ("float32", "bfloat16")]
+    if throughput_on_cpu or cpu_rows:
         meta = load_meta(prepared)
         result["peak"] = []
         peaks = matmul_peaks()  # once: every row of this run against the same peaks
-        if "throughput" in result:
+        if throughput_on_cpu:
             result["peak"].append(against_peak("lenet", tuple(meta.shape), len(meta.classes),
                                                result["throughput"]["engine_median"], "float32", peaks))
-        for a in result.get("summary") or ([result["accuracy"]] if "accuracy" in result else []):
+        for a in cpu_rows:
             speed = a.get("images_per_second_median", a.get("images_per_second"))
             model = a["train_params"]["model"] if "train_params" in a else accuracy.model
             result["peak"].append(against_peak(model, tuple(meta.shape), len(meta.classes), speed, a["precision"],
