@@ -320,24 +320,36 @@ def test_an_experiment_name_means_the_run_from_head_and_an_ambiguous_one_is_refu
     assert cnnpipe(tiny, "promote", "--rev", newer.commit[:10], "--dry-run").returncode == 0
 
 
-def test_promote_rev_refuses_a_run_stopped_part_way(tiny):
+def test_promote_rev_refuses_a_run_that_is_not_its_commits_outputs(tiny):
     """A sweep's trial runs the pipeline only up to train: its commit holds a new model beside the later stages'
-    results for the old one. Promoting it would register metrics that are not the model's."""
+    results for the old one. A commit that changed params or code without `dvc repro` holds results of the
+    commit before. Promoting either would register metrics that are not the model's."""
+    from cnnpipe.mlops.dvcops import run_experiment
+
     stages = yaml.safe_load((tiny / "dvc.yaml").read_text())
     stages["stages"]["score"] = {"cmd": f"{sys.executable} -c \"import shutil; shutil.copy('models/model.onnx', "
                                         "'metrics/scored.txt')\"",
                                  "deps": ["models/model.onnx"], "outs": [{"metrics/scored.txt": {"cache": False}}]}
     (tiny / "dvc.yaml").write_text(yaml.safe_dump(stages))
     made(tiny, "first")
-    from cnnpipe.mlops.dvcops import run_experiment
+
+    def refused(rev: str, why: str) -> None:
+        proc = cnnpipe(tiny, "promote", "--rev", rev)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+        assert f"--rev {rev[:10]}: its results are not its commit's: {why}; reproduce" in lines[0], lines[0]
+        assert tags(tiny) == []
 
     half = run_experiment(tiny, "half", {"make.fp32": "q"}, targets=("make",), log=lambda line: None)
-    proc = cnnpipe(tiny, "promote", "--rev", "half")
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
-    assert (f"--rev {half.commit[:10]}: the run did not finish: score last ran on another models/model.onnx than "
-            "make made") in lines[0]
-    assert tags(tiny) == []
+    refused(half.commit, "score last ran on another models/model.onnx than make made")
+    set_params(tiny, make={"fp32": "r"})
+    commit(tiny, "params, not reproduced")
+    refused(head(tiny), "params.yaml's make changed after make ran")
+    made(tiny, "reproduced")
+    (tiny / "make.py").write_text(MAKE + "# a change\n")
+    commit(tiny, "code, not reproduced")
+    refused(head(tiny), "make.py changed after make ran")
+
     run_experiment(tiny, "whole", {"make.fp32": "q"}, log=lambda line: None)
     whole = cnnpipe(tiny, "promote", "--rev", "whole")
     assert whole.returncode == 0 and whole.stdout.startswith("promoted as v1.0.0"), whole.stdout + whole.stderr

@@ -324,10 +324,12 @@ def test_a_resume_state_from_other_data_is_ignored(tmp_path, prepared, caplog):
         assert metrics["epochs_run"] == 3 and not (out / ".model.pt.resume").exists()
 
 
+@pytest.mark.parametrize("killed", ["after the epoch", "writing the outputs"])
 @pytest.mark.parametrize("stop", ["patience", "pruned"])
-def test_a_run_interrupted_after_deciding_to_stop_stops_there_when_rerun(tmp_path, prepared, monkeypatch, stop):
-    """Killed while writing its outputs after an early stop (patience) or a pruner's verdict, the rerun writes
-    the same outputs: it does not train on past the epoch where the run had ended."""
+def test_a_run_interrupted_after_deciding_to_stop_stops_there_when_rerun(tmp_path, prepared, monkeypatch, stop,
+                                                                         killed):
+    """Killed once its last epoch has decided to stop (early stopping, or a sweep's pruner), or while writing its
+    outputs after that, the rerun writes the same outputs: it does not train on past the epoch where it ended."""
     from cnnpipe.stages import train as stage
 
     p = dataclasses.replace(TINY, epochs=30, patience=2 if stop == "patience" else 0, translate=0,
@@ -337,21 +339,20 @@ def test_a_run_interrupted_after_deciding_to_stop_stops_there_when_rerun(tmp_pat
     reference = run(tmp_path / "ref", prepared, p)
     assert reference["stopped_early"] and reference["epochs_run"] < 30
 
-    save = stage.save_checkpoint
-
-    def killed_while_saving(*args, **kwargs):
-        monkeypatch.setattr(stage, "save_checkpoint", save)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(stage, "save_checkpoint", killed_while_saving)
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "work", prepared, p)
-    rerun = run(tmp_path / "work", prepared, p)
+    work = tmp_path / "work"
+    args = (p, prepared, work / "model.pt", work / "train.json", work / "history.csv")
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        if killed == "after the epoch":
+            train(*args, on_epoch=interrupted_after_epoch(reference["epochs_run"]))
+        else:
+            m.setattr(stage, "save_checkpoint", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+            train(*args)
+    rerun = train(*args)
     assert rerun["epochs_run"] == reference["epochs_run"] and rerun["epoch"] == reference["epoch"]
     assert rerun["pruned"] == (stop == "pruned")
-    assert trajectory(tmp_path / "work/history.csv") == trajectory(tmp_path / "ref/history.csv")
+    assert trajectory(work / "history.csv") == trajectory(tmp_path / "ref/history.csv")
     _, kept = load_checkpoint(tmp_path / "ref/model.pt")
-    assert saved_weights_equal(tmp_path / "work/model.pt", kept["state_dict"])
+    assert saved_weights_equal(work / "model.pt", kept["state_dict"])
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import re
@@ -182,24 +183,52 @@ def same_models(repo: Path, lock: str, prod_lock: str) -> bool:
                for path in paths)
 
 
-def check_run_finished(lock_text: str, dvc_yaml: str, rev: str) -> None:
-    """A committed run must have run every stage, each on the outputs of the stages before it. A run stopped part
-    way (a sweep's trial stops after train) still holds the later stages' metrics of an older model."""
+def check_run_finished(repo: Path, rev: str) -> None:
+    """A committed run must be the outputs of its commit: every stage run, each with the command, params and code
+    of that commit, on the outputs of the stages before it. A run stopped part way (a sweep's trial stops after
+    train) still holds the later stages' metrics of an older model."""
     import yaml
 
-    locked = (yaml.safe_load(lock_text) or {}).get("stages", {})
-    missing = [stage for stage in (yaml.safe_load(dvc_yaml) or {}).get("stages", {}) if stage not in locked]
-    if missing:
-        raise CnnpipeError(f"--rev {rev}: the run has no {', '.join(missing)} in its dvc.lock; reproduce the whole "
-                           "pipeline for it (`dvc exp apply`, `dvc repro`, commit) before promoting")
+    def show(path: str) -> str | None:
+        proc = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=repo, capture_output=True)
+        return proc.stdout.decode("utf-8", "surrogateescape") if proc.returncode == 0 else None
+
+    def stale(why: str) -> CnnpipeError:
+        return CnnpipeError(f"--rev {rev[:10]}: its results are not its commit's: {why}; reproduce the whole pipeline "
+                            "for it (`dvc exp apply`, `dvc repro`, commit) before promoting")
+
+    locked = (yaml.safe_load(show("dvc.lock") or "") or {}).get("stages", {})
+    for name, stage in ((yaml.safe_load(show("dvc.yaml") or "") or {}).get("stages") or {}).items():
+        ran = [key for key in locked if key == name or key.startswith(f"{name}@")]
+        if not ran:
+            raise stale(f"its dvc.lock has no {name}")
+        if isinstance(stage, dict) and isinstance(stage.get("cmd"), str) and locked[ran[0]].get("cmd") != stage["cmd"]:
+            raise stale(f"{name}'s command changed after it ran")
     made = {out["path"]: (stage, out.get("md5")) for stage, entry in locked.items() for out in entry.get("outs", [])}
+    params = {file: yaml.safe_load(show(file) or "") or {}
+              for entry in locked.values() for file in entry.get("params", {})}
     for stage, entry in locked.items():
         for dep in entry.get("deps", []):
-            producer, md5 = made.get(dep["path"], (None, None))
-            if producer is not None and dep.get("md5") != md5:
-                raise CnnpipeError(f"--rev {rev}: the run did not finish: {stage} last ran on another {dep['path']} "
-                                   f"than {producer} made; reproduce the whole pipeline for it (`dvc exp apply`, "
-                                   "`dvc repro`, commit) before promoting")
+            path, md5 = dep["path"], dep.get("md5")
+            if path in made:
+                if md5 != made[path][1]:
+                    raise stale(f"{stage} last ran on another {path} than {made[path][0]} made")
+            elif md5 and not md5.endswith(".dir") and (text := show(path)) is not None:
+                if hashlib.md5(text.encode("utf-8", "surrogateescape")).hexdigest() != md5:
+                    raise stale(f"{path} changed after {stage} ran")
+        for file, values in entry.get("params", {}).items():
+            for key, value in values.items():
+                if lookup(params[file], key) != value:
+                    raise stale(f"{file}'s {key} changed after {stage} ran")
+
+
+def lookup(tree: dict, dotted: str):
+    """params.yaml's value at a dotted key (`train.epochs`); None where it has none."""
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
 
 
 def resolve_rev(repo: Path, rev: str) -> str:
@@ -220,8 +249,13 @@ def resolve_rev(repo: Path, rev: str) -> str:
 def one_at_a_time(repo: Path) -> Iterator[None]:
     """Promotions of one repository take turns (the nightly flow and a person at the CLI, say): each reads
     production after the one before it has registered its version, and so is gated against it."""
-    git_dir = Path(registry.git(repo, "rev-parse", "--git-common-dir"))
-    with open((repo / git_dir) / "cnnpipe-promote.lock", "a") as f:
+    path = repo / registry.git(repo, "rev-parse", "--git-common-dir") / "cnnpipe-promote.lock"
+    try:
+        f = open(path, "a")
+    except OSError as e:
+        raise CnnpipeError(f"cannot open the promotion lock {path} ({e.strerror}); promote from a checkout whose "
+                           ".git folder is writable") from e
+    with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -240,9 +274,9 @@ def promote(repo: str | Path, p: PromoteParams, run_name: str = "", dry_run: boo
     if rev is None:
         check_only_results_changed(repo)
         check_up_to_date(repo)
-    lock = registry.git(repo, "show", f"{rev}:dvc.lock") if rev else (repo / "dvc.lock").read_text()
     if rev is not None:
-        check_run_finished(lock, registry.git(repo, "show", f"{rev}:dvc.yaml"), rev[:10])
+        check_run_finished(repo, rev)
+    lock = registry.git(repo, "show", f"{rev}:dvc.lock") if rev else (repo / "dvc.lock").read_text()
     with one_at_a_time(repo):
         return gate(repo, p, rules, run, lock, run_name, dry_run, rev)
 

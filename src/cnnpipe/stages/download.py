@@ -193,8 +193,8 @@ def warn_if_untracked(root: Path, watched: Path = OWN_IMAGES) -> None:
     """Images read in place from outside `watched` are no dependency of any stage: say that a changed image
     would rerun nothing."""
     if not root.resolve().is_relative_to(watched.resolve()):
-        log.warning("%s is outside %s, so DVC does not watch its images: a changed image reruns nothing; "
-                    "move it under %s (or run `dvc repro --force split` after a change)", root, watched, watched)
+        log.warning("%s is outside %s, so DVC does not watch its images: a changed image reruns nothing; move "
+                    "it under %s (or run `dvc repro -f -s split && dvc repro` after a change)", root, watched, watched)
 
 
 def download_custom(params: DownloadParams, out_dir: Path) -> Path:

@@ -285,7 +285,7 @@ def build_run(p: TrainParams, prepared: Path, device: torch.device, d: Dist) -> 
     if d.world > 1:
         log.info("torchrun: %d processes (%s), each %d images of every %d-image batch", d.world,
                  dist.get_backend(), p.batch_size // d.world, p.batch_size)
-    key = resume.fingerprint(p, meta, [x_np, y_np, vx_np, vy_np], d.world, device, engine.amp)
+    key = resume.fingerprint(p, meta, [x_np, y_np, vx_np, vy_np], d.world, device, engine.amp) if p.resume else ""
     return Run(engine, meta, x, y, vx, vy, mean, std, p.flip and meta.flip, generator, key)
 
 
@@ -337,6 +337,16 @@ def run_epochs(p: TrainParams, run: Run, progress: Progress, state_path: Path, d
             progress.best = row
             if p.patience > 0:  # early stopping ends on the best epoch's weights
                 progress.best_state = {k: v.detach().clone() for k, v in engine.net.state_dict().items()}
+        patience_out = p.patience > 0 and epoch - progress.best["epoch"] >= p.patience
+        kept_acc = kept_row(p, progress)["val_acc"]  # if the run ended now
+        if should_stop(report, epoch, va_acc, kept_acc, epoch == p.epochs or patience_out, d):
+            log.info("pruned by the sweep after epoch %d: validation accuracy %.4f is below the median of "
+                     "earlier trials at this epoch", epoch, va_acc)
+            stopped_early = "pruned"
+        elif patience_out:
+            log.info("early stop: no better validation accuracy for %d epochs", p.patience)
+            stopped_early = "patience"
+        progress.stopped_early = stopped_early  # saved with the epoch: a rerun after an interruption ends here too
         progress.seconds = time.perf_counter() - start
         if p.resume:
             resume.save(state_path, run.key, engine, run.generator, progress, d)
@@ -344,21 +354,9 @@ def run_epochs(p: TrainParams, run: Run, progress: Progress, state_path: Path, d
             t1 = time.perf_counter()
             on_epoch(dict(row, train_seconds=round(t1 - start, 2)), engine.net)
             start += time.perf_counter() - t1
-        patience_out = p.patience > 0 and epoch - progress.best["epoch"] >= p.patience
-        kept_acc = kept_row(p, progress)["val_acc"]  # if the run ended now
-        if should_stop(report, epoch, va_acc, kept_acc, epoch == p.epochs or patience_out, d):
-            log.info("pruned by the sweep after epoch %d: validation accuracy %.4f is below the median of "
-                     "earlier trials at this epoch", epoch, va_acc)
-            stopped_early = "pruned"
-            break
-        if patience_out:
-            log.info("early stop: no better validation accuracy for %d epochs", p.patience)
-            stopped_early = "patience"
+        if stopped_early:
             break
     progress.seconds = time.perf_counter() - start
-    if stopped_early and p.resume:  # a rerun after an interruption from here on ends here too
-        progress.stopped_early = stopped_early
-        resume.save(state_path, run.key, engine, run.generator, progress, d)
     return progress, stopped_early
 
 
