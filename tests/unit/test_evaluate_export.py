@@ -1,6 +1,7 @@
 import csv
 import hashlib
 import json
+import re
 
 import numpy as np
 import onnx
@@ -74,11 +75,11 @@ def test_export_beyond_tolerance_fails_and_leaves_nothing(tmp_path, prepared, tr
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"dataset": "fashion-mnist"}, "dataset mnist there, fashion-mnist here"),
-    ({"shape": [3, 28, 28]}, r"image shape \[1, 28, 28\] there, \[3, 28, 28\] here"),
+    ({"dataset": "fashion-mnist"}, "dataset mnist for the model, fashion-mnist here"),
+    ({"shape": [3, 28, 28]}, "images 1×28×28 for the model, 3×28×28 here"),
     # own images are all `imagefolder`: a class added, or the same classes in another order, is other data
-    ({"classes": [str(d) for d in range(10)] + ["10"]}, r"classes \['0', .*'9'\] there, \['0', .*'10'\] here"),
-    ({"classes": [str(d) for d in reversed(range(10))]}, r"classes \['0', .* there, \['9', .* here"),
+    ({"classes": [str(d) for d in range(10)] + ["10"]}, "10 classes for the model, 11 here"),
+    ({"classes": [str(d) for d in reversed(range(10))]}, "class 0 is '0' for the model, '9' here"),
 ])
 def test_evaluate_export_and_quantize_refuse_other_data(tmp_path, prepared, trained, change, message):
     """Each stage that scores or checks a model on prepared data refuses data unlike its training data, in one
@@ -89,7 +90,7 @@ def test_evaluate_export_and_quantize_refuse_other_data(tmp_path, prepared, trai
     export(ExportParams(check_images=16), prepared, trained, tmp_path / "m.onnx", tmp_path / "export.json")
     meta = json.loads((prepared / "meta.json").read_text())
     (prepared / "meta.json").write_text(json.dumps(meta | change))
-    pattern = rf"was trained on other data than .*prepared holds: {message}; retrain \(dvc repro train\)"
+    pattern = rf"was trained on other data than .*prepared holds \({re.escape(message)}\); rerun the pipeline"
     with pytest.raises(CnnpipeError, match=pattern):
         evaluate(EvaluateParams(), prepared, trained, tmp_path / "e.json", tmp_path / "c.csv", tmp_path / "p.csv")
     with pytest.raises(CnnpipeError, match=pattern):

@@ -36,17 +36,25 @@ def load_meta(prepared: str | Path) -> Meta:
 def check_same_data(model: Meta, data: Meta, model_path: str | Path, prepared: str | Path) -> None:
     """A model is scored or checked only on data like its training data: the same dataset, image shape and
     classes in the same order (own images are all named imagefolder or csv: the classes tell them apart)."""
-    for what, mine, theirs in (("dataset", model.dataset, data.dataset),
-                               ("image shape", list(model.shape), list(data.shape)),
-                               ("classes", list(model.classes), list(data.classes))):
-        if mine != theirs:
-            raise CnnpipeError(f"{model_path} was trained on other data than {prepared} holds: {what} "
-                               f"{_short(mine)} there, {_short(theirs)} here; retrain (dvc repro train)")
+    difference = data_difference(model, data)
+    if difference:
+        raise CnnpipeError(f"{model_path} was trained on other data than {prepared} holds ({difference}); rerun "
+                           "the pipeline (dvc repro) to train on this data")
 
 
-def _short(value) -> str:
-    text = str(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+def data_difference(model: Meta, data: Meta) -> str | None:
+    """What first differs between the model's training data and the data, in words; None if nothing does."""
+    if model.dataset != data.dataset:
+        return f"dataset {model.dataset} for the model, {data.dataset} here"
+    if list(model.shape) != list(data.shape):
+        return f"images {'×'.join(map(str, model.shape))} for the model, {'×'.join(map(str, data.shape))} here"
+    mine, theirs = list(model.classes), list(data.classes)
+    if len(mine) != len(theirs):
+        return f"{len(mine)} classes for the model, {len(theirs)} here"
+    for i, (a, b) in enumerate(zip(mine, theirs, strict=True)):
+        if a != b:
+            return f"class {i} is {a!r} for the model, {b!r} here"
+    return None
 
 
 def write_meta(directory: str | Path, meta: Meta) -> Path:

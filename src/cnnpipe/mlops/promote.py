@@ -190,8 +190,12 @@ def check_run_finished(repo: Path, rev: str) -> None:
     import yaml
 
     def show(path: str) -> str | None:
-        proc = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=repo, capture_output=True)
-        return proc.stdout.decode("utf-8", "surrogateescape") if proc.returncode == 0 else None
+        return None if (data := checked_out(path)) is None else data.decode("utf-8", "surrogateescape")
+
+    def checked_out(path: str) -> bytes | None:
+        """The file as a checkout of `rev` writes it (line endings and filters applied), as DVC hashed it."""
+        proc = subprocess.run(["git", "cat-file", "--filters", f"{rev}:{path}"], cwd=repo, capture_output=True)
+        return proc.stdout if proc.returncode == 0 else None
 
     def stale(why: str) -> CnnpipeError:
         return CnnpipeError(f"--rev {rev[:10]}: its results are not its commit's: {why}; reproduce the whole pipeline "
@@ -205,28 +209,32 @@ def check_run_finished(repo: Path, rev: str) -> None:
         if isinstance(stage, dict) and isinstance(stage.get("cmd"), str) and locked[ran[0]].get("cmd") != stage["cmd"]:
             raise stale(f"{name}'s command changed after it ran")
     made = {out["path"]: (stage, out.get("md5")) for stage, entry in locked.items() for out in entry.get("outs", [])}
-    params = {file: yaml.safe_load(show(file) or "") or {}
-              for entry in locked.values() for file in entry.get("params", {})}
+    params = {file: yaml.safe_load(show(file) or "") or {}  # YAML, or JSON (a subset)
+              for entry in locked.values() for file in entry.get("params", {})
+              if file.endswith((".yaml", ".yml", ".json"))}
     for stage, entry in locked.items():
         for dep in entry.get("deps", []):
             path, md5 = dep["path"], dep.get("md5")
             if path in made:
                 if md5 != made[path][1]:
                     raise stale(f"{stage} last ran on another {path} than {made[path][0]} made")
-            elif md5 and not md5.endswith(".dir") and (text := show(path)) is not None:
-                if hashlib.md5(text.encode("utf-8", "surrogateescape")).hexdigest() != md5:
+            elif dep.get("hash") == "md5" and md5 and not md5.endswith(".dir") and (data := checked_out(path)):
+                if hashlib.md5(data).hexdigest() != md5:  # a file in git (code): as the commit holds it
                     raise stale(f"{path} changed after {stage} ran")
         for file, values in entry.get("params", {}).items():
-            for key, value in values.items():
+            for key, value in values.items() if file in params else ():
                 if lookup(params[file], key) != value:
                     raise stale(f"{file}'s {key} changed after {stage} ran")
 
 
+MISSING = object()
+
+
 def lookup(tree: dict, dotted: str):
-    """params.yaml's value at a dotted key (`train.epochs`); None where it has none."""
+    """params.yaml's value at a dotted key (`train.epochs`); MISSING where it has none."""
     for part in dotted.split("."):
         if not isinstance(tree, dict) or part not in tree:
-            return None
+            return MISSING
         tree = tree[part]
     return tree
 
