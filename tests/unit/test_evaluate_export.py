@@ -55,6 +55,17 @@ def test_export_matches_torch_and_carries_metadata(tmp_path, prepared, trained):
     assert json.loads((tmp_path / "export.json").read_text()) == {"bytes": (tmp_path / "m.onnx").stat().st_size,
                                                                    "agree": 1.0}
     assert m["sha256"] == hashlib.sha256((tmp_path / "m.onnx").read_bytes()).hexdigest()
+    # nothing of this checkout's or environment's paths (the exporter's stack traces): the same model exported
+    # from another folder or machine is the same file
+    import sys
+    from pathlib import Path
+
+    import cnnpipe
+
+    data = (tmp_path / "m.onnx").read_bytes()
+    assert b"stack_trace" not in data
+    for folder in (Path(cnnpipe.__file__).resolve().parent, Path(sys.prefix)):
+        assert str(folder).encode() not in data, folder
     model = onnx.load(tmp_path / "m.onnx")
     meta = {p.key: p.value for p in model.metadata_props}
     assert json.loads(meta["cnnpipe.classes"]) == [str(d) for d in range(10)]

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
+STACK_TRACE = "pkg.torch.onnx.stack_trace"  # node metadata of torch's exporter
 
 
 def onnx_metadata(state: dict) -> dict[str, str]:
@@ -50,7 +51,21 @@ def to_onnx(model: torch.nn.Module, input_shape: list[int], opset: int) -> onnx.
         model, (example,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
         output_names=[OUTPUT_NAME], dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False,
     )
-    return program.model_proto
+    return without_stack_traces(program.model_proto)
+
+
+def without_stack_traces(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Drop the exporter's per-node Python stack traces: they hold this checkout's absolute paths, so the same
+    model exported from two folders (or machines) would give two files, and the file would ship the paths."""
+    graphs = [proto.graph, *(f for f in proto.functions)]
+    while graphs:
+        graph = graphs.pop()
+        for node in graph.node if hasattr(graph, "node") else []:
+            kept = [p for p in node.metadata_props if p.key != STACK_TRACE]
+            del node.metadata_props[:]
+            node.metadata_props.extend(kept)
+            graphs += [a.g for a in node.attribute if a.HasField("g")] + [g for a in node.attribute for g in a.graphs]
+    return proto
 
 
 def compare(path: Path, model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> dict:
