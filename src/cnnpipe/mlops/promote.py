@@ -131,7 +131,7 @@ def check_up_to_date(repo: Path) -> None:
     """The metrics must be the outputs of the checkout's code and params (dvc status clean)."""
     proc = dvc(repo, "status", "--json")
     if proc.returncode != 0:
-        raise CnnpipeError(f"dvc status failed in {repo}: {proc.stderr.strip()[-200:]}")
+        raise CnnpipeError(f"dvc status failed in {repo}: {error_line(proc.stderr)}")
     stale = sorted(json.loads(proc.stdout or "{}"))
     if stale:
         raise CnnpipeError(f"the run's outputs are stale ({', '.join(stale)}); run `dvc repro` before promoting")
@@ -183,7 +183,7 @@ def same_models(repo: Path, lock: str, prod_lock: str) -> bool:
                for path in paths)
 
 
-def check_run_finished(repo: Path, rev: str) -> None:
+def check_run_finished(repo: Path, rev: str, lock_text: str) -> None:
     """A committed run must be the outputs of its commit: every stage run, each with the command, params and code
     of that commit, on the outputs of the stages before it. A run stopped part way (a sweep's trial stops after
     train) still holds the later stages' metrics of an older model."""
@@ -201,7 +201,7 @@ def check_run_finished(repo: Path, rev: str) -> None:
         return CnnpipeError(f"--rev {rev[:10]}: its results are not its commit's: {why}; reproduce the whole pipeline "
                             "for it (`dvc exp apply`, `dvc repro`, commit) before promoting")
 
-    locked = (yaml.safe_load(show("dvc.lock") or "") or {}).get("stages", {})
+    locked = (yaml.safe_load(lock_text) or {}).get("stages", {})
     for name, stage in ((yaml.safe_load(show("dvc.yaml") or "") or {}).get("stages") or {}).items():
         ran = [key for key in locked if key == name or key.startswith(f"{name}@")]
         if not ran:
@@ -282,9 +282,9 @@ def promote(repo: str | Path, p: PromoteParams, run_name: str = "", dry_run: boo
     if rev is None:
         check_only_results_changed(repo)
         check_up_to_date(repo)
-    if rev is not None:
-        check_run_finished(repo, rev)
     lock = registry.git(repo, "show", f"{rev}:dvc.lock") if rev else (repo / "dvc.lock").read_text()
+    if rev is not None:
+        check_run_finished(repo, rev, lock)
     with one_at_a_time(repo):
         return gate(repo, p, rules, run, lock, run_name, dry_run, rev)
 
