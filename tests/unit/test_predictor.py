@@ -129,6 +129,32 @@ def test_missing_and_non_onnx_model(tmp_path):
         Predictor(tmp_path / "bad.onnx")
 
 
+@pytest.mark.parametrize("keep", [set(), {"cnnpipe.model", "cnnpipe.classes", "cnnpipe.input_shape",
+                                            "cnnpipe.mean", "cnnpipe.std"}], ids=["none", "no-dataset"])
+def test_onnx_without_cnnpipe_metadata_is_refused(onnx_model, tmp_path, keep):
+    """The predictor and the quantize stage read the metadata the export stage writes: a file without it, or
+    without any part of it, is refused in one line that says how to export the model; quantize writes nothing."""
+    import onnx
+
+    from cnnpipe.core.params import QuantizeParams
+    from cnnpipe.stages.quantize import quantize
+
+    proto = onnx.load(onnx_model)
+    kept = [(p.key, p.value) for p in proto.metadata_props if p.key in keep]
+    del proto.metadata_props[:]
+    for key, value in kept:
+        proto.metadata_props.add(key=key, value=value)
+    bare = tmp_path / "bare.onnx"
+    onnx.save_model(proto, bare)
+    message = r"bare.onnx: the ONNX file lacks cnnpipe's metadata \(.*\); export the model with `dvc repro export`"
+    with pytest.raises(CnnpipeError, match=message):
+        Predictor(bare, threads=1)
+    with pytest.raises(CnnpipeError, match=message):
+        quantize(QuantizeParams(calibration_images=16, latency_runs=1), onnx_model.parent / "prepared", bare,
+                 tmp_path / "bare.int8.onnx", tmp_path / "quantize.json")
+    assert [f.name for f in tmp_path.iterdir()] == ["bare.onnx"]
+
+
 def test_predictor_does_not_import_torch(onnx_model):
     code = ("import sys; from cnnpipe.serve.predictor import Predictor; p = Predictor(sys.argv[1]); "
             "import numpy as np; p.predict(np.zeros((28, 28))); print('torch' in sys.modules)")

@@ -269,14 +269,15 @@ def heavy_model(path: Path, shape: tuple[int, int, int] = (3, 32, 32)) -> Path:
     import torch
 
     from cnnpipe.core.models import build_model, fold_batchnorm
-    from cnnpipe.stages.export import onnx_metadata, to_onnx
+    from cnnpipe.core.onnx_io import write_metadata
+    from cnnpipe.stages.export import to_onnx
 
     torch.manual_seed(0)
     model = build_model("airnet", shape, 10).eval()
     proto = to_onnx(fold_batchnorm(model), list(shape), 18)
     state = {"model": "airnet", "dataset": "synthetic", "classes": [str(i) for i in range(10)],
              "input_shape": list(shape), "mean": [0.5] * shape[0], "std": [0.25] * shape[0]}
-    for key, value in onnx_metadata(state).items():
+    for key, value in write_metadata(state).items():
         proto.metadata_props.add(key=key, value=value)
     onnx.save_model(proto, path)
     return path

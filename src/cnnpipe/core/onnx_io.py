@@ -1,15 +1,55 @@
-"""What the exporter, the quantizer and the predictor agree on about an ONNX model: how pixels are normalized
-into its input, and how an onnxruntime session is set up. numpy and onnxruntime only (no torch)."""
+"""What the exporter, the quantizer and the predictor agree on about an ONNX model: the metadata that describes
+its data, how pixels are normalized into its input, and how an onnxruntime session is set up. numpy and
+onnxruntime only (no torch)."""
 
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from cnnpipe.core import cpushare
 from cnnpipe.core.errors import CnnpipeError
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """What the export stage writes into an ONNX model's metadata besides the graph: the model's name and the
+    data it was trained on."""
+    model: str
+    dataset: str
+    classes: list[str]
+    input_shape: tuple[int, int, int]  # C, H, W
+    mean: list[float]  # per channel, 0-1 scale
+    std: list[float]
+
+
+def write_metadata(state: Mapping) -> dict[str, str]:
+    """A checkpoint's ModelMeta fields as ONNX metadata (str -> str, values JSON)."""
+    return {
+        "cnnpipe.model": state["model"],
+        "cnnpipe.dataset": state["dataset"],
+        "cnnpipe.classes": json.dumps(state["classes"]),
+        "cnnpipe.input_shape": json.dumps(state["input_shape"]),
+        "cnnpipe.mean": json.dumps(state["mean"]),
+        "cnnpipe.std": json.dumps(state["std"]),
+        "cnnpipe.input_scale": "255",  # inputs are (pixels/255 - mean) / std, float32, N×C×H×W
+    }
+
+
+def read_metadata(props: Mapping[str, str], path: str | Path) -> ModelMeta:
+    """ModelMeta from an ONNX model's metadata (onnx's metadata_props or onnxruntime's custom_metadata_map)."""
+    try:
+        return ModelMeta(props["cnnpipe.model"], props["cnnpipe.dataset"], json.loads(props["cnnpipe.classes"]),
+                         tuple(json.loads(props["cnnpipe.input_shape"])), json.loads(props["cnnpipe.mean"]),
+                         json.loads(props["cnnpipe.std"]))
+    except (KeyError, ValueError) as e:
+        raise CnnpipeError(f"{path}: the ONNX file lacks cnnpipe's metadata ({e}); export the model with "
+                           "`dvc repro export` (or `cnnpipe export`)") from e
 
 
 def normalize_pixels(pixels: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import re
 from collections.abc import Sequence
@@ -20,7 +19,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from cnnpipe.core.errors import CnnpipeError
-from cnnpipe.core.onnx_io import choose_providers, session_options
+from cnnpipe.core.onnx_io import choose_providers, read_metadata, session_options
 
 
 class InputError(ValueError):
@@ -82,20 +81,10 @@ class ModelInfo:
 
 def read_model_info(path: Path, model_proto_bytes: bytes, meta: dict[str, str], input_name: str,
                     opset: int) -> ModelInfo:
-    try:
-        return ModelInfo(
-            classes=json.loads(meta["cnnpipe.classes"]),
-            input_shape=tuple(json.loads(meta["cnnpipe.input_shape"])),
-            mean=json.loads(meta["cnnpipe.mean"]),
-            std=json.loads(meta["cnnpipe.std"]),
-            model=meta.get("cnnpipe.model", "?"),
-            dataset=meta.get("cnnpipe.dataset", "?"),
-            opset=opset,
-            sha256=hashlib.sha256(model_proto_bytes).hexdigest(),
-            input_name=input_name,
-        )
-    except (KeyError, ValueError) as e:
-        raise CnnpipeError(f"{path}: ONNX file lacks cnnpipe metadata ({e}); export it with `cnnpipe export`") from e
+    m = read_metadata(meta, path)
+    return ModelInfo(classes=m.classes, input_shape=m.input_shape, mean=m.mean, std=m.std, model=m.model,
+                     dataset=m.dataset, opset=opset, sha256=hashlib.sha256(model_proto_bytes).hexdigest(),
+                     input_name=input_name)
 
 
 class Predictor:

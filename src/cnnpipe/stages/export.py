@@ -7,7 +7,6 @@ is left. Class names, input shape and normalization go into the ONNX metadata fo
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from cnnpipe.core.checkpoint import load_checkpoint, meta_of
 from cnnpipe.core.errors import CnnpipeError
 from cnnpipe.core.fsutil import atomic_path, file_digest, write_metrics
 from cnnpipe.core.models import fold_batchnorm
-from cnnpipe.core.onnx_io import normalize_pixels, session_options
+from cnnpipe.core.onnx_io import normalize_pixels, session_options, write_metadata
 from cnnpipe.core.params import ExportParams
 from cnnpipe.core.prepared import check_same_data, load_meta, load_split
 
@@ -30,18 +29,6 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 STACK_TRACE = "pkg.torch.onnx.stack_trace"  # node metadata of torch's exporter
 
-
-def onnx_metadata(state: dict) -> dict[str, str]:
-    """What a server needs besides the graph; values are JSON strings (ONNX metadata is str -> str)."""
-    return {
-        "cnnpipe.model": state["model"],
-        "cnnpipe.dataset": state["dataset"],
-        "cnnpipe.classes": json.dumps(state["classes"]),
-        "cnnpipe.input_shape": json.dumps(state["input_shape"]),
-        "cnnpipe.mean": json.dumps(state["mean"]),
-        "cnnpipe.std": json.dumps(state["std"]),
-        "cnnpipe.input_scale": "255",  # inputs are (pixels/255 - mean) / std, float32, N×C×H×W
-    }
 
 
 def to_onnx(model: torch.nn.Module, input_shape: list[int], opset: int) -> onnx.ModelProto:
@@ -101,7 +88,7 @@ def export(p: ExportParams, prepared: str | Path = "data/prepared", model_path: 
     with atomic_path(onnx_path) as tmp:
         # the graph is the BN-folded model; it is compared below with the checkpoint's own model
         proto = to_onnx(fold_batchnorm(model), state["input_shape"], p.opset)
-        for key, value in onnx_metadata(state).items():
+        for key, value in write_metadata(state).items():
             proto.metadata_props.add(key=key, value=value)
         onnx.checker.check_model(proto, full_check=True)
         onnx.save_model(proto, tmp)

@@ -7,7 +7,6 @@ fp32, so `dvc metrics diff` shows the trade) and metrics/quantize.info.json (bot
 
 from __future__ import annotations
 
-import json
 import logging
 import statistics
 import tempfile
@@ -20,7 +19,7 @@ import onnx
 from cnnpipe.core import cpushare
 from cnnpipe.core.errors import CnnpipeError
 from cnnpipe.core.fsutil import atomic_path, write_metrics
-from cnnpipe.core.onnx_io import normalize_pixels
+from cnnpipe.core.onnx_io import normalize_pixels, read_metadata
 from cnnpipe.core.params import QuantizeParams
 from cnnpipe.core.prepared import Meta, check_same_data, load_meta, load_split
 
@@ -87,14 +86,8 @@ def ort_version() -> str:
 
 def onnx_meta(path: Path) -> Meta:
     """What the export stage wrote into the model's metadata about its training data."""
-    props = {p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}
-    try:
-        return Meta(props["cnnpipe.dataset"], json.loads(props["cnnpipe.classes"]),
-                    tuple(json.loads(props["cnnpipe.input_shape"])), json.loads(props["cnnpipe.mean"]),
-                    json.loads(props["cnnpipe.std"]), False)
-    except (KeyError, ValueError) as e:
-        raise CnnpipeError(f"{path} has no cnnpipe metadata ({e}); export it with the export stage "
-                           "(dvc repro export)") from e
+    m = read_metadata({p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}, path)
+    return Meta(m.dataset, m.classes, m.input_shape, m.mean, m.std, False)
 
 
 @cpushare.registered
