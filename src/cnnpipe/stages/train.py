@@ -302,17 +302,16 @@ def should_stop(report: trial.Reporter | None, epoch: int, val_acc: float, kept_
 
 def run_epochs(p: TrainParams, run: Run, progress: Progress, state_path: Path, d: Dist,
                on_epoch: Callable[[dict, nn.Module], None] | None,
-               report: trial.Reporter | None = None) -> tuple[Progress, str | None]:
+               report: trial.Reporter | None = None) -> Progress:
     """Train from the epoch after `progress.epoch` to the last, validating each epoch and saving the resume
-    state after it. Stops early on train.patience or when a sweep's pruner says so (`report`). Returns the
-    progress and why it stopped early ("patience", "pruned") or None."""
+    state after it. Stops early on train.patience or when a sweep's pruner says so (`report`); the progress
+    returned says why in `stopped_early` ("patience", "pruned", or None)."""
     engine = run.engine
     steps = len(run.y) // p.batch_size
     interactive = sys.stderr.isatty() and d.main  # a bar on a terminal; plain lines in CI, DVC, Prefect
     start = time.perf_counter() - progress.seconds
     if progress.stopped_early:  # interrupted after deciding to stop, before the outputs were written
-        return progress, progress.stopped_early
-    stopped_early = None
+        return progress
     for epoch in range(progress.epoch + 1, p.epochs + 1):
         used: set[int] = set()
         t0 = time.perf_counter()
@@ -342,22 +341,21 @@ def run_epochs(p: TrainParams, run: Run, progress: Progress, state_path: Path, d
         if should_stop(report, epoch, va_acc, kept_acc, epoch == p.epochs or patience_out, d):
             log.info("pruned by the sweep after epoch %d: validation accuracy %.4f is below the median of "
                      "earlier trials at this epoch", epoch, va_acc)
-            stopped_early = "pruned"
+            progress.stopped_early = "pruned"
         elif patience_out:
             log.info("early stop: no better validation accuracy for %d epochs", p.patience)
-            stopped_early = "patience"
-        progress.stopped_early = stopped_early  # saved with the epoch: a rerun after an interruption ends here too
+            progress.stopped_early = "patience"
         progress.seconds = time.perf_counter() - start
-        if p.resume:
+        if p.resume:  # the stop decision is saved with the epoch: a rerun after an interruption ends here too
             resume.save(state_path, run.key, engine, run.generator, progress, d)
         if on_epoch is not None:
             t1 = time.perf_counter()
             on_epoch(dict(row, train_seconds=round(t1 - start, 2)), engine.net)
             start += time.perf_counter() - t1
-        if stopped_early:
+        if progress.stopped_early:
             break
     progress.seconds = time.perf_counter() - start
-    return progress, stopped_early
+    return progress
 
 
 def kept_row(p: TrainParams, progress: Progress) -> dict:
@@ -365,8 +363,8 @@ def kept_row(p: TrainParams, progress: Progress) -> dict:
     return progress.best if p.patience > 0 else progress.history[-1]
 
 
-def finish(p: TrainParams, run: Run, progress: Progress, stopped_early: str | None, model_path: Path,
-           metrics_path: Path, history_path: Path, state_path: Path, d: Dist) -> dict:
+def finish(p: TrainParams, run: Run, progress: Progress, model_path: Path, metrics_path: Path,
+           history_path: Path, state_path: Path, d: Dist) -> dict:
     """Keep the last epoch's weights, or with early stopping the best epoch's; rank 0 writes the checkpoint,
     history, curves and metrics, and removes the resume state."""
     engine, kept = run.engine, kept_row(p, progress)
@@ -384,8 +382,8 @@ def finish(p: TrainParams, run: Run, progress: Progress, stopped_early: str | No
         "dataset": run.meta.dataset,
         "epochs": p.epochs,
         "epochs_run": len(progress.history),
-        "stopped_early": stopped_early is not None,
-        "pruned": stopped_early == "pruned",  # a sweep's trial, stopped by its pruner (the outputs are whole)
+        "stopped_early": progress.stopped_early is not None,
+        "pruned": progress.stopped_early == "pruned",  # a sweep's trial, stopped by its pruner (the outputs are whole)
         "images_per_second": round(progress.images / progress.seconds, 1),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "processes": d.world,
@@ -421,5 +419,5 @@ def _train(p: TrainParams, prepared: Path, model_path: Path, metrics_path: Path,
         progress = resume.restore(state, run.engine, run.generator, d)
         log.info("resuming after epoch %d from %s", progress.epoch, state_path)
     report = trial.reporter_from_env() if d.main else None
-    progress, stopped_early = run_epochs(p, run, progress, state_path, d, on_epoch, report)
-    return finish(p, run, progress, stopped_early, model_path, metrics_path, history_path, state_path, d)
+    progress = run_epochs(p, run, progress, state_path, d, on_epoch, report)
+    return finish(p, run, progress, model_path, metrics_path, history_path, state_path, d)
