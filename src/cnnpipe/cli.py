@@ -100,8 +100,6 @@ def _serve(args: argparse.Namespace) -> None:
 
 
 def _promote(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from cnnpipe.core.params import load_section
     from cnnpipe.mlops.promote import promote
     decision = promote(Path(args.repo), load_section("promote", Path(args.repo) / args.params), args.run_name,
@@ -111,8 +109,6 @@ def _promote(args: argparse.Namespace) -> int:
 
 
 def _registry(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
     from cnnpipe.mlops import registry
     if args.get:
         print(registry.fetch(Path(args.repo), args.get, Path(args.out)))
@@ -126,8 +122,6 @@ def _registry(args: argparse.Namespace) -> None:
 
 
 def _bench_serve(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
     from cnnpipe.bench.serve import bench_serve
     bench_serve(Path(args.onnx), Path(args.int8), Path(args.checkpoint), Path(args.prepared), Path(args.out),
                 args.clients, args.seconds, args.repeats, args.runs, args.threads, args.max_wait_ms,
@@ -140,16 +134,12 @@ def _example_images(args: argparse.Namespace) -> None:
 
 
 def _bench_hostile(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
     from cnnpipe.bench.hostile import bench_hostile
     bench_hostile(Path(args.onnx), Path(args.out), args.seconds, args.connections, args.pause,
                   body_timeout=args.body_timeout)
 
 
 def _bench_swap(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
     from cnnpipe.bench.swap import bench_swap
     if args.promote_at >= args.seconds:
         raise CnnpipeError(f"--promote-at {args.promote_at:g} is not within the load's --seconds {args.seconds:g}; "
@@ -159,23 +149,17 @@ def _bench_swap(args: argparse.Namespace) -> None:
 
 
 def _bench_queue(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
     from cnnpipe.bench.experiments import bench_queue
     bench_queue(Path(args.repo), Path(args.out), args.experiments, args.epochs)
 
 
 def _bench_sweep(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
     from cnnpipe.bench.experiments import bench_sweep
     bench_sweep(Path(args.repo), Path(args.out), args.trials, args.parallel, args.epochs, args.train_size or None,
                 warmups=args.warmup_epochs)
 
 
 def _bench_train(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
     from cnnpipe.bench.train import bench_synthetic, bench_train
     from cnnpipe.core.errors import CnnpipeError
     from cnnpipe.core.params import parse_section, read_yaml
@@ -216,8 +200,6 @@ STAGES: dict[str, tuple[Callable[[argparse.Namespace], None], str]] = {
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from cnnpipe.mlops import sweep
     repo = Path(args.repo)
     spec = sweep.check_budget(sweep.load_spec(args.file, repo / "params.yaml"), args.trials, args.parallel)
