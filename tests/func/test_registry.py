@@ -318,6 +318,10 @@ def test_an_experiment_name_means_the_run_from_head_and_an_ambiguous_one_is_refu
     assert older.commit[:10] in lines[0] and newer.commit[:10] in lines[0]
     assert "pass one of these commits instead" in lines[0]
     assert cnnpipe(tiny, "promote", "--rev", newer.commit[:10], "--dry-run").returncode == 0
+    unknown = cnnpipe(tiny, "promote", "--rev", "nosuch", "--dry-run")
+    assert unknown.returncode == 1 and unknown.stderr.strip().splitlines() == [
+        "cnnpipe promote: error: --rev nosuch: not a commit, and no experiment 'nosuch' is recorded; see "
+        "`dvc exp show --all-commits`"], unknown.stderr
 
 
 def test_promote_rev_refuses_a_run_that_is_not_its_commits_outputs(tiny):

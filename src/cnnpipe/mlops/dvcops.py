@@ -131,13 +131,12 @@ def run_experiment(repo: str | Path, name: str, overrides: dict[str, Any],
 
 
 def head_commit(repo: str | Path) -> str:
-    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+    return checked(repo, "git", "rev-parse", "HEAD")
 
 
 def experiment_refs(repo: str | Path, name: str) -> dict[str, str]:
     """The experiments named `name`: baseline commit -> experiment commit (DVC's refs/exps/ab/cdef.../name)."""
-    refs = subprocess.run(["git", "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps"], cwd=repo,
-                          capture_output=True, text=True).stdout.splitlines()
+    refs = checked(repo, "git", "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps").splitlines()
     found = {}
     for line in refs:
         commit, ref = line.split()
@@ -202,9 +201,10 @@ def checked(cwd: str | Path, *args: str) -> str:
 
 def error_line(stderr: str) -> str:
     """The line of a failed command's stderr that says what went wrong: DVC's last ERROR line (DVC ends with a
-    support footer; `-q` drops the ERROR line itself), else the last line."""
+    support footer; `-q` drops the ERROR line itself) or git's last fatal/error line (git may follow it with
+    usage), else the last line."""
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("ERROR")]
+    errors = [line for line in lines if line.startswith(("ERROR", "fatal:", "error:"))]
     others = [line for line in lines if not line.startswith("Having any troubles?")]
     return (errors or others or ["no output"])[-1]
 

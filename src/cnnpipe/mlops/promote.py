@@ -25,7 +25,7 @@ from pathlib import Path
 from cnnpipe.core.errors import CnnpipeError
 from cnnpipe.core.params import PromoteParams
 from cnnpipe.mlops import registry
-from cnnpipe.mlops.dvcops import error_line, experiment_commit, experiment_refs
+from cnnpipe.mlops.dvcops import error_line, experiment_commit
 
 log = logging.getLogger(__name__)
 
@@ -245,12 +245,10 @@ def resolve_rev(repo: Path, rev: str) -> str:
                           capture_output=True, text=True)
     if proc.returncode == 0:
         return proc.stdout.strip()
-    if not experiment_refs(repo, rev):
-        raise CnnpipeError(f"--rev {rev}: no such commit or experiment; see `dvc exp show`")
     try:
         return experiment_commit(repo, rev)
     except CnnpipeError as e:
-        raise CnnpipeError(f"--rev {rev}: {e}") from None
+        raise CnnpipeError(f"--rev {rev}: not a commit, and {e}") from None
 
 
 @contextlib.contextmanager

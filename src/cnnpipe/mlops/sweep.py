@@ -33,7 +33,7 @@ import yaml
 from cnnpipe.core import trial as trialmod
 from cnnpipe.core.errors import CnnpipeError
 from cnnpipe.core.fsutil import atomic_path, write_json
-from cnnpipe.mlops.dvcops import EXP_NAME, check_overrides, dvc_env
+from cnnpipe.mlops.dvcops import EXP_NAME, check_overrides, dvc_env, head_commit
 
 SAMPLERS = ("grid", "random", "tpe")
 PRUNERS = ("median", "none")
@@ -524,7 +524,7 @@ def run(spec: Spec, repo: str | Path = ".", storage: str | None = None, poll: fl
     Trials start from the checkout as it is (DVC's queue takes uncommitted changes along)."""
     repo = Path(repo).resolve()
     storage = storage or default_storage(repo, spec)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+    commit = head_commit(repo)
     study = open_study(spec, storage)
     pin_commit(study, spec, commit)
     drive(spec, study, DvcQueue(repo, spec, storage), poll, log)
