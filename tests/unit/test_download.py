@@ -126,6 +126,26 @@ def test_images_read_in_place_outside_data_own_are_named_as_unwatched(tmp_path, 
     assert warned[0].startswith("elsewhere/shapes is outside data/own")
 
 
+def test_a_labels_csv_under_data_own_listing_images_elsewhere_is_named(tmp_path, monkeypatch, caplog):
+    """A CSV under data/own is watched, the images it lists are watched only where they are under it too."""
+    from cnnpipe.core.demo_images import make_example_images
+
+    monkeypatch.chdir(tmp_path)
+    make_example_images(tmp_path / "data/own/shapes", per_class=2, size=8)
+    make_example_images(tmp_path / "elsewhere/shapes", per_class=2, size=8)
+    inside = sorted((tmp_path / "data/own/shapes").rglob("*.png"))
+    outside = sorted((tmp_path / "elsewhere/shapes").rglob("*.png"))
+    rows = [(p.relative_to(tmp_path / "data/own"), p.parent.name) for p in inside]
+    for listed, count in ((rows, 0), (rows + [(outside[0], "circle"), (outside[1], "square")], 2)):
+        (tmp_path / "data/own/labels.csv").write_text("path,label\n" + "".join(f"{p},{c}\n" for p, c in listed))
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            download(DownloadParams(dataset="csv", sources=["data/own/labels.csv"]), tmp_path / "raw")
+        warned = [r.getMessage() for r in caplog.records if "DVC does not watch" in r.getMessage()]
+        assert len(warned) == (count > 0), warned
+    assert warned[0].startswith(f"data/own/labels.csv lists 2 images outside data/own (the first: {outside[0]})")
+
+
 @pytest.mark.parametrize("download, said", [
     ({"dataset": "mnist"}, "dataset: mnist (download.dataset): nothing to check here"),
     ({"dataset": "fashion-mnist", "sources": ["official", "{tmp}/nothing", "{tmp}/fm"]},

@@ -189,12 +189,20 @@ def download(params: DownloadParams, out_dir: str | Path = "data/raw") -> Path:
 OWN_IMAGES = Path("data/own")  # the split stage's dependency (dvc.yaml): images read in place are watched here
 
 
-def warn_if_untracked(root: Path, watched: Path = OWN_IMAGES) -> None:
+def warn_if_untracked(kind: str, root: Path, watched: Path = OWN_IMAGES) -> None:
     """Images read in place from outside `watched` are no dependency of any stage: say that a changed image
-    would rerun nothing."""
+    would rerun nothing. A labels CSV inside it may still list images elsewhere."""
+    rerun = "(or run `dvc repro -f -s split && dvc repro` after a change)"
     if not root.resolve().is_relative_to(watched.resolve()):
         log.warning("%s is outside %s, so DVC does not watch its images: a changed image reruns nothing; move "
-                    "it under %s (or run `dvc repro -f -s split && dvc repro` after a change)", root, watched, watched)
+                    "it under %s %s", root, watched, watched, rerun)
+    elif kind == "csv":
+        elsewhere = [path for path, _ in own_images.read_label_csv(root)
+                     if not path.resolve().is_relative_to(watched.resolve())]
+        if elsewhere:
+            log.warning("%s lists %d images outside %s (the first: %s), so DVC does not watch them: a changed "
+                        "image reruns nothing; move them under %s %s", root, len(elsewhere), watched,
+                        elsewhere[0], watched, rerun)
 
 
 def download_custom(params: DownloadParams, out_dir: Path) -> Path:
@@ -211,7 +219,7 @@ def download_custom(params: DownloadParams, out_dir: Path) -> Path:
                 continue
             if local is not None and not own_images.is_archive(local.name):
                 root = own_images.check_source(kind, local)
-                warn_if_untracked(root)
+                warn_if_untracked(kind, root)
                 manifest = {"dataset": kind, "root": str(root), "in_raw": False}
                 break
             name = (local.name if local is not None else PurePosixPath(urlparse(source).path).name)
