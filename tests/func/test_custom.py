@@ -201,6 +201,30 @@ def test_missing_path_and_class_too_small(tmp_path):
     assert not (tmp_path / "prep").exists() and not (tmp_path / "split.json").exists()
 
 
+def test_16_bit_images_are_scaled_and_an_oversized_one_is_skipped(tmp_path, monkeypatch):
+    """A 16-bit greyscale PNG keeps its picture (Pillow's own conversion clips it to white); an image over
+    Pillow's decompression-bomb limit is one more unreadable file, listed, not a traceback."""
+    import numpy as np
+    from PIL import Image
+
+    from cnnpipe.core.own_images import decode
+
+    ramp = np.tile(np.arange(0, 65536, 1024, dtype=np.uint16), (64, 1))  # 0 .. 64,512 across
+    Image.fromarray(ramp).save(tmp_path / "ramp16.png")
+    Image.fromarray(np.rint(ramp / 257).astype(np.uint8)).save(tmp_path / "ramp8.png")
+    assert np.array_equal(decode(str(tmp_path / "ramp16.png"), 1, 64), decode(str(tmp_path / "ramp8.png"), 1, 64))
+    assert np.array_equal(decode(str(tmp_path / "ramp16.png"), 3, 64), decode(str(tmp_path / "ramp8.png"), 3, 64))
+
+    make_example_images(tmp_path / "shapes", per_class=10)  # 24×24: 576 pixels
+    Image.new("L", (80, 80)).save(tmp_path / "shapes/circle/huge.png")  # 6,400 pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)  # Pillow refuses over twice this
+    run_both(tmp_path, DownloadParams(dataset="imagefolder", sources=[str(tmp_path / "shapes")]))
+    huge = str(tmp_path / "shapes/circle/huge.png")
+    assert json.loads((tmp_path / "split.info.json").read_text())["skipped_files"] == [huge]
+    row = next(r for r in csv.reader((tmp_path / "prep/manifest.csv").open()) if r[0] == huge)
+    assert row[2] == "skipped" and row[3].startswith("DecompressionBombError: "), row
+
+
 def test_too_many_bad_images_fail_the_stage(tmp_path):
     make_example_images(tmp_path / "shapes", per_class=4)
     for i in range(3):

@@ -86,6 +86,16 @@ def test_rgb_and_resized_inputs_are_converted(predictor):
         predictor.predict(big, resize=False)
 
 
+def test_a_16_bit_png_is_scaled_not_clipped(predictor):
+    """A 16-bit greyscale PNG is the picture its 8-bit version is (Pillow's own conversion clips it to white)."""
+    x, _ = make_images(1, 10, (1, 28, 28), seed=5)
+    wide = x[0, 0].astype(np.uint16) * 257  # 0-255 spread over 0-65535
+    buf = io.BytesIO()
+    Image.fromarray(wide).save(buf, format="PNG")
+    assert Image.open(io.BytesIO(buf.getvalue())).mode == "I;16"
+    assert np.array_equal(predictor.to_pixels(buf.getvalue()), predictor.to_pixels(png(x[0, 0])))
+
+
 def test_colour_arrays_get_pil_luma(predictor):
     """An H×W×3 array becomes grayscale as PIL's "L" conversion does (up to PIL's rounding)."""
     rng = np.random.default_rng(0)

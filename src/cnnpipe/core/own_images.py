@@ -140,6 +140,20 @@ def archive_root(dest: Path) -> Path:
 
 
 # --- decoding ------------------------------------------------------------------------------------------
+SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # Pillow's modes for 16-bit greyscale PNG and TIFF
+
+
+def convert_image(im, mode: str):
+    """A PIL image in `mode` ("L" or "RGB"), 8 bits a channel. Pillow's own conversion clips 16-bit greyscale
+    to 0-255 (nearly all white); here its 0-65535 range is scaled down instead."""
+    from PIL import Image
+
+    if im.mode in SIXTEEN_BIT:
+        wide = np.asarray(im, dtype=np.float64)
+        im = Image.fromarray(np.clip(np.rint(wide / 257), 0, 255).astype(np.uint8), "L")
+    return im if im.mode == mode else im.convert(mode)
+
+
 def decode(path: str, channels: int, size: int) -> np.ndarray | str:
     """One image file -> C×size×size uint8, or the reason it cannot be read."""
     from PIL import Image, UnidentifiedImageError
@@ -147,11 +161,11 @@ def decode(path: str, channels: int, size: int) -> np.ndarray | str:
     try:
         with Image.open(path) as im:
             im.load()
-            im = im.convert("L" if channels == 1 else "RGB")
+            im = convert_image(im, "L" if channels == 1 else "RGB")
             if im.size != (size, size):
                 im = im.resize((size, size), Image.Resampling.BILINEAR)
             arr = np.asarray(im, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         return f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else 'unreadable'}"
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from cnnpipe.core.errors import CnnpipeError
 from cnnpipe.core.onnx_io import choose_providers, read_metadata, session_options
+from cnnpipe.core.own_images import convert_image
 
 
 class InputError(ValueError):
@@ -136,7 +137,7 @@ class Predictor:
             mode = "L" if c == 1 else "RGB"
             try:
                 image.load()
-                image = image if image.mode == mode else image.convert(mode)
+                image = convert_image(image, mode)
             except (OSError, ValueError, SyntaxError) as e:  # an opened header whose data is broken
                 raise InputError(f"not a readable image ({str(e).splitlines()[0][:120]})") from e
             if image.size != (w, h):
