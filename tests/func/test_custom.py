@@ -122,6 +122,31 @@ def test_train_test_folders_keep_their_test_set(tmp_path):
         str(f) for f in (tmp_path / "ds/test").rglob("*.png"))
 
 
+@pytest.mark.parametrize("folders, fix", [
+    (["train", "val"], "move the images of val/ into train/<class>/"),
+    (["train", "val", "test"], "move the images of val/ into train/<class>/"),
+    (["train", "test", "extra"], "move the images of extra/ into train/<class>/"),
+    (["train"], "add test/ beside train/"),
+])
+def test_split_folders_other_than_train_and_test_are_refused(tmp_path, folders, fix):
+    """Read as class folders, train/ and val/ would make a two-class classifier of splits; beside train/ and
+    test/, another folder would be dropped unseen."""
+    for folder in folders:
+        make_example_images(tmp_path / "ds" / folder, per_class=3)
+    held = ", ".join(f"{name}/" for name in sorted(folders))
+    with pytest.raises(CnnpipeError, match=rf"ds: holds {held}; an image folder is root/<class>/, .*: {fix}"):
+        download(DownloadParams(dataset="imagefolder", sources=[str(tmp_path / "ds")]), tmp_path / "raw")
+    assert not (tmp_path / "raw").exists()
+
+
+def test_capitalized_train_and_test_folders_are_the_split(tmp_path):
+    make_example_images(tmp_path / "ds/Train", per_class=10)
+    make_example_images(tmp_path / "ds/Test", per_class=3, seed=1)
+    run_both(tmp_path, DownloadParams(dataset="imagefolder", sources=[str(tmp_path / "ds")]))
+    meta = json.loads((tmp_path / "prep/meta.json").read_text())
+    assert meta["classes"] == list(SHAPES) and meta["sizes"]["test"] == 9
+
+
 def zip_of(folder, path, extra: dict[str, bytes] | None = None):
     with zipfile.ZipFile(path, "w") as z:
         for f in sorted(folder.rglob("*")):

@@ -85,10 +85,25 @@ def check_source(kind: str, path: Path) -> Path:
     return path
 
 
+SPLIT_FOLDERS = ("train", "val", "valid", "validation", "test")  # names that mean a split, not a class
+
+
 def imagefolder_parts(root: Path) -> dict[str, Path]:
-    """{"train": root/train, "test": root/test} when the folder brings its own test set, else {"all": root}."""
-    if (root / "train").is_dir() and (root / "test").is_dir():
-        return {"train": root / "train", "test": root / "test"}
+    """{"train": root/train, "test": root/test} when the folder brings its own test set, else {"all": root}.
+    Other split folders (val/, train/ alone, folders beside train/ and test/) are refused: read as classes
+    they would train a classifier of splits, and ignored they would lose images."""
+    folders = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    names = sorted(name.lower() for name in folders)
+    if names == ["test", "train"]:  # Train/ and Test/ too
+        return {name.lower(): root / name for name in folders}
+    if "train" in names or len([n for n in names if n in SPLIT_FOLDERS]) > 1:
+        if names == ["train"]:
+            fix = "add test/ beside train/, or move train/'s class folders up into the root"
+        else:
+            others = ", ".join(f"{name}/" for name in folders if name.lower() not in ("train", "test"))
+            fix = f"move the images of {others} into train/<class>/ (split.val_size holds validation images out)"
+        raise CnnpipeError(f"{root}: holds {', '.join(f'{name}/' for name in folders)}; an image folder is "
+                           f"root/<class>/, or root/train/<class>/ and root/test/<class>/ alone: {fix}")
     return {"all": root}
 
 
