@@ -120,6 +120,34 @@ def test_evaluate_export_and_quantize_refuse_other_data(tmp_path, prepared, trai
     assert not [name for name in written if name.startswith((".m2.onnx", ".m.int8.onnx"))]
 
 
+def test_export_and_quantize_sample_every_class_and_normalize_as_the_model_was_trained(tmp_path, prepared, trained):
+    """Own images' splits are stored class by class: the export check and the int8 calibration take images
+    spread over the whole split, so every class is in them. Data split again (other statistics) is normalized
+    as the model was trained, as the server does."""
+    from cnnpipe.core.params import QuantizeParams
+    from cnnpipe.core.prepared import load_split
+    from cnnpipe.stages.quantize import quantize
+
+    for name in ("val", "test"):
+        x, y = load_split(prepared, name)
+        order = np.argsort(y, kind="stable")
+        np.save(prepared / f"{name}_x.npy", x[order])
+        np.save(prepared / f"{name}_y.npy", y[order])
+    few = export(ExportParams(check_images=20), prepared, trained, tmp_path / "few.onnx", tmp_path / "few.json")
+    assert few["check_per_class"] == [2] * 10
+    every = export(ExportParams(check_images=100), prepared, trained, tmp_path / "m.onnx", tmp_path / "e.json")
+    q = quantize(QuantizeParams(calibration_images=20, latency_runs=1), prepared, tmp_path / "m.onnx",
+                 tmp_path / "m.int8.onnx", tmp_path / "q.json")
+    assert q["calibration_per_class"] == [2] * 10  # 5 validation images a class
+    assert q["fp32"]["accuracy"] == every["onnx_accuracy"]  # all 100 test images, both ways
+
+    meta = json.loads((prepared / "meta.json").read_text())
+    (prepared / "meta.json").write_text(json.dumps(meta | {"mean": [0.9], "std": [0.05]}))
+    again = quantize(QuantizeParams(calibration_images=20, latency_runs=1), prepared, tmp_path / "m.onnx",
+                     tmp_path / "m2.int8.onnx", tmp_path / "q2.json")
+    assert again["fp32"]["accuracy"] == q["fp32"]["accuracy"] and again["acc"] == q["acc"]
+
+
 def test_tta_flip_follows_the_models_dataset_and_its_training(tmp_path, prepared, trained):
     """Flip TTA runs only when asked, the checkpoint says flips keep labels and the model was trained on
     mirrored images; the prepared folder's flag does not decide it."""

@@ -65,6 +65,13 @@ def write_meta(directory: str | Path, meta: Meta) -> Path:
     return write_json(Path(directory) / "meta.json", data)
 
 
+def spread(n: int, k: int) -> np.ndarray:
+    """min(n, k) indices spread evenly over range(n): a fair sample of a split in any order, and own images'
+    splits are stored class by class (the folders' order), where the first k would hold one or two classes."""
+    k = min(n, k)
+    return np.linspace(0, n - 1, k).round().astype(np.int64) if k > 0 else np.zeros(0, np.int64)
+
+
 def load_split(prepared: str | Path, name: str, mmap: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(images N×C×H×W uint8, labels N uint8) of one split."""
     prepared = Path(prepared)

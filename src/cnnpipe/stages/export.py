@@ -21,7 +21,7 @@ from cnnpipe.core.fsutil import atomic_path, file_digest, write_metrics
 from cnnpipe.core.models import fold_batchnorm
 from cnnpipe.core.onnx_io import normalize_pixels, session_options, write_metadata
 from cnnpipe.core.params import ExportParams
-from cnnpipe.core.prepared import check_same_data, load_meta, load_split
+from cnnpipe.core.prepared import check_same_data, load_meta, load_split, spread
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +81,9 @@ def export(p: ExportParams, prepared: str | Path = "data/prepared", model_path: 
     model, state = load_checkpoint(model_path, "cpu")
     check_same_data(meta_of(state), load_meta(prepared), model_path, prepared)  # its test images check the graph
     x_test, y_test = load_split(prepared, "test", mmap=True)
-    n = min(p.check_images, len(y_test))
-    x = normalize_pixels(np.asarray(x_test[:n]), state["mean"], state["std"])
-    y = np.asarray(y_test[:n])
+    checked = spread(len(y_test), p.check_images)
+    x = normalize_pixels(np.asarray(x_test[checked]), state["mean"], state["std"])
+    y = np.asarray(y_test[checked])
     onnx_path = Path(onnx_path)
     with atomic_path(onnx_path) as tmp:
         # the graph is the BN-folded model; it is compared below with the checkpoint's own model
@@ -99,7 +99,8 @@ def export(p: ExportParams, prepared: str | Path = "data/prepared", model_path: 
                 "try another export.opset or raise export.atol"
             )
     metrics = {"bytes": onnx_path.stat().st_size, "agree": result.pop("argmax_agreement")}
-    info = {"opset": p.opset, "sha256": file_digest(onnx_path, "sha256"), **result}
+    info = {"opset": p.opset, "sha256": file_digest(onnx_path, "sha256"), **result,
+            "check_per_class": np.bincount(y, minlength=len(state["classes"])).tolist()}
     write_metrics(metrics_path, metrics, info)
     log.info("exported %s (%d bytes): max |onnx - torch| %.2e, argmax agreement %.4f",
              onnx_path, metrics["bytes"], result["max_abs_diff"], metrics["agree"])

@@ -21,7 +21,7 @@ from cnnpipe.core.errors import CnnpipeError
 from cnnpipe.core.fsutil import atomic_path, write_metrics
 from cnnpipe.core.onnx_io import normalize_pixels, read_metadata
 from cnnpipe.core.params import QuantizeParams
-from cnnpipe.core.prepared import Meta, check_same_data, load_meta, load_split
+from cnnpipe.core.prepared import Meta, check_same_data, load_meta, load_split, spread
 
 log = logging.getLogger(__name__)
 
@@ -97,12 +97,13 @@ def quantize(p: QuantizeParams, prepared: str | Path = "data/prepared", onnx_pat
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise CnnpipeError(f"{onnx_path}: not found; run the export stage first (dvc repro export)")
-    meta = load_meta(prepared)
-    check_same_data(onnx_meta(onnx_path), meta, onnx_path, prepared)  # calibrated and scored on that data
-    vx, _ = load_split(prepared, "val", mmap=True)
+    model = onnx_meta(onnx_path)  # its inputs are normalized as in its training, whatever the data's statistics
+    check_same_data(model, load_meta(prepared), onnx_path, prepared)  # calibrated and scored on that data
+    vx, vy = load_split(prepared, "val", mmap=True)
     tx, ty = load_split(prepared, "test")
-    calibration = normalize_pixels(np.asarray(vx[: p.calibration_images]), meta.mean, meta.std)
-    x_test = normalize_pixels(tx, meta.mean, meta.std)
+    chosen = spread(len(vy), p.calibration_images)
+    calibration = normalize_pixels(np.asarray(vx[chosen]), model.mean, model.std)
+    x_test = normalize_pixels(tx, model.mean, model.std)
     with atomic_path(int8_path) as tmp:
         quantize_file(onnx_path, tmp, calibration, p.per_channel, p.reduce_range)
         int8 = measure(tmp, x_test, ty, p.latency_runs)
@@ -116,7 +117,9 @@ def quantize(p: QuantizeParams, prepared: str | Path = "data/prepared", onnx_pat
     }
     info = {"fp32": fp32, "int8": int8, "size_ratio": round(fp32["size_bytes"] / int8["size_bytes"], 3),
             "speedup": round(fp32["latency_ms_p50"] / int8["latency_ms_p50"], 3),
-            "calibration_images": int(len(calibration)), "test_images": int(len(ty)),
+            "calibration_images": int(len(calibration)),
+            "calibration_per_class": np.bincount(vy[chosen], minlength=len(model.classes)).tolist(),
+            "test_images": int(len(ty)),
             "latency_runs": p.latency_runs, "onnxruntime": ort_version()}
     write_metrics(metrics_path, metrics, info)
     log.info("int8: accuracy %.4f (fp32 %.4f), %d bytes (fp32 %d), batch-1 p50 %.3f ms (fp32 %.3f ms)",
