@@ -293,6 +293,23 @@ def test_corrupt_resume_state(tmp_path, prepared):
     run(tmp_path, prepared, dataclasses.replace(TINY, epochs=1, resume=False))  # resume off: ignored
 
 
+def test_a_resume_state_that_does_not_fit_the_model_is_a_one_line_error(tmp_path, prepared):
+    """A state with the run's fingerprint whose weights do not fit the model (a damaged or hand-made file)."""
+    import torch
+
+    p = dataclasses.replace(TINY, epochs=3)
+    with pytest.raises(KeyboardInterrupt):
+        train(p, prepared, tmp_path / "model.pt", tmp_path / "train.json", tmp_path / "history.csv",
+              on_epoch=interrupted_after_epoch(1))
+    path = tmp_path / ".model.pt.resume"
+    state = torch.load(path, weights_only=True)
+    state["model"].popitem()
+    torch.save(state, path)
+    with pytest.raises(CnnpipeError, match=r"resume state .*\.model\.pt\.resume does not fit this run \(Error\(s\) "
+                                           r"in loading state_dict.*\); delete it to start over$"):
+        run(tmp_path, prepared, p)
+
+
 def interrupted_after_epoch(n: int):
     """An on_epoch callback that stops the run like a Ctrl-C after epoch n (its resume state is saved)."""
     def stop(row, model):
@@ -302,26 +319,45 @@ def interrupted_after_epoch(n: int):
     return stop
 
 
-def test_a_resume_state_from_other_data_is_ignored(tmp_path, prepared, caplog):
-    """The same params and as many images, but other ones (a new split seed, a swapped image): training starts
-    over instead of continuing the weights of the old data. The same data resumes."""
+@pytest.mark.parametrize("changed", [None, "data", "code"])
+def test_a_resume_state_from_other_data_or_code_is_ignored(tmp_path, prepared, caplog, monkeypatch, changed):
+    """The same params and as many images, but other ones (a new split seed, a swapped image), or edited code:
+    training starts over instead of continuing the weights of the old data or code. Nothing changed resumes."""
     import numpy as np
+
+    from cnnpipe.core import resume
 
     caplog.set_level("INFO", logger="cnnpipe")
     p = dataclasses.replace(TINY, epochs=3)
-    for data_changed in (False, True):
-        out = tmp_path / str(data_changed)
-        with pytest.raises(KeyboardInterrupt):
-            train(p, prepared, out / "model.pt", out / "train.json", out / "history.csv",
-                  on_epoch=interrupted_after_epoch(1))
-        if data_changed:
-            x = np.load(prepared / "train_x.npy")
-            np.save(prepared / "train_x.npy", np.roll(x, 1, axis=0))
-        caplog.clear()
-        metrics = train(p, prepared, out / "model.pt", out / "train.json", out / "history.csv")
-        assert ("resuming after epoch 1" in caplog.text) != data_changed
-        assert ("made with other params or data" in caplog.text) == data_changed
-        assert metrics["epochs_run"] == 3 and not (out / ".model.pt.resume").exists()
+    with pytest.raises(KeyboardInterrupt):
+        train(p, prepared, tmp_path / "model.pt", tmp_path / "train.json", tmp_path / "history.csv",
+              on_epoch=interrupted_after_epoch(1))
+    if changed == "data":
+        x = np.load(prepared / "train_x.npy")
+        np.save(prepared / "train_x.npy", np.roll(x, 1, axis=0))
+    if changed == "code":
+        source = resume.code_digest()
+        monkeypatch.setattr(resume, "code_digest", lambda: "edited " + source)
+    caplog.clear()
+    metrics = train(p, prepared, tmp_path / "model.pt", tmp_path / "train.json", tmp_path / "history.csv")
+    assert ("resuming after epoch 1" in caplog.text) == (changed is None)
+    assert ("made with other params, data or code" in caplog.text) == (changed is not None)
+    assert metrics["epochs_run"] == 3 and not (tmp_path / ".model.pt.resume").exists()
+
+
+def test_the_code_digest_follows_every_source_file(tmp_path):
+    import shutil
+
+    from cnnpipe.core import resume
+
+    tree = shutil.copytree(resume.PACKAGE, tmp_path / "cnnpipe", ignore=shutil.ignore_patterns("__pycache__"))
+    assert resume.code_digest(tree) == resume.code_digest()
+    models = tree / "core" / "models.py"
+    models.write_text(models.read_text().replace("nn.Dropout(0.25)", "nn.Dropout(0.3)", 1))
+    edited = resume.code_digest(tree)
+    assert edited != resume.code_digest()
+    (tree / "core" / "models.py").rename(tree / "core" / "models2.py")  # the same bytes under another name
+    assert resume.code_digest(tree) not in (edited, resume.code_digest())
 
 
 @pytest.mark.parametrize("killed", ["after the epoch", "writing the outputs"])

@@ -2,7 +2,7 @@
 
 A state holds the model, optimizer, schedule, grad scaler, the batch generator and every rank's random streams,
 so a resumed run continues exactly as if it had never stopped. Its fingerprint names what it was made with; a
-state from other params or data is ignored, a damaged one is a one-line error.
+state from other params, data or code is ignored, a damaged one is a one-line error.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from cnnpipe.core.runtime import Dist
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = 4  # bump when the state's layout changes: older states are then ignored
+PACKAGE = Path(__file__).resolve().parents[1]  # the cnnpipe package's source
 
 
 @dataclass
@@ -46,18 +47,27 @@ class Progress:
     stopped_early: str | None = None  # "patience" or "pruned" once the run has decided to end there
 
 
+def code_digest(root: Path = PACKAGE) -> str:
+    """A hash of the package's Python source: a state made by other code (another model, loss or data
+    pipeline) would be continued as if the code had always been this."""
+    digest = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        digest.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
 def fingerprint(p: TrainParams, meta, arrays: Sequence[np.ndarray], world: int, device: torch.device,
                 amp: torch.dtype | None) -> str:
     """What a resume state must have been made with: every param but `resume`, the data (its description and
     the bytes of `arrays`, the train and validation images and labels), the number of processes (each has its
-    own random streams), and the device type and precision `auto` resolved to."""
+    own random streams), the device type and precision `auto` resolved to, and the code and torch version."""
     params = {k: v for k, v in dataclasses.asdict(p).items() if k != "resume"}
     data = hashlib.sha256()
     for a in arrays:
         data.update(f"{a.dtype}{a.shape}".encode())
         data.update(np.ascontiguousarray(a).data)
     blob = json.dumps([STATE_FORMAT, params, dataclasses.asdict(meta), data.hexdigest(), world, device.type,
-                       str(amp)], sort_keys=True)
+                       str(amp), code_digest(), torch.__version__], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -111,15 +121,19 @@ def sigint_held() -> Iterator[None]:
             signal.raise_signal(signal.SIGINT)  # to the handler restored above: KeyboardInterrupt by default
 
 
-def restore(state: dict, engine: Any, generator: torch.Generator, d: Dist) -> Progress:
+def restore(state: dict, engine: Any, generator: torch.Generator, d: Dist, path: Path) -> Progress:
     """Put a loaded state back into the engine and generator; returns the progress it had reached."""
-    engine.net.load_state_dict(state["model"])
-    engine.optimizer.load_state_dict(state["optimizer"])
-    engine.scheduler.load_state_dict(state["scheduler"])
-    engine.scaler.load_state_dict(state["scaler"])
-    generator.set_state(state["generator"])
-    restore_rng(state["rng"], engine.device, d)
-    return Progress(**{f.name: state[f.name] for f in dataclasses.fields(Progress)})
+    try:
+        engine.net.load_state_dict(state["model"])
+        engine.optimizer.load_state_dict(state["optimizer"])
+        engine.scheduler.load_state_dict(state["scheduler"])
+        engine.scaler.load_state_dict(state["scaler"])
+        generator.set_state(state["generator"])
+        restore_rng(state["rng"], engine.device, d)
+        return Progress(**{f.name: state[f.name] for f in dataclasses.fields(Progress)})
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:  # a state its fingerprint vouches for, damaged
+        raise CnnpipeError(f"resume state {path} does not fit this run ({str(e).strip().splitlines()[0][:120]}); "
+                           "delete it to start over") from e
 
 
 def load(path: Path, expected: str) -> dict | None:
@@ -135,7 +149,7 @@ def load(path: Path, expected: str) -> dict | None:
     if not ok:
         raise CnnpipeError(f"resume state {path} is not a cnnpipe training state; delete it to start over")
     if state["fingerprint"] != expected:
-        log.warning("ignoring %s: it was made with other params or data", path)
+        log.warning("ignoring %s: it was made with other params, data or code", path)
         return None
     return state
 

@@ -416,7 +416,7 @@ def _train(p: TrainParams, prepared: Path, model_path: Path, metrics_path: Path,
     progress = Progress()
     state = resume.shared(state_path, run.key, d) if p.resume else None
     if state is not None:  # continue after the last completed epoch, exactly as if never stopped
-        progress = resume.restore(state, run.engine, run.generator, d)
+        progress = resume.restore(state, run.engine, run.generator, d, state_path)
         log.info("resuming after epoch %d from %s", progress.epoch, state_path)
     report = trial.reporter_from_env() if d.main else None
     progress = run_epochs(p, run, progress, state_path, d, on_epoch, report)
