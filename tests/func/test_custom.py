@@ -157,6 +157,32 @@ def zip_of(folder, path, extra: dict[str, bytes] | None = None):
     return path
 
 
+@pytest.mark.slow
+def test_an_archive_under_data_own_is_watched_and_one_elsewhere_is_named(tmp_path, caplog):
+    """download unpacks an archive into data/raw: under data/own (a dependency of download) a changed archive
+    reruns it and what follows; elsewhere the stage warns that DVC does not see it change."""
+    repo = make_repo(tmp_path, "unused", {})
+    make_example_images(tmp_path / "src")
+    zip_of(tmp_path / "src", repo / "data/own/shapes.zip")
+    tiny_params(repo, "data/own/shapes.zip", "imagefolder")
+    commit(repo, "an archive of own images")
+    assert ran(dvc(repo, "repro", "split")) == ["download", "split"]
+    assert json.loads((repo / "data/prepared/meta.json").read_text())["classes"] == list(SHAPES)
+    commit(repo, "split")
+
+    shutil.rmtree(tmp_path / "src" / SHAPES[-1])
+    zip_of(tmp_path / "src", repo / "data/own/shapes.zip")
+    assert ran(dvc(repo, "repro", "split")) == ["download", "split"]
+    assert json.loads((repo / "data/prepared/meta.json").read_text())["classes"] == list(SHAPES[:-1])
+
+    elsewhere = zip_of(tmp_path / "src", tmp_path / "shapes.zip")
+    with caplog.at_level("WARNING"):
+        download(DownloadParams(dataset="imagefolder", sources=[str(elsewhere)]), tmp_path / "raw")
+    warned = [r.getMessage() for r in caplog.records if "DVC does not watch" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith(f"{elsewhere} is outside data/own")
+    assert "`dvc repro -f -s download && dvc repro`" in warned[0]
+
+
 def test_http_zip_archive_with_checksum(tmp_path, http_server):
     make_example_images(tmp_path / "src")
     served = tmp_path / "served"

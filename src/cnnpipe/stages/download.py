@@ -189,16 +189,17 @@ def download(params: DownloadParams, out_dir: str | Path = "data/raw") -> Path:
 OWN_IMAGES = Path("data/own")  # the split stage's dependency (dvc.yaml): images read in place are watched here
 
 
-def warn_if_untracked(kind: str, root: Path, watched: Path = OWN_IMAGES) -> None:
-    """Images read in place from outside `watched` are no dependency of any stage: say that a changed image
-    would rerun nothing. A labels CSV inside it may still list images elsewhere."""
-    rerun = "(or run `dvc repro -f -s split && dvc repro` after a change)"
+def warn_if_untracked(root: Path, listed: list[Path] | None = None, reader: str = "split",
+                      watched: Path = OWN_IMAGES) -> None:
+    """A folder, CSV or archive of images outside `watched` is no dependency of any stage: say that a changed
+    image would rerun nothing. A labels CSV inside it may still list images elsewhere (`listed`). `reader`: the
+    stage that reads the images (split reads them in place, download unpacks an archive)."""
+    rerun = f"(or run `dvc repro -f -s {reader} && dvc repro` after a change)"
     if not root.resolve().is_relative_to(watched.resolve()):
         log.warning("%s is outside %s, so DVC does not watch its images: a changed image reruns nothing; move "
                     "it under %s %s", root, watched, watched, rerun)
-    elif kind == "csv":
-        elsewhere = [path for path, _ in own_images.read_label_csv(root)
-                     if not path.resolve().is_relative_to(watched.resolve())]
+    else:
+        elsewhere = [path for path in listed or [] if not path.resolve().is_relative_to(watched.resolve())]
         if elsewhere:
             log.warning("%s lists %d images outside %s (the first: %s), so DVC does not watch them: a changed "
                         "image reruns nothing; move them under %s %s", root, len(elsewhere), watched,
@@ -219,13 +220,16 @@ def download_custom(params: DownloadParams, out_dir: Path) -> Path:
                 continue
             if local is not None and not own_images.is_archive(local.name):
                 root = own_images.check_source(kind, local)
-                warn_if_untracked(kind, root)
+                warn_if_untracked(root, [path for path, _ in own_images.read_label_csv(root)] if kind == "csv"
+                                  else None)
                 manifest = {"dataset": kind, "root": str(root), "in_raw": False}
                 break
             name = (local.name if local is not None else PurePosixPath(urlparse(source).path).name)
             if not own_images.is_archive(name):
                 failures.append(f"{source}: not a .zip or .tar.gz archive")
                 continue
+            if local is not None:
+                warn_if_untracked(local, reader="download")
             archive = tmp / name
             try:
                 fetch(str(local.parent) if local is not None else source.rsplit("/", 1)[0], name, archive,
