@@ -115,6 +115,9 @@ def test_each_run_is_an_experiment_overrides_stay_in_it_and_the_gate_decides(har
     ({"nosection.x": 1}, r"params\.yaml has no 'nosection'"),
     ({"train.epochs": "many"}, r"train\.epochs must be int, got 'many'"),
     ({"train.optimizer": "rmsprop"}, r"train\.optimizer must be"),
+    # DVC's -S parser refuses a non-empty mapping; the flow says so before anything runs
+    ({"download.md5": {"shapes.zip": "0" * 32}},
+     r"^override download\.md5: dvc exp run -S cannot set a mapping \(.*\); set download\.md5 in params\.yaml"),
 ])
 def test_bad_overrides_refused_before_any_stage(harness, repo, overrides, message):
     from flows import train_pipeline

@@ -80,11 +80,29 @@ def apply_overrides(params_path: str | Path, overrides: dict[str, Any]) -> dict[
     return applied
 
 
+def _holds_mapping(value: Any) -> bool:
+    if isinstance(value, dict):
+        return bool(value)
+    return isinstance(value, list) and any(_holds_mapping(v) for v in value)
+
+
+def set_param_args(overrides: dict[str, Any]) -> list[str]:
+    """`-Skey=value` arguments of `dvc exp run`, values as JSON. DVC's override parser reads strings, numbers,
+    lists and {} but refuses a non-empty mapping (JSON's quoted keys or not): refused here, with the way out."""
+    for key, value in overrides.items():
+        if _holds_mapping(parse_override(value)):
+            raise CnnpipeError(f"override {key}: dvc exp run -S cannot set a mapping ({json.dumps(value)}); set "
+                               f"{key} in params.yaml instead")
+    return [f"-S{key}={json.dumps(value)}" for key, value in overrides.items()]
+
+
 def check_overrides(params_path: str | Path, overrides: dict[str, Any]) -> dict[str, Any]:
-    """apply_overrides on a copy: the overrides as they would apply, params.yaml untouched."""
+    """apply_overrides on a copy: the overrides as they would apply, params.yaml untouched. Refuses what
+    `dvc exp run -S` cannot set."""
     import shutil
     import tempfile
 
+    set_param_args(overrides)
     with tempfile.TemporaryDirectory() as tmp:
         copy_path = Path(tmp) / "params.yaml"
         shutil.copy(params_path, copy_path)
@@ -109,7 +127,7 @@ def run_experiment(repo: str | Path, name: str, overrides: dict[str, Any],
     params.yaml included, is left as it was."""
     if not EXP_NAME.fullmatch(name):
         raise CnnpipeError(f"experiment name {name!r} is not valid; use letters, digits, '.', '_' or '-'")
-    sets = [f"-S{key}={json.dumps(value)}" for key, value in overrides.items()]
+    sets = set_param_args(overrides)
     baseline = head_commit(repo)  # DVC records the experiment under the commit it ran from
     proc = subprocess.Popen([sys.executable, "-m", "dvc", "exp", "run", "--temp", "-n", name, *sets, *targets],
                             cwd=repo, env=dvc_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

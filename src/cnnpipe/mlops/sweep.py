@@ -33,7 +33,7 @@ import yaml
 from cnnpipe.core import trial as trialmod
 from cnnpipe.core.errors import CnnpipeError
 from cnnpipe.core.fsutil import atomic_path, write_json
-from cnnpipe.mlops.dvcops import EXP_NAME, check_overrides, dvc_env, head_commit
+from cnnpipe.mlops.dvcops import EXP_NAME, check_overrides, dvc_env, head_commit, set_param_args
 
 SAMPLERS = ("grid", "random", "tpe")
 PRUNERS = ("median", "none")
@@ -309,7 +309,7 @@ class DvcQueue:
 
     def submit(self, trial, name: str) -> None:
         write_ticket(self.repo, name, self.spec, self.storage, trial._trial_id)
-        sets = [f"-S{key}={json.dumps(value)}" for key, value in trial_overrides(trial, name).items()]
+        sets = set_param_args(trial_overrides(trial, name))
         proc = subprocess.run([sys.executable, "-m", "dvc", "exp", "run", "--queue", "-n", name, *sets,
                                self.spec.stage], cwd=self.repo, env=dvc_env(), capture_output=True, text=True)
         if proc.returncode != 0:
