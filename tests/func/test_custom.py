@@ -247,9 +247,29 @@ def test_missing_path_and_class_too_small(tmp_path):
     make_example_images(tmp_path / "shapes", per_class=10)
     for f in sorted((tmp_path / "shapes/triangle").iterdir())[1:]:
         f.unlink()
-    with pytest.raises(CnnpipeError, match="leave class triangle with no train or validation image"):
+    with pytest.raises(CnnpipeError, match=r"split\.test_size leaves class triangle with no test image or none "
+                                           r"to learn from \(1 in all\); change split\.test_size"):
         run_both(tmp_path, DownloadParams(dataset="imagefolder", sources=[str(tmp_path / "shapes")]))
     assert not (tmp_path / "prep").exists() and not (tmp_path / "split.json").exists()
+
+
+@pytest.mark.parametrize("split_params, message", [
+    ({"test_size": 40}, r"test_size 40 must leave 2 to 35 of the 36 images for training and validation; lower "
+                        r"split\.test_size$"),
+    ({"test_size": 1.5}, r"split\.test_size 1\.5 must be a count or a fraction between 0 and 1"),
+    ({"test_size": 0.05}, r"split\.test_size leaves class \w+ with no test image or none to learn from"),
+    ({"test_size": 0.2, "val_size": 0.05}, r"leave class \w+ with no train or validation image .*raise "
+                                           r"split\.val_size/split\.train_size"),
+])
+def test_split_errors_name_the_setting_to_change(tmp_path, split_params, message):
+    """Own images without a test set are split twice: test first (split.test_size), then validation."""
+    import dataclasses
+
+    make_example_images(tmp_path / "shapes", per_class=12)
+    with pytest.raises(CnnpipeError, match=message):
+        run_both(tmp_path, DownloadParams(dataset="imagefolder", sources=[str(tmp_path / "shapes")]),
+                 dataclasses.replace(SMALL, **split_params))
+    assert not (tmp_path / "prep").exists()
 
 
 def test_16_bit_images_are_scaled_and_an_oversized_one_is_skipped(tmp_path, monkeypatch):

@@ -81,16 +81,20 @@ def resolve_size(size: int | float, n: int, name: str) -> int:
 
 
 def stratified_split(y: np.ndarray, val_size: int | float, train_size: int | None, seed: int,
-                     num_classes: int, class_names: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Deterministic stratified indices (train, val) into `y`; each class keeps its share in both."""
+                     num_classes: int, class_names: list[str] | None = None,
+                     held: str = "val") -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic stratified indices (train, held out) into `y`; each class keeps its share in both. `held`
+    names the part held out, for the errors: "val" (split.val_size), or "test" (split.test_size, own images
+    without a test set: the rest is then training and validation images)."""
     n = len(y)
-    val_size = resolve_size(val_size, n, "val_size")
+    val_size = resolve_size(val_size, n, f"{held}_size")
     train_size = n - val_size if train_size is None else train_size
     if val_size < 1 or train_size < 1 or val_size + train_size > n:
         raise CnnpipeError(
-            f"split sizes do not fit: train_size {train_size} + val_size {val_size} must be between 2 and "
-            f"the {n} training images; lower split.val_size or split.train_size"
-        )
+            f"split sizes do not fit: train_size {train_size} + val_size {val_size} must be between 2 and the {n} "
+            "training images; lower split.val_size or split.train_size" if held == "val" else
+            f"split sizes do not fit: test_size {val_size} must leave 2 to {n - 1} of the {n} images for training "
+            "and validation; lower split.test_size")
     counts = np.bincount(y, minlength=num_classes)
     val_per = allocate(counts, val_size)
     train_per = allocate(counts - val_per, train_size) if train_size < n - val_size else counts - val_per
@@ -98,9 +102,10 @@ def stratified_split(y: np.ndarray, val_size: int | float, train_size: int | Non
     if starved:
         name = class_names[starved[0]] if class_names else starved[0]
         raise CnnpipeError(
-            f"split sizes leave class {name} with no train or validation image "
-            f"({counts[starved[0]]} in all); raise split.val_size/split.train_size or add images of that class"
-        )
+            f"split sizes leave class {name} with no train or validation image ({counts[starved[0]]} in all); "
+            "raise split.val_size/split.train_size or add images of that class" if held == "val" else
+            f"split.test_size leaves class {name} with no test image or none to learn from "
+            f"({counts[starved[0]]} in all); change split.test_size or add images of that class")
     rng = np.random.default_rng(seed)
     train_idx, val_idx = [], []
     for c in range(num_classes):
@@ -192,7 +197,7 @@ def split(params: SplitParams, raw_dir: str | Path = "data/raw", out_dir: str | 
     train_x, train_y = src.train
     paths = {}
     if src.test is None:  # no test set of its own: a stratified test split first, then validation
-        rest, te = stratified_split(train_y, params.test_size, None, params.seed + 1, k, src.classes)
+        rest, te = stratified_split(train_y, params.test_size, None, params.seed + 1, k, src.classes, "test")
         test = (train_x[te], train_y[te])
         if src.paths is not None:
             paths["test"] = [src.paths[i] for i in te]
