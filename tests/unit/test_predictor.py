@@ -3,6 +3,7 @@ import io
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -73,6 +74,16 @@ def test_numpy_pil_and_bytes_agree(predictor):
     assert rows[0] != rows[1] != rows[2] != rows[0]  # three images, three different answers
 
 
+def test_a_3_by_h_by_w_array_is_refused_by_a_grayscale_model(predictor):
+    """One colour image (C×H×W) or three grayscale ones? It was read as the colour image, its three planes
+    blended into one: two answers lost without a word."""
+    x, _ = make_images(3, 10, (1, 28, 28), seed=9)
+    with pytest.raises(InputError, match=r"a 3×28×28 array is one colour image \(C×H×W\) or three grayscale"):
+        predictor.predict(x[:, 0])
+    assert len(predictor.predict(x)) == 3  # 3×1×H×W: three images
+    assert predictor.predict(x[:1, 0]) == predictor.predict(x[0, 0])  # 1×H×W: one image
+
+
 def test_rgb_and_resized_inputs_are_converted(predictor):
     x, _ = make_images(1, 10, (1, 28, 28), seed=5)
     rgb = np.repeat(x[0, 0][:, :, None], 3, axis=2)
@@ -123,6 +134,21 @@ def test_colour_arrays_get_pil_luma(predictor):
 def test_bad_images(predictor, image, message):
     with pytest.raises(InputError, match=message):
         predictor.predict(image)
+
+
+BROKEN = sorted((Path(__file__).parents[1] / "data" / "broken_images").glob("*.bin"))
+
+
+@pytest.mark.parametrize("path", BROKEN, ids=[p.stem for p in BROKEN])
+def test_damaged_files_are_unreadable_images_not_crashes(predictor, path, tmp_path):
+    """Mutated files that Pillow's DDS and IM plugins claim, or its TIFF decoder trips on (NotImplementedError,
+    TypeError): the predictor refuses them as unreadable (a 4xx from the server), and the split stage skips
+    them as unreadable files."""
+    from cnnpipe.core.own_images import decode
+
+    with pytest.raises(InputError, match=r"^not a readable image \(.+\)$"):
+        predictor.predict(path.read_bytes())
+    assert isinstance(decode(str(path), 1, 28), str)
 
 
 def test_truncated_png(predictor):

@@ -21,6 +21,7 @@ from cnnpipe.core.errors import CnnpipeError
 KINDS = ("imagefolder", "csv")
 # image files, by suffix: what own-image folders, CSVs and `cnnpipe predict DIR` read (all decoded by Pillow)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".pgm", ".ppm")
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF", "PPM")  # Pillow's decoders for those; no others
 ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz")
 
 
@@ -158,6 +159,14 @@ def archive_root(dest: Path) -> Path:
 SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # Pillow's modes for 16-bit greyscale PNG and TIFF
 
 
+def open_image(source):
+    """Pillow's Image.open (a path or a binary file) limited to IMAGE_FORMATS: a file that another of its
+    plugins (DDS, IM, ...) would claim is refused as unidentified, not decoded by less-used code."""
+    from PIL import Image
+
+    return Image.open(source, formats=IMAGE_FORMATS)
+
+
 def convert_image(im, mode: str):
     """A PIL image in `mode` ("L" or "RGB"), 8 bits a channel. Pillow's own conversion clips 16-bit greyscale
     to 0-255 (nearly all white); here its 0-65535 range is scaled down instead."""
@@ -171,16 +180,16 @@ def convert_image(im, mode: str):
 
 def decode(path: str, channels: int, size: int) -> np.ndarray | str:
     """One image file -> C×size×size uint8, or the reason it cannot be read."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
             im.load()
             im = convert_image(im, "L" if channels == 1 else "RGB")
             if im.size != (size, size):
                 im = im.resize((size, size), Image.Resampling.BILINEAR)
             arr = np.asarray(im, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    except Exception as e:  # Pillow's decoders raise many types on damaged or hostile files
         return f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else 'unreadable'}"
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 

@@ -20,7 +20,12 @@ import numpy as np
 
 from cnnpipe.core.errors import CnnpipeError
 from cnnpipe.core.onnx_io import choose_providers, read_metadata, session_options
-from cnnpipe.core.own_images import convert_image
+from cnnpipe.core.own_images import IMAGE_FORMATS, convert_image, open_image
+
+
+def first_line(e: Exception) -> str:
+    """An exception's message in one short line (its type where it has no message)."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
 
 
 class InputError(ValueError):
@@ -46,7 +51,7 @@ def open_header(image: Any) -> tuple[int, Any]:
 
     if isinstance(image, bytes | bytearray | memoryview):
         try:
-            opened = Image.open(io.BytesIO(image))
+            opened = open_image(io.BytesIO(image))
             return opened.size[0] * opened.size[1], opened
         except Image.DecompressionBombError as e:  # Pillow refuses to open far larger images at all
             found = re.search(r"\((\d+) pixels\)", str(e))
@@ -129,17 +134,19 @@ class Predictor:
             if len(image) == 0:
                 raise InputError("empty image data")
             try:
-                image = Image.open(io.BytesIO(image))
+                image = open_image(io.BytesIO(image))
                 image.load()
-            except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-                raise InputError(f"not a readable image ({str(e).splitlines()[0][:120]})") from e
+            except UnidentifiedImageError as e:  # its message holds the buffer's address: no help to a client
+                raise InputError(f"not a readable image (not {', '.join(IMAGE_FORMATS)})") from e
+            except Exception as e:  # Pillow's decoders raise many types on damaged or hostile data
+                raise InputError(f"not a readable image ({first_line(e)})") from e
         if isinstance(image, Image.Image):
             mode = "L" if c == 1 else "RGB"
             try:
                 image.load()
                 image = convert_image(image, mode)
-            except (OSError, ValueError, SyntaxError) as e:  # an opened header whose data is broken
-                raise InputError(f"not a readable image ({str(e).splitlines()[0][:120]})") from e
+            except Exception as e:  # an opened header whose data is broken
+                raise InputError(f"not a readable image ({first_line(e)})") from e
             if image.size != (w, h):
                 if not resize:
                     raise InputError(f"image is {image.size[0]}×{image.size[1]}, the model takes {w}×{h}")
@@ -171,7 +178,8 @@ class Predictor:
         if arr.ndim == 3 and arr.shape[2] == 1:
             arr = arr[:, :, 0]
         if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] != 3) or 0 in arr.shape[:2]:
-            raise InputError(f"pixel array of shape {list(arr.shape)} is not an image; send H×W or H×W×3 (or C×H×W)")
+            raise InputError(f"pixel array of shape {list(arr.shape)} is not an image; send H×W or H×W×3 (or C×H×W; "
+                             "several images as a list or an N×C×H×W array)")
         channels = 1 if arr.ndim == 2 else 3
         if channels != c:
             if c == 1:
@@ -222,7 +230,13 @@ class Predictor:
                 for p, row in zip(scores.probs.tolist(), scores.order[:, :k].tolist(), strict=True)]
 
     def predict(self, images: Any, k: int = 5, resize: bool = True) -> list[list[dict[str, Any]]]:
-        """Top-k labels and probabilities for each image (a single image gives a one-element list)."""
+        """Top-k labels and probabilities for each image (a single image gives a one-element list). `images`:
+        one image (encoded bytes, a PIL image, an H×W, H×W×C or C×H×W array), a list of them, or a 4-D array
+        batch (N×C×H×W or N×H×W×C)."""
+        if (isinstance(images, np.ndarray) and images.ndim == 3 and images.shape[0] == 3 and 0 not in images.shape
+                and images.shape[2] not in (1, 3) and self.info.input_shape[0] == 1):
+            raise InputError(f"a {'×'.join(map(str, images.shape))} array is one colour image (C×H×W) or three "
+                             "grayscale images: pass the one as H×W×3, the three as 3×1×H×W or a list of H×W arrays")
         if isinstance(images, np.ndarray) and images.ndim == 4:
             images = list(images)  # a batch: N×C×H×W or N×H×W×C
         elif not isinstance(images, list | tuple):
