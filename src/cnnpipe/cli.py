@@ -37,6 +37,22 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value >= 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of at least 0")
+    return value
+
+
+def _port(text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0 to 65535; 0: any free port)")
+    return int(text)
+
+
 def _onnx_file(text: str) -> str:
     if not Path(text).is_file():
         raise argparse.ArgumentTypeError(f"{text}: no such file; run `dvc repro` to make it, or pass another model")
@@ -95,7 +111,8 @@ def _serve(args: argparse.Namespace) -> None:
     follow = None
     if args.registry:  # needs the registry's tools (GTO, DVC): the pipeline extra
         from cnnpipe.serve.follow import Follow
-        follow = Follow(args.registry, args.repo, args.poll, os.environ.get("CNNPIPE_ADMIN_TOKEN", ""))
+        # stripped: a token read from a file or a Kubernetes secret often ends in a newline
+        follow = Follow(args.registry, args.repo, args.poll, os.environ.get("CNNPIPE_ADMIN_TOKEN", "").strip())
     serve(args.model, args.host, args.port, options, threads=args.threads, workers=args.workers, follow=follow)
 
 
@@ -230,20 +247,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve the ONNX model over HTTP (FastAPI + uvicorn)")
     p.add_argument("model", nargs="?", default="models/model.onnx", help="ONNX model (default: %(default)s)")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_port, default=8000)
     p.add_argument("--max-batch", type=int, help="images per onnxruntime run; 1 = no batching (default: 64)")
-    p.add_argument("--max-wait-ms", type=float, help="how long a batch waits to fill (default: 1.0)")
+    p.add_argument("--max-wait-ms", type=_non_negative_float, help="how long a batch waits to fill (default: 1.0)")
     p.add_argument("--max-body-bytes", type=int, help="larger bodies get 413 (default: 8388608)")
     p.add_argument("--max-images", type=int, help="images per request (default: 64)")
     p.add_argument("--no-resize", action="store_true", help="refuse images of another size instead of resizing")
     p.add_argument("--max-pixels", type=int,
                    help="pixels an image may declare, checked before decoding; a request, 4 times that "
                         "(default: 0 = auto: 16 model-sized images, within 1 to 25 megapixels)")
-    p.add_argument("--body-timeout", type=float, help="seconds a request body may take, then 408 (default: 10)")
+    p.add_argument("--body-timeout", type=_positive_float,
+                   help="seconds a request body may take, then 408 (default: 10)")
     p.add_argument("--max-inflight-bytes", type=int,
                    help="request bodies one server process holds at once, all its requests together; more get "
                         "503 with Retry-After (default: 0 = 32 times --max-body-bytes)")
-    p.add_argument("--header-timeout", type=float,
+    p.add_argument("--header-timeout", type=_positive_float,
                    help="seconds a request's line and headers may take (from the connection's start or the "
                         "previous response), then the connection is closed (default: 10)")
     p.add_argument("--threads", type=int, default=0,
@@ -254,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve a registry reference instead of a file, e.g. image-classifier#prod, and follow it: "
                         "a new version is loaded, warmed and swapped in without failing a request")
     p.add_argument("--repo", default=".", help="the registry's repository (default: %(default)s)")
-    p.add_argument("--poll", type=float, default=10.0,
+    p.add_argument("--poll", type=_non_negative_float, default=10.0,
                    help="seconds between registry checks (0: only on SIGHUP or POST /admin/reload); with "
                         "CNNPIPE_ADMIN_TOKEN set, POST /admin/reload with that bearer token checks at once")
     p.set_defaults(func=_serve)

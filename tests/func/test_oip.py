@@ -138,3 +138,15 @@ def test_triton_client_binary_tensors(served, tensor):
     assert np.allclose(meta["outputs"][1]["data"], expected[0], atol=1e-4)
     blob = asked.content[head:]
     assert blob[4:].decode() == labels[0] and int.from_bytes(blob[:4], "little") == len(labels[0])
+
+
+@pytest.mark.parametrize("header", ["12x", "-1", "\u00b2", "\u0663", "999"])
+def test_a_binary_header_length_that_is_not_an_ascii_count_within_the_body_is_a_400(header):
+    """Inference-Header-Content-Length arrives as latin-1 text: a superscript two or an Arabic-Indic digit
+    passes str.isdigit but not int(), and must be refused like any other bad length."""
+    from cnnpipe.serve.oip import OipError, split_body
+
+    with pytest.raises(OipError) as refused:
+        split_body(b'{"inputs": []}', header)
+    assert refused.value.status == 400 and "does not fit the 14-byte body" in str(refused.value)
+

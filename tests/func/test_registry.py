@@ -129,9 +129,18 @@ def test_promote_fetch_and_a_server_that_follows_production(repo, tmp_path):
 
     tmp = tmp_path / "server-tmp"  # where the server keeps the versions it fetched
     tmp.mkdir()
-    proc, url = serve(repo, "--poll", "0.5", env={**os.environ, "TMPDIR": str(tmp)})
+    # the admin token as a file or a Kubernetes secret gives it, with a newline
+    proc, url = serve(repo, "--poll", "0.5", env={**os.environ, "TMPDIR": str(tmp), "CNNPIPE_ADMIN_TOKEN": "s3cret\n"})
     try:
         assert httpx.get(url + "/metadata").json()["version"] == "v1.0.0"
+        for authorization, status in (("", 401), ("Bearer wrong", 401), ("Basic s3cret", 401),
+                                      ("bearer s3cret", 200), ("Bearer s3cret", 200)):
+            r = httpx.post(url + "/admin/reload", headers={"authorization": authorization} if authorization else {})
+            assert r.status_code == status, (authorization, r.text)
+            if status == 401:
+                assert "Authorization: Bearer <token>" in r.json()["error"]
+            else:
+                assert r.json() == {"status": "unchanged", "version": "v1.0.0"}
         assert cached(tmp) == ["image-classifier-v1.0.0.onnx"]
         load = Load(url)
         load.start()

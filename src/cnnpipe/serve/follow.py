@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import logging
+import math
 import shutil
 import signal
 import tempfile
@@ -42,6 +43,10 @@ class Follow:
     repo: str = "."
     poll: float = 10.0  # seconds between checks; 0: only on SIGHUP or /admin/reload
     token: str = ""  # bearer token of POST /admin/reload; empty: no admin route
+
+    def __post_init__(self):
+        if not 0 <= self.poll < math.inf:
+            raise CnnpipeError(f"--poll {self.poll} is out of range; use a number of seconds of at least 0")
 
 
 def target(follow: Follow) -> registry.Version:
@@ -102,8 +107,8 @@ class Follower:
         except (NotImplementedError, RuntimeError):  # pragma: no cover
             pass
 
-    def _on_sighup(self) -> None:
-        task = asyncio.get_running_loop().create_task(self.check())
+    def _on_sighup(self) -> None:  # someone asked to look now: a version that failed to load is tried again too
+        task = asyncio.get_running_loop().create_task(self.check(retry_failed=True))
         self.pending.add(task)  # kept until done: the loop holds tasks only weakly
         task.add_done_callback(self.pending.discard)
 
@@ -116,12 +121,13 @@ class Follower:
 
     async def check(self, retry_failed: bool = False) -> dict:
         """Swap to the version in the stage if it is new; the answer says what happened. A version that
-        failed to load is tried again only when the stage moves, or with `retry_failed` (the admin route)."""
+        failed to load is tried again only when the stage moves, or with `retry_failed` (SIGHUP, the admin
+        route); one that could not be fetched (the registry or its storage unreachable) at the next check."""
         from cnnpipe.serve.server import Live
 
         async with self.lock:
             old = self.state["live"]
-            attempted = None
+            attempted, fetched = None, False
             try:
                 version = await asyncio.to_thread(target, self.follow)
                 attempted = version.version
@@ -131,11 +137,12 @@ class Follower:
                 if version.version == self.failed and not retry_failed:
                     return {"status": "failed", "version": old.version, "detail": self.state["reload_error"]}
                 path = await asyncio.to_thread(fetch, self.follow, version)
+                fetched = True
                 predictor = await asyncio.to_thread(Predictor, path, None, old.predictor.threads)
                 new = await Live.start(predictor, self.options, self.metrics.batch_sizes, version.version)
             except Exception as e:  # any failure keeps the model being served
                 reason = str(e) if isinstance(e, CnnpipeError) else f"{type(e).__name__}: {e}"
-                self.failed = attempted
+                self.failed = attempted if fetched else None  # a fetch may work next time; a bad file will not
                 if attempted is not None and attempted != old.version:
                     cached(version.name, attempted).unlink(missing_ok=True)
                 detail = f"still serving {old.version}; the new version did not load: {reason}"

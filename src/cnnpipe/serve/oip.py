@@ -47,7 +47,7 @@ def split_body(body: bytes, header_length: str | None) -> tuple[Any, bytes]:
     if header_length is None:
         json_part, rest = body, b""
     else:
-        if not header_length.isdigit() or int(header_length) > len(body):
+        if not (header_length.isascii() and header_length.isdigit()) or int(header_length) > len(body):
             raise OipError(400, f"Inference-Header-Content-Length {header_length[:20]!r} does not fit the "
                                 f"{len(body)}-byte body")
         json_part, rest = body[: int(header_length)], body[int(header_length):]

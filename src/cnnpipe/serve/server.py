@@ -16,6 +16,7 @@ import asyncio
 import gc
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -66,8 +67,10 @@ class ServeOptions:
             if getattr(self, name) < low:
                 flag = "--" + name.replace("_", "-")
                 raise CnnpipeError(f"{flag} {getattr(self, name)} is out of range; use at least {low}")
-        if self.max_wait_ms < 0 or self.body_timeout <= 0 or self.header_timeout <= 0:
-            raise CnnpipeError("--max-wait-ms must be at least 0, --body-timeout and --header-timeout above 0")
+        if not (0 <= self.max_wait_ms < math.inf and 0 < self.body_timeout < math.inf
+                and 0 < self.header_timeout < math.inf):
+            raise CnnpipeError("--max-wait-ms must be a number of at least 0, --body-timeout and --header-timeout "
+                               "numbers above 0")
 
     def pixel_budget(self, input_shape: tuple[int, int, int]) -> int:
         """Pixels one image may declare; a request may declare at most 4 times that in all."""
@@ -75,6 +78,8 @@ class ServeOptions:
 
 
 INLINE_PIXELS = 65_536  # images up to this size decode on the event loop; larger ones in a thread
+INLINE_IMAGE_BYTES = 64 * 1024  # encoded images up to this size are opened on the event loop; larger in a thread
+                                # (a file can declare few pixels and still take seconds to parse: padding chunks)
 INLINE_JSON_BYTES = 256 * 1024  # JSON bodies up to this size parse on the event loop; larger ones in a thread
 DISCONNECTED = 499  # nginx's status for a client that closed the connection before the answer
 
@@ -492,7 +497,9 @@ def create_app(predictor: Predictor, options: ServeOptions = ServeOptions(), fol
         """The /predict answer for a request's images: checked, decoded, batched, top-k as JSON."""
         if len(images) > options.max_images:
             raise BadRequest(413, too_many(str(len(images)), options))
-        headers = [open_header(im) for im in images]  # declared pixels, read once per image
+        encoded = sum(len(im) for im in images if isinstance(im, bytes | bytearray | memoryview))
+        large = encoded > INLINE_IMAGE_BYTES
+        headers = await off_loop_if(large, decoders, lambda: [open_header(im) for im in images])  # read once
         try:
             for n, _ in headers:
                 m.predictor.check_pixels(n, m.budget)
@@ -502,7 +509,7 @@ def create_app(predictor: Predictor, options: ServeOptions = ServeOptions(), fol
         if pixels > 4 * m.budget:
             raise BadRequest(422, f"images have {pixels} pixels in all, over the request limit of "
                                   f"{4 * m.budget}; send fewer or smaller images")
-        x = await off_loop_if(pixels > INLINE_PIXELS, decoders, preprocess, m, [im for _, im in headers])
+        x = await off_loop_if(large or pixels > INLINE_PIXELS, decoders, preprocess, m, [im for _, im in headers])
         scores = await m.batcher.scores(x)
         metrics.images.inc(len(x))
         return orjson.dumps({"predictions": m.predictor.ranked(scores, k), "model_sha256": m.predictor.info.sha256})
@@ -557,9 +564,10 @@ def create_app(predictor: Predictor, options: ServeOptions = ServeOptions(), fol
         async def admin_reload(request: Request):
             import hmac
 
-            given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-            if not hmac.compare_digest(given.encode(), follow.token.encode()):
-                raise BadRequest(401, "admin routes need the bearer token of CNNPIPE_ADMIN_TOKEN")
+            scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), follow.token.encode()):
+                raise BadRequest(401, "admin routes need the header `Authorization: Bearer <token>` with the "
+                                      "server's CNNPIPE_ADMIN_TOKEN")
             return await state["follower"].check(retry_failed=True)
 
     # --- Open Inference Protocol (KServe v2, REST) ----------------------------------------------------
