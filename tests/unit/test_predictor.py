@@ -107,6 +107,14 @@ def test_a_16_bit_png_is_scaled_not_clipped(predictor):
     assert np.array_equal(predictor.to_pixels(buf.getvalue()), predictor.to_pixels(png(x[0, 0])))
 
 
+def test_an_rgba_array_drops_its_alpha_as_an_rgba_png_does(predictor):
+    rng = np.random.default_rng(1)
+    rgba = rng.integers(0, 256, (28, 28, 4)).astype(np.uint8)
+    assert np.array_equal(predictor.to_pixels(rgba), predictor.to_pixels(rgba[:, :, :3]))
+    from_png = predictor.to_pixels(png(rgba, "RGBA"))
+    assert np.abs(predictor.to_pixels(rgba) - from_png).max() <= 1  # PIL's luma rounds to whole levels
+
+
 def test_colour_arrays_get_pil_luma(predictor):
     """An H×W×3 array becomes grayscale as PIL's "L" conversion does (up to PIL's rounding)."""
     rng = np.random.default_rng(0)
