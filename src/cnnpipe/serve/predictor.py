@@ -178,7 +178,7 @@ class Predictor:
         if arr.ndim == 3 and arr.shape[2] == 1:
             arr = arr[:, :, 0]
         if arr.ndim == 3 and arr.shape[2] == 4:
-            arr = arr[:, :, :3]  # RGBA: alpha dropped, as PIL's RGBA -> RGB conversion of an encoded image does
+            arr = np.ascontiguousarray(arr[:, :, :3])  # RGBA: alpha dropped, as PIL's RGBA -> RGB conversion of an encoded image does
         if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] != 3) or 0 in arr.shape[:2]:
             raise InputError(f"pixel array of shape {list(arr.shape)} is not an image; send H×W or H×W×3 (or C×H×W; "
                              "several images as a list or an N×C×H×W array)")
