@@ -139,6 +139,27 @@ def test_split_folders_other_than_train_and_test_are_refused(tmp_path, folders, 
     assert not (tmp_path / "raw").exists()
 
 
+def test_a_class_named_train_is_a_class_and_a_macs_zip_folder_is_no_class(tmp_path):
+    """One split name among class folders is a class (a train among vehicles); the __MACOSX folder of a zip
+    made on a Mac is neither a class nor a split."""
+    for vehicle, seed in (("bus", 0), ("car", 1), ("train", 2)):
+        make_example_images(tmp_path / "vehicles" / vehicle, per_class=4, seed=seed)  # shapes as stand-ins
+        for shape in SHAPES:
+            for f in (tmp_path / "vehicles" / vehicle / shape).iterdir():
+                f.rename(tmp_path / "vehicles" / vehicle / f"{shape}-{f.name}")
+            (tmp_path / "vehicles" / vehicle / shape).rmdir()
+    make_example_images(tmp_path / "vehicles/__MACOSX/bus", per_class=1)
+    run_both(tmp_path, DownloadParams(dataset="imagefolder", sources=[str(tmp_path / "vehicles")]))
+    assert json.loads((tmp_path / "prep/meta.json").read_text())["classes"] == ["bus", "car", "train"]
+
+    shutil.rmtree(tmp_path / "prep")
+    make_example_images(tmp_path / "mac/train", per_class=10)
+    make_example_images(tmp_path / "mac/test", per_class=3, seed=1)
+    make_example_images(tmp_path / "mac/__MACOSX/train", per_class=1)
+    run_both(tmp_path, DownloadParams(dataset="imagefolder", sources=[str(tmp_path / "mac")]))
+    assert json.loads((tmp_path / "prep/meta.json").read_text())["sizes"]["test"] == 9
+
+
 def test_capitalized_train_and_test_folders_are_the_split(tmp_path):
     make_example_images(tmp_path / "ds/Train", per_class=10)
     make_example_images(tmp_path / "ds/Test", per_class=3, seed=1)
@@ -254,8 +275,8 @@ def test_missing_path_and_class_too_small(tmp_path):
 
 
 @pytest.mark.parametrize("split_params, message", [
-    ({"test_size": 40}, r"test_size 40 must leave 2 to 35 of the 36 images for training and validation; lower "
-                        r"split\.test_size$"),
+    ({"test_size": 40}, r"test_size 40 must be 1 to 35 of the 36 images \(the rest are training and validation "
+                        r"images\); lower split\.test_size$"),
     ({"test_size": 1.5}, r"split\.test_size 1\.5 must be a count or a fraction between 0 and 1"),
     ({"test_size": 0.05}, r"split\.test_size leaves class \w+ with no test image or none to learn from"),
     ({"test_size": 0.2, "val_size": 0.05}, r"leave class \w+ with no train or validation image .*raise "
@@ -285,6 +306,9 @@ def test_16_bit_images_are_scaled_and_an_oversized_one_is_skipped(tmp_path, monk
     Image.fromarray(np.rint(ramp / 257).astype(np.uint8)).save(tmp_path / "ramp8.png")
     assert np.array_equal(decode(str(tmp_path / "ramp16.png"), 1, 64), decode(str(tmp_path / "ramp8.png"), 1, 64))
     assert np.array_equal(decode(str(tmp_path / "ramp16.png"), 3, 64), decode(str(tmp_path / "ramp8.png"), 3, 64))
+    Image.fromarray(np.rint(ramp / 257).astype(np.int32)).save(tmp_path / "ramp32.tif")  # 32-bit: values as they are
+    assert Image.open(tmp_path / "ramp32.tif").mode == "I"
+    assert np.array_equal(decode(str(tmp_path / "ramp32.tif"), 1, 64), decode(str(tmp_path / "ramp8.png"), 1, 64))
 
     make_example_images(tmp_path / "shapes", per_class=10)  # 24×24: 576 pixels
     Image.new("L", (80, 80)).save(tmp_path / "shapes/circle/huge.png")  # 6,400 pixels

@@ -29,8 +29,8 @@ def serve_actions():
     ("--poll", "inf", "is not a number of at least 0"),
 ])
 def test_serve_refuses_flags_out_of_range(flag, value, message, capsys):
-    """NaN slips past `x <= 0` checks: as a timeout it failed every request, as --poll it polled in a busy loop;
-    an out-of-range port was taken modulo 65536."""
+    """NaN passes `x <= 0` checks: as a timeout it would fail every request, as --poll poll in a busy loop; a
+    port beyond 65535 would be taken modulo 65536."""
     with pytest.raises(SystemExit) as exited:
         build_parser().parse_args(["serve", f"{flag}={value}"])
     assert exited.value.code == 2 and f"argument {flag}: '{value}' {message}" in capsys.readouterr().err

@@ -30,27 +30,39 @@ def follower_with(monkeypatch, tmp_path, files: list):
     return fetched
 
 
-async def serving(onnx_model) -> follow.Follower:
+async def serving(onnx_model, poll: float = 0.0) -> follow.Follower:
+    """A follower whose checks are called by the test (its poll task is not started)."""
     options, metrics = ServeOptions(), Metrics()
     live = await Live.start(Predictor(onnx_model, threads=1), options, metrics.batch_sizes, "v1.0.0")
     state = {"live": live, "reload_error": None}
-    return follow.Follower(follow.Follow("image-classifier#prod", poll=0), state, options, metrics)
+    return follow.Follower(follow.Follow("image-classifier#prod", poll=poll), state, options, metrics)
 
 
-def test_a_version_that_could_not_be_fetched_is_fetched_again_at_the_next_check(onnx_model, tmp_path,
-                                                                                  monkeypatch):
-    fetched = follower_with(monkeypatch, tmp_path, [CnnpipeError("remote storage unreachable"), onnx_model])
+def test_a_version_that_could_not_be_fetched_is_fetched_again_after_a_poll_interval(onnx_model, tmp_path,
+                                                                                     monkeypatch):
+    """Storage that is down comes back: the version is fetched again once a poll interval has passed since the
+    failure (twice that after a second failure, and so on), not at every check."""
+    down = CnnpipeError("remote storage unreachable")
+    fetched = follower_with(monkeypatch, tmp_path, [down, down, onnx_model])
 
     async def run():
-        follower = await serving(onnx_model)
-        answers = [await follower.check(), await follower.check()]
+        follower = await serving(onnx_model, poll=1.0)
+        answers = [await follower.check(), await follower.check()]  # the second within the interval: no fetch
+        answers.append(list(fetched))
+        await asyncio.sleep(1.1)
+        answers.append(await follower.check())  # due: fetched, and down again
+        answers.append(await follower.check())  # within the doubled interval: no fetch
+        await asyncio.sleep(2.1)
+        answers.append(await follower.check())
         await follower.state["live"].batcher.stop()
         return answers, follower.state["live"].version
 
-    (first, second), serving_now = asyncio.run(run())
-    assert first["status"] == "failed" and "remote storage unreachable" in first["detail"]
-    assert second["status"] == "swapped" and serving_now == "v2.0.0"
-    assert fetched == ["v2.0.0", "v2.0.0"]
+    (first, second, fetched_early, third, fourth, fifth), serving_now = asyncio.run(run())
+    assert first["status"] == "failed" and "could not be fetched: remote storage unreachable" in first["detail"]
+    assert second["status"] == "failed" and fetched_early == ["v2.0.0"]
+    assert third["status"] == "failed" and fourth["status"] == "failed"
+    assert fifth["status"] == "swapped" and serving_now == "v2.0.0"
+    assert fetched == ["v2.0.0"] * 3
 
 
 def test_a_version_that_did_not_load_waits_for_sighup_or_the_stage_to_move(onnx_model, tmp_path, monkeypatch):

@@ -75,8 +75,8 @@ def test_numpy_pil_and_bytes_agree(predictor):
 
 
 def test_a_3_by_h_by_w_array_is_refused_by_a_grayscale_model(predictor):
-    """One colour image (C×H×W) or three grayscale ones? It was read as the colour image, its three planes
-    blended into one: two answers lost without a word."""
+    """One colour image (C×H×W) or three grayscale ones? Read as the colour image, its three planes would be
+    blended into one, and two answers lost without a word."""
     x, _ = make_images(3, 10, (1, 28, 28), seed=9)
     with pytest.raises(InputError, match=r"a 3×28×28 array is one colour image \(C×H×W\) or three grayscale"):
         predictor.predict(x[:, 0])

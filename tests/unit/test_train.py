@@ -306,7 +306,8 @@ def test_a_resume_state_that_does_not_fit_the_model_is_a_one_line_error(tmp_path
     state["model"].popitem()
     torch.save(state, path)
     with pytest.raises(CnnpipeError, match=r"resume state .*\.model\.pt\.resume does not fit this run \(Error\(s\) "
-                                           r"in loading state_dict.*\); delete it to start over$"):
+                                           r"in loading state_dict for Classifier: Missing key\(s\) in state_dict: "
+                                           r"\".+\"\.\); delete it to start over$"):
         run(tmp_path, prepared, p)
 
 

@@ -26,12 +26,17 @@ ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz")
 
 
 # --- listing ---------------------------------------------------------------------------------------------
+def subfolders(root: Path) -> list[Path]:
+    """The folders in root, sorted, without hidden ones and the __MACOSX folder of zips made on a Mac."""
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != "__MACOSX")
+
+
 def list_imagefolder(root: Path) -> tuple[list[tuple[str, str]], list[str]]:
     """([(path relative to root, class)], [unsupported files]) of root/<class>/..., classes sorted."""
     if not root.is_dir():
         raise CnnpipeError(f"{root}: not a directory; point download.sources at a folder of class folders")
     items, unsupported = [], []
-    for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for class_dir in subfolders(root):
         for f in sorted(class_dir.rglob("*")):
             if f.is_file() and not f.name.startswith("."):
                 rel = f.relative_to(root).as_posix()
@@ -91,13 +96,14 @@ SPLIT_FOLDERS = ("train", "val", "valid", "validation", "test")  # names that me
 
 def imagefolder_parts(root: Path) -> dict[str, Path]:
     """{"train": root/train, "test": root/test} when the folder brings its own test set, else {"all": root}.
-    Other split folders (val/, train/ alone, folders beside train/ and test/) are refused: read as classes
-    they would train a classifier of splits, and ignored they would lose images."""
-    folders = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    Other split folders (two or more split names, or train/ alone) are refused: read as classes they would
+    train a classifier of splits, and ignored they would lose images. One split name among other folders is
+    a class (a `train` among vehicles)."""
+    folders = [p.name for p in subfolders(root)]
     names = sorted(name.lower() for name in folders)
     if names == ["test", "train"]:  # Train/ and Test/ too
         return {name.lower(): root / name for name in folders}
-    if "train" in names or len([n for n in names if n in SPLIT_FOLDERS]) > 1:
+    if names == ["train"] or len([n for n in names if n in SPLIT_FOLDERS]) > 1:
         if names == ["train"]:
             fix = "add test/ beside train/, or move train/'s class folders up into the root"
         else:
@@ -156,7 +162,7 @@ def archive_root(dest: Path) -> Path:
 
 
 # --- decoding ------------------------------------------------------------------------------------------
-SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # Pillow's modes for 16-bit greyscale PNG and TIFF
+SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")  # Pillow's modes for 16-bit greyscale PNG and TIFF
 
 
 def open_image(source):

@@ -132,8 +132,8 @@ def restore(state: dict, engine: Any, generator: torch.Generator, d: Dist, path:
         restore_rng(state["rng"], engine.device, d)
         return Progress(**{f.name: state[f.name] for f in dataclasses.fields(Progress)})
     except (RuntimeError, KeyError, ValueError, TypeError) as e:  # a state its fingerprint vouches for, damaged
-        raise CnnpipeError(f"resume state {path} does not fit this run ({str(e).strip().splitlines()[0][:120]}); "
-                           "delete it to start over") from e
+        detail = " ".join(str(e).split())[:200] or type(e).__name__  # torch's message spans lines: its keys too
+        raise CnnpipeError(f"resume state {path} does not fit this run ({detail}); delete it to start over") from e
 
 
 def load(path: Path, expected: str) -> dict | None:

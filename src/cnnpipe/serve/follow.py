@@ -17,6 +17,7 @@ import math
 import shutil
 import signal
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,8 @@ class Follower:
         self.metrics = metrics
         self.lock = asyncio.Lock()
         self.failed: str | None = None  # a version that failed to load is not retried until the stage moves
+        self.fetch_failures = 0  # in a row, for `failed`: a version that could not be fetched is tried again,
+        self.next_fetch = 0.0  # after poll × 2^(failures - 1) seconds (at most 10 minutes)
         self.task: asyncio.Task | None = None
         self.pending: set[asyncio.Task] = set()
 
@@ -122,7 +125,8 @@ class Follower:
     async def check(self, retry_failed: bool = False) -> dict:
         """Swap to the version in the stage if it is new; the answer says what happened. A version that
         failed to load is tried again only when the stage moves, or with `retry_failed` (SIGHUP, the admin
-        route); one that could not be fetched (the registry or its storage unreachable) at the next check."""
+        route); one that could not be fetched (the registry or its storage unreachable) at the next check, then
+        less often while it keeps failing."""
         from cnnpipe.serve.server import Live
 
         async with self.lock:
@@ -133,8 +137,10 @@ class Follower:
                 attempted = version.version
                 if version.version == old.version:
                     self.state["reload_error"], self.failed = None, None  # the stage is back on what is served
+                    self.fetch_failures = 0
                     return {"status": "unchanged", "version": old.version}
-                if version.version == self.failed and not retry_failed:
+                fetch_due = self.fetch_failures > 0 and time.monotonic() >= self.next_fetch
+                if version.version == self.failed and not (retry_failed or fetch_due):
                     return {"status": "failed", "version": old.version, "detail": self.state["reload_error"]}
                 path = await asyncio.to_thread(fetch, self.follow, version)
                 fetched = True
@@ -142,17 +148,21 @@ class Follower:
                 new = await Live.start(predictor, self.options, self.metrics.batch_sizes, version.version)
             except Exception as e:  # any failure keeps the model being served
                 reason = str(e) if isinstance(e, CnnpipeError) else f"{type(e).__name__}: {e}"
-                self.failed = attempted if fetched else None  # a fetch may work next time; a bad file will not
+                self.failed = attempted
+                self.fetch_failures = self.fetch_failures + 1 if attempted is not None and not fetched else 0
+                if self.fetch_failures:  # storage may be back later; a file that does not load will not be
+                    self.next_fetch = time.monotonic() + min(600.0, self.follow.poll * 2 ** (self.fetch_failures - 1))
                 if attempted is not None and attempted != old.version:
                     cached(version.name, attempted).unlink(missing_ok=True)
-                detail = f"still serving {old.version}; the new version did not load: {reason}"
+                detail = (f"still serving {old.version}; the new version "
+                          f"{'did not load' if fetched else 'could not be fetched'}: {reason}")
                 self.state["reload_error"] = detail
                 self.metrics.reloads.labels("failed").inc()
                 log.error("%s", detail)
                 return {"status": "failed", "version": old.version, "detail": detail}
             self.state["live"] = new  # the swap: requests from here on use the new model
             self.state["reload_error"] = None
-            self.failed = None
+            self.failed, self.fetch_failures = None, 0
             self.metrics.reloads.labels("ok").inc()
             log.warning("now serving %s %s (sha256 %s), was %s", version.name, version.version,
                         predictor.info.sha256[:12], old.version)

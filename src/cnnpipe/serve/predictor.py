@@ -178,7 +178,7 @@ class Predictor:
         if arr.ndim == 3 and arr.shape[2] == 1:
             arr = arr[:, :, 0]
         if arr.ndim == 3 and arr.shape[2] == 4:
-            arr = np.ascontiguousarray(arr[:, :, :3])  # RGBA: alpha dropped, as PIL's RGBA -> RGB conversion of an encoded image does
+            arr = np.ascontiguousarray(arr[:, :, :3])  # RGBA: alpha dropped, as PIL's RGBA -> RGB conversion does
         if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] != 3) or 0 in arr.shape[:2]:
             raise InputError(f"pixel array of shape {list(arr.shape)} is not an image; send H×W or H×W×3 (or C×H×W; "
                              "several images as a list or an N×C×H×W array)")
@@ -234,7 +234,7 @@ class Predictor:
     def predict(self, images: Any, k: int = 5, resize: bool = True) -> list[list[dict[str, Any]]]:
         """Top-k labels and probabilities for each image (a single image gives a one-element list). `images`:
         one image (encoded bytes, a PIL image, an H×W, H×W×C or C×H×W array), a list of them, or a 4-D array
-        batch (N×C×H×W or N×H×W×C)."""
+        batch (N×C×H×W or N×H×W×C). A grayscale model refuses a 3×H×W array: one colour image or three?"""
         if (isinstance(images, np.ndarray) and images.ndim == 3 and images.shape[0] == 3 and 0 not in images.shape
                 and images.shape[2] not in (1, 3) and self.info.input_shape[0] == 1):
             raise InputError(f"a {'×'.join(map(str, images.shape))} array is one colour image (C×H×W) or three "

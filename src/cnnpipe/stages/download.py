@@ -186,7 +186,7 @@ def download(params: DownloadParams, out_dir: str | Path = "data/raw") -> Path:
 
 
 
-OWN_IMAGES = Path("data/own")  # the split stage's dependency (dvc.yaml): images read in place are watched here
+OWN_IMAGES = Path("data/own")  # a dependency of download and split (dvc.yaml): images and archives here are watched
 
 
 def warn_if_untracked(root: Path, listed: list[Path] | None = None, reader: str = "split",

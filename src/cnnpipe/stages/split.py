@@ -93,8 +93,8 @@ def stratified_split(y: np.ndarray, val_size: int | float, train_size: int | Non
         raise CnnpipeError(
             f"split sizes do not fit: train_size {train_size} + val_size {val_size} must be between 2 and the {n} "
             "training images; lower split.val_size or split.train_size" if held == "val" else
-            f"split sizes do not fit: test_size {val_size} must leave 2 to {n - 1} of the {n} images for training "
-            "and validation; lower split.test_size")
+            f"split sizes do not fit: test_size {val_size} must be 1 to {n - 1} of the {n} images (the rest are "
+            "training and validation images); lower split.test_size")
     counts = np.bincount(y, minlength=num_classes)
     val_per = allocate(counts, val_size)
     train_per = allocate(counts - val_per, train_size) if train_size < n - val_size else counts - val_per
