@@ -270,6 +270,28 @@ def head(repo: Path) -> str:
     return run(repo, "git", "rev-parse", "HEAD").strip()
 
 
+def test_a_rollback_puts_the_older_version_back_in_prod(tiny):
+    """Assigning an older version to prod again (a rollback, with GTO's own command) makes it production's for
+    the registry, the gate, a following server and DVC alike: the latest assignment counts, not the highest
+    version ever assigned."""
+    from cnnpipe.mlops import registry
+
+    made(tiny, "first")
+    assert cnnpipe(tiny, "promote").stdout.startswith("promoted as v1.0.0")
+    made(tiny, "second", make={"fp32": "q", "metrics": {"acc": 0.95}})
+    assert cnnpipe(tiny, "promote").stdout.startswith("promoted as v1.1.0")
+    gto = str(Path(sys.executable).parent / "gto")
+    run(tiny, gto, "assign", "image-classifier", "--version", "v1.0.0", "--stage", "prod", "--force")
+    assert registry.in_stage(tiny, "image-classifier", "prod").version == "v1.0.0"
+    assert registry.in_stage(tiny, "image-classifier-int8", "prod").version == "v1.1.0"  # not rolled back
+    listing = {r["version"]: r["stages"] for r in registry.table(tiny) if r["artifact"] == "image-classifier"}
+    assert listing == {"v1.1.0": "", "v1.0.0": "prod"}
+    dvc(tiny, "artifacts", "get", ".", "image-classifier", "--stage", "prod", "-o", str(tiny / "prod.onnx"))
+    assert (tiny / "prod.onnx").read_text() == "a"  # the first run's model, as DVC resolves the stage too
+    run(tiny, gto, "deprecate", "image-classifier", "v1.0.0", "prod")  # unassigned: no version in prod
+    assert registry.in_stage(tiny, "image-classifier", "prod") is None
+
+
 def test_promote_registers_a_run_where_only_the_int8_model_changed(tiny):
     made(tiny, "first")
     assert cnnpipe(tiny, "promote").stdout.startswith("promoted as v1.0.0")

@@ -81,24 +81,24 @@ def versions(repo: str | Path, name: str) -> list[Version]:
 
 
 def stage_versions(repo: str | Path, name: str) -> dict[str, str]:
-    """stage -> the version now in it."""
-    from gto import api
-    from gto.exceptions import ArtifactNotFound
-
-    try:
-        stages = api.get_stages(repo, used=True)
-    except ArtifactNotFound:  # an empty registry
-        return {}
-    out = {}
-    for stage in stages:
-        try:
-            found = api.find_versions_in_stage(repo, name, stage)
-        except ArtifactNotFound:
-            return {}
-        found = found[0] if isinstance(found, list) and found else found
-        if found:
-            out[stage] = found.version
-    return out
+    """stage -> the version now in it: the one its latest assignment names. GTO numbers the assignment tags
+    `name#stage#N` (and unassignments `name#stage!#N`) in the order they were made, so the highest N is the
+    latest, a rollback to an older version included (GTO's own lookup picks the highest version ever assigned)."""
+    refs = git(repo, "for-each-ref", "--format=%(refname:strip=2) %(*objectname) %(objectname)", "refs/tags")
+    latest: dict[str, tuple[int, bool, str]] = {}  # stage -> (N, still assigned, commit)
+    version_at: dict[str, list[str]] = {}  # commit -> versions registered there
+    stage_tag = re.compile(rf"{re.escape(name)}#([^#!]+)(!?)#(\d+)")
+    version_tag = re.compile(rf"{re.escape(name)}@(v\d+\.\d+\.\d+)")
+    for line in refs.splitlines():
+        tag, *objects = line.split()
+        commit = objects[0]  # the commit an annotated tag points at (its peeled object comes first)
+        if m := stage_tag.fullmatch(tag):
+            if int(m.group(3)) > latest.get(m.group(1), (-1,))[0]:
+                latest[m.group(1)] = (int(m.group(3)), not m.group(2), commit)
+        elif m := version_tag.fullmatch(tag):
+            version_at.setdefault(commit, []).append(m.group(1))
+    return {stage: max(version_at[commit], key=version_key) for stage, (_, assigned, commit) in latest.items()
+            if assigned and commit in version_at}
 
 
 def in_stage(repo: str | Path, name: str, stage: str) -> Version | None:
