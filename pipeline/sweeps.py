@@ -141,14 +141,14 @@ def sweep(file: str = "sweeps/example.yaml", trials: int | None = None, parallel
     """
     root = Path(repo).resolve()
     spec = sw.check_budget(sw.load_spec(root / file, root / "params.yaml"), trials, parallel)
-    storage = storage or sw.default_storage(root, spec)
+    storage = sw.absolute_storage(storage) if storage else sw.default_storage(root, spec)
     if sh(root, "git", "status", "--porcelain", "--untracked-files=no"):
         raise CnnpipeError("the checkout has uncommitted changes the workers would not see; commit them first")
     commit, ref = sh(root, "git", "rev-parse", "HEAD"), f"refs/cnnpipe/sweeps/{spec.name}"
+    study = sw.open_study(spec, storage)
+    sw.pin_commit(study, spec, commit)  # a resume from another commit is refused before the shared ref moves
     sh(root, "git", "push", "-q", "-f", remote, f"HEAD:{ref}")  # the workers check out exactly this
     dvc(root, "push")  # and find the data the trials need (not -q: it drops DVC's ERROR line)
-    study = sw.open_study(spec, storage)
-    sw.pin_commit(study, spec, commit)
     sw.drive(spec, study, WorkPool(deployment, spec, storage, ref, commit, remote), poll, print)
     table = sw.rows(study)
     sw.write_results(root, spec, table)

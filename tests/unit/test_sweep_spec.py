@@ -25,6 +25,10 @@ ROOT = Path(__file__).resolve().parents[2]
     ({"train.lr": {"low": 0, "high": 0.01, "log": True}}, "a log range must be above 0"),
     ({"train.model": ["resnet9000"]}, "train.model"),
     ({"train.epochs": {"low": 2, "high": 4.5}}, "train.epochs must be int, got 4.5; fix the sweep file"),
+    # trials run up to train: keys of later stages would make every trial the same run
+    ({"evaluate.tta_flip": [True, False]}, "space evaluate.tta_flip: the trials run up to stage train, and no "
+                                           "stage up to it reads evaluate; sweep keys of download, split, train"),
+    ({"train.tag": ["a", "b"]}, "space train.tag: the sweep sets it"),
 ])
 def test_bad_sweep_files_queue_nothing(tmp_path, space, problem):
     assert_refused(tmp_path, {"name": "bad", "space": space}, problem)
@@ -154,3 +158,19 @@ def test_the_median_pruner_spares_a_third_of_the_fewest_epochs_by_default(tmp_pa
     assert load_spec(tmp_path / "s.yaml", tmp_path / "params.yaml").pruner["warmup_epochs"] == warmup
     (tmp_path / "s.yaml").write_text(yaml.safe_dump({"space": space, "pruner": {"warmup_epochs": 0}}))
     assert load_spec(tmp_path / "s.yaml", tmp_path / "params.yaml").pruner["warmup_epochs"] == 0
+
+
+def test_a_later_stage_makes_its_keys_sweepable(tmp_path):
+    (tmp_path / "s.yaml").write_text("stage: evaluate\nspace:\n  evaluate.tta_flip: [true, false]\n")
+    spec = load_spec(tmp_path / "s.yaml", ROOT / "params.yaml")
+    assert spec.stage == "evaluate" and [d.key for d in spec.space] == ["evaluate.tta_flip"]
+
+
+def test_a_relative_journal_is_made_absolute_and_a_database_url_kept(tmp_path, monkeypatch):
+    """Trials open the storage from DVC's temporary workspaces: a relative path there is another journal."""
+    from cnnpipe.mlops.sweep import absolute_storage
+
+    monkeypatch.chdir(tmp_path)
+    assert absolute_storage("sweeps/s.journal") == str(tmp_path / "sweeps/s.journal")
+    assert absolute_storage("postgresql://host/db") == "postgresql://host/db"
+

@@ -165,6 +165,15 @@ def load_spec(path: str | Path, params_path: str | Path = "params.yaml") -> Spec
     if stage not in stages or "train" not in _upstream(stages, stage) | {stage}:
         raise _fail(path, f"stage {stage!r}: trials run the DAG up to a stage at or after train; "
                           f"use one of {', '.join(s for s in stages if 'train' in _upstream(stages, s) | {s})}")
+    read = {str(p if isinstance(p, str) else next(iter(p))).split(".")[0]
+            for s in _upstream(stages, stage) | {stage} for p in stages[s].get("params", [])}
+    for dim in space:  # a key no stage of the trials reads would make every trial the same run
+        if dim.key == "train.tag":
+            raise _fail(path, "space train.tag: the sweep sets it (each trial's name); sweep another key")
+        if dim.key.split(".")[0] not in read:
+            raise _fail(path, f"space {dim.key}: the trials run up to stage {stage}, and no stage up to it reads "
+                              f"{dim.key.split('.')[0]}; sweep keys of {', '.join(sorted(read))}, or set stage: "
+                              "to a stage that reads it")
     name = str(raw.get("name") or path.stem)
     if not EXP_NAME.fullmatch(name) or len(name) > 90:
         raise _fail(path, f"name {name!r}: use letters, digits, '.', '_' or '-' (at most 90)")
@@ -273,6 +282,12 @@ def open_study(spec: Spec, storage: str):
 
 def default_storage(repo: str | Path, spec: Spec) -> str:
     return str(Path(repo).resolve() / ".dvc/tmp/sweeps" / f"{spec.name}.journal")
+
+
+def absolute_storage(storage: str) -> str:
+    """A journal file's path made absolute (trials open it from DVC's temporary workspaces and from worker
+    clones, where a relative path would name another, empty journal); a database URL as it is."""
+    return storage if "://" in storage else str(Path(storage).resolve())
 
 
 def exp_name(spec: Spec, number: int) -> str:
@@ -523,7 +538,7 @@ def run(spec: Spec, repo: str | Path = ".", storage: str | None = None, poll: fl
     """Run the sweep to its budget through DVC's queue; returns the table (also written to sweeps/<name>/).
     Trials start from the checkout as it is (DVC's queue takes uncommitted changes along)."""
     repo = Path(repo).resolve()
-    storage = storage or default_storage(repo, spec)
+    storage = absolute_storage(storage) if storage else default_storage(repo, spec)
     commit = head_commit(repo)
     study = open_study(spec, storage)
     pin_commit(study, spec, commit)
