@@ -27,6 +27,23 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _non_negative_int(text: str) -> int:
+    if not (text.isascii() and text.isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 0")
+    return int(text)
+
+
+def _accuracies(text: str) -> list[float]:
+    """Comma-separated test accuracies to time, e.g. 0.90,0.93 (one above 1 is never reached)."""
+    try:
+        values = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        values = []
+    if not values or not all(0 < v < math.inf for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of accuracies above 0, e.g. 0.90,0.93")
+    return values
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -193,7 +210,7 @@ def _bench_train(args: argparse.Namespace) -> None:
             section[key.removeprefix("train.")] = parse_override(value)
         accuracy = parse_section("train", section, f"{args.params} with --set")
         tta = parse_section("evaluate", raw.get("evaluate"), args.params).tta_flip
-    targets = [float(t) for t in args.targets.split(",") if t]
+    targets = args.targets
     if args.synthetic_cifar:
         bench_synthetic(accuracy, args.synthetic_images, Path(args.out))
         return
@@ -349,17 +366,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench.add_parser("queue", help="four one-epoch experiments through dvc queue start -j 1 and -j 2")
     p.add_argument("--repo", default=".", help="the checkout whose commit is measured (in a throwaway clone)")
     p.add_argument("--out", default="bench/queue.json")
-    p.add_argument("--experiments", type=int, default=4)
-    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--experiments", type=_positive_int, default=4)
+    p.add_argument("--epochs", type=_positive_int, default=1)
     p.set_defaults(func=_bench_queue)
 
     p = bench.add_parser("sweep", help="one sweep's random draws with the median pruner and without")
     p.add_argument("--repo", default=".", help="the checkout whose commit is measured (in a throwaway clone)")
     p.add_argument("--out", default="bench/sweep.json")
-    p.add_argument("--trials", type=int, default=12)
-    p.add_argument("--parallel", type=int, default=2)
-    p.add_argument("--epochs", type=int, default=6, help="train.epochs of every trial")
-    p.add_argument("--train-size", type=int, default=10000, help="split.train_size (0 = the whole split)")
+    p.add_argument("--trials", type=_positive_int, default=12)
+    p.add_argument("--parallel", type=_positive_int, default=2)
+    p.add_argument("--epochs", type=_positive_int, default=6, help="train.epochs of every trial")
+    p.add_argument("--train-size", type=_non_negative_int, default=10000,
+                   help="split.train_size (0 = the whole split)")
     p.add_argument("--warmup-epochs", type=_positive_int, nargs="*", default=[], metavar="N",
                    help="also sweep with a median pruner that cuts no trial in its first N epochs (one sweep per N; "
                         "the sweep-file default, a third of --epochs, is always swept)")
@@ -368,18 +386,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench.add_parser("train", help="tutorial 000's training loop vs our engine, same model and batch size")
     p.add_argument("--prepared", default="data/prepared")
     p.add_argument("--out", default="bench/train.json")
-    p.add_argument("--steps", type=int, default=150, help="timed optimizer steps per run")
-    p.add_argument("--repeats", type=int, default=3, help="interleaved runs per loop; medians are reported")
-    p.add_argument("--batch", type=int, default=100, help="batch size (the tutorial's: 100)")
+    p.add_argument("--steps", type=_non_negative_int, default=150,
+                   help="timed optimizer steps per run (0: skip the throughput parts)")
+    p.add_argument("--repeats", type=_positive_int, default=3, help="interleaved runs per loop; medians are reported")
+    p.add_argument("--batch", type=_positive_int, default=100, help="batch size (the tutorial's: 100)")
     p.add_argument("--device", default="auto", help="device of the throughput part")
     p.add_argument("--params", default="params.yaml", help="time to accuracy: the train config to run")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="time to accuracy: override a train param (repeatable), e.g. --set epochs=4")
-    p.add_argument("--targets", default="0.90,0.92,0.93,0.94", help="test accuracies to time, comma-separated")
+    p.add_argument("--targets", type=_accuracies, default="0.90,0.92,0.93,0.94",
+                   help="test accuracies to time, comma-separated")
     p.add_argument("--no-accuracy", action="store_true", help="skip time to accuracy (c)")
-    p.add_argument("--train-size", type=int, default=0,
+    p.add_argument("--train-size", type=_non_negative_int, default=0,
                    help="time to accuracy on this many images of the train split (0 = all of it)")
-    p.add_argument("--seeds", type=int, default=1, help="time to accuracy over this many seeds (train.seed, +1, ...)")
+    p.add_argument("--seeds", type=_positive_int, default=1,
+                   help="time to accuracy over this many seeds (train.seed, +1, ...)")
     p.add_argument("--precisions", default="", help="time to accuracy in each of these train.precision values, "
                    "comma-separated (e.g. auto,fp32); default: the config's")
     p.add_argument("--synthetic-cifar", action="store_true",

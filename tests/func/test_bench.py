@@ -170,6 +170,23 @@ def test_bench_arguments_out_of_range_are_one_line_errors(tmp_path, onnx_model, 
     assert not out.exists()
 
 
+@pytest.mark.parametrize("args, message", [
+    (["train", "--targets", "abc"], "argument --targets: 'abc' is not a list of accuracies above 0"),
+    (["train", "--targets", "0.9,-1"], "argument --targets: '0.9,-1' is not a list of accuracies above 0"),
+    (["train", "--repeats", "0"], "argument --repeats: '0' is not a whole number of at least 1"),
+    (["train", "--steps", "-5"], "argument --steps: '-5' is not a whole number of at least 0"),
+    (["train", "--seeds", "0"], "argument --seeds: '0' is not a whole number of at least 1"),
+    (["queue", "--experiments", "0"], "argument --experiments: '0' is not a whole number of at least 1"),
+    (["sweep", "--parallel", "0"], "argument --parallel: '0' is not a whole number of at least 1"),
+])
+def test_bench_counts_that_would_time_nothing_are_refused(tmp_path, args, message):
+    """A bench told to do nothing would exit 0 with nothing written, or time empty runs into its file."""
+    out = tmp_path / "o.json"
+    proc = subprocess.run([CLI, "bench", *args, "--out", str(out)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1], proc.stderr
+    assert not out.exists()
+
+
 @pytest.mark.slow
 def test_bench_serve_tiny(tmp_path, onnx_model):
     out = tmp_path / "serve.json"
