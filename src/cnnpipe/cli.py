@@ -33,33 +33,30 @@ def _non_negative_int(text: str) -> int:
     return int(text)
 
 
+def _number(text: str) -> float:
+    """float(text), or NaN where it is not a number (so every range check on it fails)."""
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
+
+
 def _accuracies(text: str) -> list[float]:
     """Comma-separated test accuracies to time, e.g. 0.90,0.93 (one above 1 is never reached)."""
-    try:
-        values = [float(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        values = []
+    values = [_number(t) for t in text.split(",") if t.strip()]
     if not values or not all(0 < v < math.inf for v in values):
         raise argparse.ArgumentTypeError(f"{text!r} is not a list of accuracies above 0, e.g. 0.90,0.93")
     return values
 
 
 def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not value > 0 or math.isinf(value):
+    if not 0 < (value := _number(text)) < math.inf:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number above 0")
     return value
 
 
 def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not value >= 0 or math.isinf(value):
+    if not 0 <= (value := _number(text)) < math.inf:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of at least 0")
     return value
 
