@@ -81,9 +81,15 @@ def versions(repo: str | Path, name: str) -> list[Version]:
 
 
 def stage_versions(repo: str | Path, name: str) -> dict[str, str]:
-    """stage -> the version now in it: the one its latest assignment names. GTO numbers the assignment tags
-    `name#stage#N` (and unassignments `name#stage!#N`) in the order they were made, so the highest N is the
-    latest, a rollback to an older version included (GTO's own lookup picks the highest version ever assigned)."""
+    """stage -> the version now in it."""
+    return {stage: version for stage, (version, _) in stage_assignments(repo, name).items()}
+
+
+def stage_assignments(repo: str | Path, name: str) -> dict[str, tuple[str, str]]:
+    """stage -> (version now in it, its commit): the version its latest assignment names. GTO numbers the
+    assignment tags `name#stage#N` (and unassignments `name#stage!#N`) in the order they were made, so the
+    highest N is the latest, a rollback to an older version included (GTO's own lookup picks the highest
+    version ever assigned)."""
     refs = git(repo, "for-each-ref", "--format=%(refname:strip=2) %(*objectname) %(objectname)", "refs/tags")
     latest: dict[str, tuple[int, bool, str]] = {}  # stage -> (N, still assigned, commit)
     version_at: dict[str, list[str]] = {}  # commit -> versions registered there
@@ -97,17 +103,14 @@ def stage_versions(repo: str | Path, name: str) -> dict[str, str]:
                 latest[m.group(1)] = (int(m.group(3)), not m.group(2), commit)
         elif m := version_tag.fullmatch(tag):
             version_at.setdefault(commit, []).append(m.group(1))
-    return {stage: max(version_at[commit], key=version_key) for stage, (_, assigned, commit) in latest.items()
-            if assigned and commit in version_at}
+    return {stage: (max(version_at[commit], key=version_key), commit)
+            for stage, (_, assigned, commit) in latest.items() if assigned and commit in version_at}
 
 
 def in_stage(repo: str | Path, name: str, stage: str) -> Version | None:
     """The version of `name` now in `stage`, or None when none is."""
-    version = stage_versions(repo, name).get(stage)
-    if version is None:
-        return None
-    commit = git(repo, "rev-list", "-n", "1", f"{name}@{version}")
-    return Version(name, version, commit, (stage,))
+    found = stage_assignments(repo, name).get(stage)
+    return None if found is None else Version(name, found[0], found[1], (stage,))
 
 
 def next_version(repo: str | Path, name: str) -> str:
