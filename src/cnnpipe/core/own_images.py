@@ -75,20 +75,20 @@ def read_label_csv(csv_path: Path) -> list[tuple[Path, str]]:
     return out
 
 
-def check_source(kind: str, path: Path) -> Path:
-    """Fail early, naming the file, if the source cannot be used; returns the folder or CSV to read."""
+def check_source(kind: str, path: Path) -> tuple[Path, list[Path]]:
+    """Fail early, naming the file, if the source cannot be used; returns the folder or CSV to read, and the
+    images a CSV lists (none for a folder)."""
     if kind == "imagefolder":
         for part in imagefolder_parts(path).values():
             list_imagefolder(part)
-        return path
+        return path, []
     if path.is_dir():
         csvs = sorted(path.glob("*.csv"))
         if len(csvs) != 1:
             raise CnnpipeError(f"{path}: expected one labels CSV in the folder, found {len(csvs)}; "
                                "point download.sources at the CSV")
         path = csvs[0]
-    read_label_csv(path)
-    return path
+    return path, [image for image, _ in read_label_csv(path)]
 
 
 SPLIT_FOLDERS = ("train", "val", "valid", "validation", "test")  # names that mean a split, not a class

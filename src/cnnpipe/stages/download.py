@@ -207,8 +207,9 @@ def warn_if_untracked(root: Path, listed: list[Path] | None = None, reader: str 
 
 
 def download_custom(params: DownloadParams, out_dir: Path) -> Path:
-    """The user's images: a local folder or CSV is read in place (under data/own, a dependency of split, DVC
-    sees a changed image); an archive (local or http(s)) is checked against download.md5 and unpacked safely."""
+    """The user's images: a local folder or CSV is read in place (under data/own, a dependency of download
+    and split, DVC sees a changed image); an archive (local or http(s)) is checked against download.md5 and
+    unpacked safely."""
     kind = params.dataset
     failures: list[str] = []
     with atomic_dir(out_dir) as tmp:
@@ -219,9 +220,8 @@ def download_custom(params: DownloadParams, out_dir: Path) -> Path:
                 failures.append(f"{source}: does not exist")
                 continue
             if local is not None and not own_images.is_archive(local.name):
-                root = own_images.check_source(kind, local)
-                warn_if_untracked(root, [path for path, _ in own_images.read_label_csv(root)] if kind == "csv"
-                                  else None)
+                root, listed = own_images.check_source(kind, local)
+                warn_if_untracked(root, listed)
                 manifest = {"dataset": kind, "root": str(root), "in_raw": False}
                 break
             name = (local.name if local is not None else PurePosixPath(urlparse(source).path).name)
@@ -242,7 +242,7 @@ def download_custom(params: DownloadParams, out_dir: Path) -> Path:
                                    f"{params.md5[name]}); the archive is corrupt or truncated: fetch it again")
             own_images.safe_extract(archive, tmp / kind, params.max_bytes)
             archive.unlink()
-            root = own_images.check_source(kind, own_images.archive_root(tmp / kind))
+            root, _ = own_images.check_source(kind, own_images.archive_root(tmp / kind))
             manifest = {"dataset": kind, "root": root.relative_to(tmp).as_posix(), "in_raw": True,
                         "archive": {"name": name, "md5": params.md5.get(name)}}
             break
