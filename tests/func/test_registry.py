@@ -17,7 +17,7 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-from helpers import commit, dvc, make_repo, run, set_params, write_mnist_mirror
+from helpers import commit, dvc, run, set_params
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -44,13 +44,12 @@ def sha256(path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    """A project repo after one real `dvc repro` (tiny MNIST-format data, lenet, 2 epochs), committed."""
-    tmp = tmp_path_factory.mktemp("registry")
-    md5 = write_mnist_mirror(tmp / "mirror")
-    repo = make_repo(tmp, str(tmp / "mirror"), md5)
+def repo(reproduced, tmp_path_factory) -> Path:
+    """A project repo after one real `dvc repro` (tiny MNIST-format data, lenet, 2 epochs), committed with its
+    promotion rules (no stage reads them: the pipeline stays up to date)."""
+    repo = reproduced(tmp_path_factory.mktemp("registry"))
     set_rules(repo, "eval.acc >= 0.05", "eval.acc >= prod - 1", "quantize.drop <= 1")
-    dvc(repo, "repro")
+    assert "up to date" in dvc(repo, "status")
     commit(repo, "first run")
     return repo
 
@@ -181,6 +180,10 @@ def test_promote_fetch_and_a_server_that_follows_production(repo, tmp_path):
         assert still.status_code == 200
         assert reloads(url) == {"ok": 1.0, "failed": 1.0}
         assert cached(tmp) == ["image-classifier-v1.1.0.onnx"]  # and so does one that did not load
+        retried = httpx.post(url + "/admin/reload", headers={"authorization": "Bearer s3cret"})
+        assert retried.status_code == 502, retried.text  # tried again at once, and still failing
+        assert retried.json()["status"] == "failed" and "not a loadable ONNX model" in retried.json()["detail"]
+        assert reloads(url) == {"ok": 1.0, "failed": 2.0}
     finally:
         proc.terminate()
         proc.wait(30)
@@ -326,17 +329,25 @@ def test_a_failed_push_says_what_dvc_said_and_that_the_version_is_registered(tin
     assert "image-classifier#prod#1" in tags(tiny)
 
 
+def empty_commit_until(repo: Path, wanted, tries: int = 64) -> bool:
+    """Empty commits on HEAD until HEAD's hash is `wanted`; False if none of `tries` was."""
+    for i in range(tries):
+        if wanted(head(repo)):
+            return True
+        run(repo, "git", "commit", "-q", "--allow-empty", "-m", f"next {i}")
+    return wanted(head(repo))
+
+
 def test_an_experiment_name_means_the_run_from_head_and_an_ambiguous_one_is_refused(tiny):
     from cnnpipe.mlops.dvcops import run_experiment
     from cnnpipe.mlops.promote import resolve_rev
 
+    # two baselines, the second's hash sorting before the first's, as refs/exps/<ab>/<cdef...> sort: a first
+    # baseline in the upper half of the hashes makes each empty commit after it a fair coin for the second
+    assert empty_commit_until(tiny, lambda sha: sha >= "8")
     older = run_experiment(tiny, "x", {}, log=lambda line: None)
     base = head(tiny)
-    for i in range(64):  # a baseline whose hash sorts before the first one's, as refs/exps/<ab>/<cdef...> sort
-        run(tiny, "git", "commit", "-q", "--allow-empty", "-m", f"next {i}")
-        if head(tiny) < base:
-            break
-        run(tiny, "git", "reset", "-q", "--hard", base)
+    assert empty_commit_until(tiny, lambda sha: sha < base)
     newer = run_experiment(tiny, "x", {"make.fp32": "q"}, log=lambda line: None)
     assert newer.commit != older.commit
     assert run(tiny, "git", "rev-parse", f"{newer.commit}^").strip() == head(tiny)
