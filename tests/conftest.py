@@ -6,6 +6,7 @@ import shutil
 import signal
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -110,25 +111,67 @@ def prepared(tmp_path, mnist_mirror) -> Path:
     return tmp_path / "prepared"
 
 
+def built_once(tmp_path_factory, worker_id: str, name: str, build: Callable[[Path], None]) -> Path:
+    """The folder `name`, filled by `build(folder)` once for the whole session: the pytest-xdist workers share
+    it (the first one builds it under a lock, the others wait and read). Tests copy what they change."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base if worker_id == "master" else base.parent  # the workers' common parent
+    folder, done = shared / name, shared / f"{name}.done"
+    with FileLock(str(shared / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
-def onnx_model(tmp_path_factory) -> Path:
+def onnx_model(tmp_path_factory, worker_id) -> Path:
     """A tiny bncnn trained on generated 28×28 data and exported: models/model.onnx of a real run."""
-    from helpers import write_mnist_mirror
+    def build(d: Path) -> None:
+        from helpers import write_mnist_mirror
 
-    from cnnpipe.core.params import DownloadParams, ExportParams, SplitParams, TrainParams
-    from cnnpipe.stages.download import download
-    from cnnpipe.stages.export import export
-    from cnnpipe.stages.split import split
-    from cnnpipe.stages.train import train
+        from cnnpipe.core.params import DownloadParams, ExportParams, SplitParams, TrainParams
+        from cnnpipe.stages.download import download
+        from cnnpipe.stages.export import export
+        from cnnpipe.stages.split import split
+        from cnnpipe.stages.train import train
 
-    d = tmp_path_factory.mktemp("onnx-model")
-    md5 = write_mnist_mirror(d / "mirror")
-    download(DownloadParams(dataset="mnist", sources=[str(d / "mirror")], md5=md5), d / "raw")
-    split(SplitParams(val_size=50, train_size=None, seed=0), d / "raw", d / "prepared", d / "split.json")
-    train(TrainParams(model="bncnn", epochs=3, batch_size=32, lr=0.01, flip=False, device="cpu"),
-          d / "prepared", d / "model.pt", d / "train.json", d / "history.csv")
-    export(ExportParams(check_images=32), d / "prepared", d / "model.pt", d / "model.onnx", d / "export.json")
-    return d / "model.onnx"
+        md5 = write_mnist_mirror(d / "mirror")
+        download(DownloadParams(dataset="mnist", sources=[str(d / "mirror")], md5=md5), d / "raw")
+        split(SplitParams(val_size=50, train_size=None, seed=0), d / "raw", d / "prepared", d / "split.json")
+        train(TrainParams(model="bncnn", epochs=3, batch_size=32, lr=0.01, flip=False, device="cpu"),
+              d / "prepared", d / "model.pt", d / "train.json", d / "history.csv")
+        export(ExportParams(check_images=32), d / "prepared", d / "model.pt", d / "model.onnx", d / "export.json")
+
+    return built_once(tmp_path_factory, worker_id, "onnx-model", build) / "model.onnx"
+
+
+@pytest.fixture(scope="session")
+def reproduced(tmp_path_factory, worker_id) -> Callable[[Path], Path]:
+    """`reproduced(folder)` gives folder/repo: a project on tiny MNIST-format data (make_repo's params) whose
+    whole pipeline `dvc repro` ran and `git commit` recorded, as after `make run`. The run happens once per
+    session; each call copies it (git, DVC cache and outputs), so every test owns its repo."""
+    def build(d: Path) -> None:
+        from helpers import commit, dvc, make_repo, write_mnist_mirror
+
+        md5 = write_mnist_mirror(d / "mirror")
+        repo = make_repo(d, str(d / "mirror"), md5)
+        dvc(repo, "repro")
+        commit(repo, "baseline")
+
+    template = built_once(tmp_path_factory, worker_id, "reproduced", build) / "repo"
+
+    def copy(folder: Path) -> Path:
+        # .dvc/tmp holds locks and a path-bound index: DVC makes it again in the copy
+        shutil.copytree(template, folder / "repo", symlinks=True,
+                        ignore=lambda d, names: ["tmp"] if Path(d) == template / ".dvc" else [])
+        return folder / "repo"
+
+    return copy
 
 
 @pytest.fixture

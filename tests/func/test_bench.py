@@ -252,17 +252,14 @@ def test_bench_swap_follows_prod_under_load_without_errors(tmp_path, onnx_model)
 
 
 @pytest.mark.slow
-def test_bench_clone_works_without_the_outputs_in_the_dvc_cache(tmp_path):
+def test_bench_clone_works_without_the_outputs_in_the_dvc_cache(reproduced, tmp_path):
     """`cnnpipe bench queue` / `sweep` start from a clone of the checkout; in a fresh clone of the project the
     DVC cache holds none of dvc.lock's outputs, and the clone reproduces the data it needs."""
-    from helpers import commit, dvc, make_repo, write_mnist_mirror
+    from helpers import dvc
 
     from cnnpipe.bench.experiments import clone_of
 
-    md5 = write_mnist_mirror(tmp_path / "mirror", n_train=200, n_test=50)
-    repo = make_repo(tmp_path, str(tmp_path / "mirror"), md5)
-    dvc(repo, "repro", "-q", "train")
-    commit(repo, "trained")
+    repo = reproduced(tmp_path)
     shutil.rmtree(repo / ".dvc/cache")  # as a fresh clone: dvc.lock names the model, no cache holds it
     with clone_of(repo) as clone:
         assert (clone / "data/prepared").is_dir()

@@ -85,13 +85,9 @@ def assert_metrics_read_well(repo):
 
 
 @pytest.fixture
-def baseline(tmp_path):
+def baseline(reproduced, tmp_path):
     """A temporary project whose whole pipeline has run and been committed."""
-    md5 = write_mnist_mirror(tmp_path / "mirror")
-    repo = make_repo(tmp_path, str(tmp_path / "mirror"), md5)
-    dvc(repo, "repro")
-    commit(repo, "baseline")
-    return repo
+    return reproduced(tmp_path)
 
 
 def test_exp_run_set_param_and_show(baseline):

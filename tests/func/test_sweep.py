@@ -14,20 +14,15 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import commit, dvc, make_repo, write_mnist_mirror
+from helpers import dvc
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
+def repo(reproduced, tmp_path_factory) -> Path:
     """The project on tiny MNIST, reproduced and committed, as after `make run`."""
-    root = tmp_path_factory.mktemp("sweep")
-    md5 = write_mnist_mirror(root / "mirror")
-    repo = make_repo(root, str(root / "mirror"), md5)
-    dvc(repo, "repro")
-    commit(repo, "baseline")
-    return repo
+    return reproduced(tmp_path_factory.mktemp("sweep"))
 
 
 def sweep(repo: Path, spec: dict, *args: str) -> subprocess.Popen:
