@@ -568,7 +568,10 @@ def create_app(predictor: Predictor, options: ServeOptions = ServeOptions(), fol
             if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), follow.token.encode()):
                 raise BadRequest(401, "admin routes need the header `Authorization: Bearer <token>` with the "
                                       "server's CNNPIPE_ADMIN_TOKEN")
-            return await state["follower"].check(retry_failed=True)
+            answer = await state["follower"].check(retry_failed=True)
+            # a reload that could not fetch or load the stage's version is the registry's failure: 502, so that
+            # `curl --fail` and deploy scripts see it (the body says why; the old version is still served)
+            return JSONResponse(answer, status_code=502 if answer["status"] == "failed" else 200)
 
     # --- Open Inference Protocol (KServe v2, REST) ----------------------------------------------------
     def oip_model(m: Live, name: str, version: str | None) -> None:
