@@ -26,15 +26,15 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def base_venv(tmp_path_factory) -> Path:
     env = tmp_path_factory.mktemp("serving") / "venv"
-    venv.create(env, with_pip=True)
+    venv.create(env, with_pip=False)  # this suite's pip installs into it (`pip --python`): no pip of its own to set up
     src = tmp_path_factory.mktemp("src")  # a copy: building in the checkout would leave build/ behind
     for name in ("pyproject.toml", "README.md"):
         (src / name).write_bytes((ROOT / name).read_bytes())
     subprocess.run(["cp", "-r", str(ROOT / "src"), str(src / "src")], check=True)
     for args in (["--require-hashes", "--no-deps", "-r", str(ROOT / "requirements/serve.txt")],  # as the Dockerfile
                  ["--no-deps", str(src)]):
-        proc = subprocess.run([str(env / "bin/python"), "-m", "pip", "install", "-q", *args], capture_output=True,
-                              text=True, timeout=900)
+        proc = subprocess.run([sys.executable, "-m", "pip", "--python", str(env / "bin/python"), "install", "-q",
+                               *args], capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stderr[-3000:]
     return env
 
