@@ -31,6 +31,12 @@ atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 os.environ["CNNPIPE_CACHE_DIR"] = _CACHE
 
 
+# Two pytest-xdist workers share the cores, and the torch processes of each take all of them (CNNPIPE_JOBS_DIR
+# below counts one worker's jobs only). OpenMP threads that wait at a barrier spin up to 300,000 times before
+# sleeping (libgomp's default), burning the time the other worker's threads need: a shorter spin keeps quick
+# hand-offs and stops the waste.
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+
 # A suite started in the background of a non-interactive shell inherits SIGINT ignored, and so would every
 # process the tests Ctrl-C (stages, sweeps, workers): handled here, it is reset to the default in children.
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
