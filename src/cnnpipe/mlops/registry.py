@@ -71,7 +71,7 @@ def versions(repo: str | Path, name: str) -> list[Version]:
         return []
     except Exception as e:  # GTO raises its own types for bad repos
         raise CnnpipeError(f"cannot read the registry of {repo}: {e}") from e
-    current = {stage: version for stage, version in stage_versions(repo, name).items()}
+    current = stage_versions(repo, name)
     out = []
     for row in shown:
         version = row["version"]
