@@ -106,6 +106,12 @@ def test_promote_fetch_and_a_server_that_follows_production(repo, tmp_path):
     bad = cnnpipe(repo, "promote", "--dry-run")
     assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
     assert "eval.accuracy" in bad.stderr and "eval.acc" in bad.stderr  # names the bad one and the choices
+    # no rule at all would be an open gate: refused in one line that says how to write one
+    set_rules(repo)
+    empty = cnnpipe(repo, "promote", "--dry-run")
+    assert empty.returncode == 1 and empty.stderr.strip() == (
+        "cnnpipe promote: error: promote.rules is empty, so the gate would pass any run; list at least one rule "
+        "such as 'eval.acc >= 0.9' (or 'eval.acc >= 0' to promote every run)"), empty.stderr
     # a floor the run does not reach: refused, and says which rule
     set_rules(repo, "eval.acc >= 1.5")
     refused = cnnpipe(repo, "promote")

@@ -65,6 +65,9 @@ class Decision:
 
 def parse_rules(texts: list[str], metrics: dict[str, float]) -> list[Rule]:
     """Rules from params.yaml; a rule that cannot be read or names a metric the run does not have is an error."""
+    if not texts:
+        raise CnnpipeError("promote.rules is empty, so the gate would pass any run; list at least one rule such as "
+                           "'eval.acc >= 0.9' (or 'eval.acc >= 0' to promote every run)")
     rules = []
     for text in texts:
         m = RULE.fullmatch(text)

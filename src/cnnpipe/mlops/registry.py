@@ -71,18 +71,9 @@ def versions(repo: str | Path, name: str) -> list[Version]:
         return []
     except Exception as e:  # GTO raises its own types for bad repos
         raise CnnpipeError(f"cannot read the registry of {repo}: {e}") from e
-    current = stage_versions(repo, name)
-    out = []
-    for row in shown:
-        version = row["version"]
-        commit = git(repo, "rev-list", "-n", "1", f"{name}@{version}")
-        out.append(Version(name, version, commit, tuple(s for s, v in current.items() if v == version)))
-    return out
-
-
-def stage_versions(repo: str | Path, name: str) -> dict[str, str]:
-    """stage -> the version now in it."""
-    return {stage: version for stage, (version, _) in stage_assignments(repo, name).items()}
+    commits, current = _read_tags(repo, name)
+    return [Version(name, row["version"], commits[row["version"]],
+                    tuple(s for s, (v, _) in current.items() if v == row["version"])) for row in shown]
 
 
 def stage_assignments(repo: str | Path, name: str) -> dict[str, tuple[str, str]]:
@@ -90,9 +81,14 @@ def stage_assignments(repo: str | Path, name: str) -> dict[str, tuple[str, str]]
     assignment tags `name#stage#N` (and unassignments `name#stage!#N`) in the order they were made, so the
     highest N is the latest, a rollback to an older version included (GTO's own lookup picks the highest
     version ever assigned)."""
+    return _read_tags(repo, name)[1]
+
+
+def _read_tags(repo: str | Path, name: str) -> tuple[dict[str, str], dict[str, tuple[str, str]]]:
+    """From one listing of the repo's tags: ({version: its commit}, stage_assignments)."""
     refs = git(repo, "for-each-ref", "--format=%(refname:strip=2) %(*objectname) %(objectname)", "refs/tags")
     latest: dict[str, tuple[int, bool, str]] = {}  # stage -> (N, still assigned, commit)
-    version_at: dict[str, list[str]] = {}  # commit -> versions registered there
+    commit_of: dict[str, str] = {}  # version -> the commit it was registered at
     stage_tag = re.compile(rf"{re.escape(name)}#([^#!]+)(!?)#(\d+)")
     version_tag = re.compile(rf"{re.escape(name)}@(v\d+\.\d+\.\d+)")
     for line in refs.splitlines():
@@ -102,9 +98,12 @@ def stage_assignments(repo: str | Path, name: str) -> dict[str, tuple[str, str]]
             if int(m.group(3)) > latest.get(m.group(1), (-1,))[0]:
                 latest[m.group(1)] = (int(m.group(3)), not m.group(2), commit)
         elif m := version_tag.fullmatch(tag):
-            version_at.setdefault(commit, []).append(m.group(1))
-    return {stage: (max(version_at[commit], key=version_key), commit)
-            for stage, (_, assigned, commit) in latest.items() if assigned and commit in version_at}
+            commit_of[m.group(1)] = commit
+    version_at: dict[str, list[str]] = {}  # commit -> versions registered there
+    for version, commit in commit_of.items():
+        version_at.setdefault(commit, []).append(version)
+    return commit_of, {stage: (max(version_at[commit], key=version_key), commit)
+                       for stage, (_, assigned, commit) in latest.items() if assigned and commit in version_at}
 
 
 def in_stage(repo: str | Path, name: str, stage: str) -> Version | None:
