@@ -83,3 +83,12 @@ def test_sweep_trials_run_on_two_workers_in_their_own_clones(prefect_server, tmp
         metrics = json.loads(run(repo, "git", "show", f"{commit_sha}:metrics/train.json"))
         assert metrics["val_acc"] == pytest.approx(t.value)
     assert (repo / "sweeps/pool/trials.csv").is_file()
+
+    # the same sweep from a newer commit is refused before the workers' shared ref moves to it
+    pinned = run(tmp_path, "git", "ls-remote", str(remote), "refs/cnnpipe/sweeps/pool").split()[0]
+    (repo / "NOTES").write_text("a later commit\n")
+    commit(repo, "later")
+    again = subprocess.run([sys.executable, "pipeline/sweeps.py", "sweeps/pool.yaml", "--storage", str(journal)],
+                           cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode != 0 and f"sweep pool started on commit {pinned[:12]}" in again.stdout + again.stderr
+    assert run(tmp_path, "git", "ls-remote", str(remote), "refs/cnnpipe/sweeps/pool").split()[0] == pinned
