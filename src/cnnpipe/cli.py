@@ -21,16 +21,17 @@ PIPELINE_MODULES = {"torch", "torchvision", "pandas", "yaml", "tqdm", "dvc", "pr
                     "onnxscript", "networkx", "ruamel", "gto", "optuna"}
 
 
-def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
-    return int(text)
+def _whole_number(least: int):
+    """An argparse type: a whole number of at least `least`, in ASCII digits."""
+    def whole_number(text: str) -> int:
+        if not (text.isascii() and text.isdigit()) or int(text) < least:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least {least}")
+        return int(text)
+    return whole_number
 
 
-def _non_negative_int(text: str) -> int:
-    if not (text.isascii() and text.isdigit()):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 0")
-    return int(text)
+_positive_int = _whole_number(1)
+_non_negative_int = _whole_number(0)
 
 
 def _number(text: str) -> float:

@@ -227,7 +227,7 @@ def test_predict_cli(onnx_model, predictor, tmp_path):
     assert line.split()[1:3] == [expected[0][0]["label"], f"{expected[0][0]['probability']:.3f}"]
 
 
-@pytest.mark.parametrize("k", ["0", "-3", "two"])
+@pytest.mark.parametrize("k", ["0", "-3", "two", "²"])
 def test_predict_cli_refuses_a_k_below_one(onnx_model, tmp_path, k):
     (tmp_path / "img.png").write_bytes(png(np.zeros((28, 28))))
     proc = subprocess.run([sys.executable, "-m", "cnnpipe.cli", "predict", "--model", str(onnx_model), f"-k={k}",
