@@ -111,14 +111,14 @@ def recipe_rows() -> list[list[str]]:
     forced fp32 on each kind of CPU with it (NATIVE_BF16_BENCHES)."""
     recipe = load("bench/recipe.json")
     r, native = recipe["summary"][0], recipe["peak"][0]["native_bf16"]
-    parts = [f"CPU {'with' if native else 'without'} native bf16, `auto` ({r['precision']}): mean "
+    parts = [f"CPU {'with' if native else 'without'} native bf16{off_note(recipe)}, `auto` ({r['precision']}): mean "
              f"{pct(r['mean_test_acc'])}, lowest {pct(r['min_test_acc'])}"]
     runs = list(recipe["runs"])
     for path in NATIVE_BF16_BENCHES:
         b = load(path)
         auto, fp32 = auto_and_fp32(b)
         runs += b["runs"]
-        parts.append(f"CPU with {cpu_kind(b['machine'])}, `auto` ({auto['precision']}): mean "
+        parts.append(f"CPU with {cpu_kind(b['machine'])}{off_note(b)}, `auto` ({auto['precision']}): mean "
                      f"{pct(auto['mean_test_acc'])}, lowest {pct(auto['min_test_acc'])}, "
                      f"{speedup(b):.2f}× the images/s of "
                      f"fp32 (mean {pct(fp32['mean_test_acc'])})")
@@ -167,10 +167,45 @@ def train_throughput() -> None:
            "engine on the tutorial's LeNet module"], rows)
 
 
+def off_note(b: dict) -> str:
+    """' (with `norm_lr=1`)' for a bench file whose recipe settings are not params.yaml's; '' otherwise."""
+    off = off_recipe(b["accuracy"]["train_params"])
+    return f" (with {', '.join(f'`{k}`' for k in off)})" if off else ""
+
+
 def config_label(tp: dict) -> str:
-    """A bench run's config: its model and epochs, and its shift where it has one."""
+    """A bench run's config: its model and epochs, its shift where it has one, and its recipe settings where
+    they are not params.yaml's."""
     extra = f" translate={tp['translate']}" if tp.get("translate") else ""
-    return f"`model={tp['model']} epochs={tp['epochs']}{extra}`"
+    return f"`model={tp['model']} epochs={tp['epochs']}{extra}{''.join(' ' + k for k in off_recipe(tp))}`"
+
+
+# train settings of the recipe, and the value a bench file without the key ran with
+RECIPE_KEYS = {"norm_lr": 1.0}  # files without norm_lr: every parameter at the one learning rate
+
+
+@cache
+def train_params_at(rev: str | None) -> dict:
+    """params.yaml's train section at a commit, or in the working tree (None)."""
+    import yaml
+
+    text = (subprocess.run(["git", "show", f"{rev}:params.yaml"], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout if rev else (ROOT / "params.yaml").read_text())
+    return yaml.safe_load(text)["train"]
+
+
+def default_train() -> dict:
+    return train_params_at(os.environ.get("DOCFIGURES_REV"))
+
+
+def off_recipe(tp: dict) -> list[str]:
+    """`key=value` for each recipe setting of a run's train params that is not params.yaml's."""
+    out = []
+    for key, absent in RECIPE_KEYS.items():
+        value = tp.get(key, absent)
+        if value != default_train().get(key, absent):  # a params.yaml from before the key: the same value
+            out.append(f"{key}={value:g}")
+    return out
 
 
 def time_to_accuracy() -> None:
@@ -224,7 +259,7 @@ def kept_epoch() -> None:
         if best["epoch"] != r["epochs"][-1]["epoch"]:
             earlier.append(100 * (best["test_acc"] - r["epochs"][-1]["test_acc"]))
     diffs = ", ".join(f"{d:+.2f}".replace("-", "−") for d in earlier)
-    out([f"  In {len(earlier)} of the {len(runs)} runs of the default recipe in {', '.join(f'`{p}`' for p in paths)}, "
+    out([f"  In {len(earlier)} of the {len(runs)} runs of the `rescnn` recipe in {', '.join(f'`{p}`' for p in paths)}, "
          f"an earlier epoch had the best validation accuracy; against the last epoch's, its test accuracy moved by "
          f"{diffs} points."])
 
@@ -468,6 +503,8 @@ def make_run_probe(path: str, bench: str) -> None:
     right = (r["train"]["precision_choice"]["chose"] == "bf16") == (whole > 1)
     minutes, seconds = divmod(round(r["wall_seconds"]), 60)
     made = f", from `{r['script']}`" if r.get("script") else ""
+    off = off_recipe(train_params_at(r["machine"]["source_revision"]))
+    made += f", with {', '.join(f'`{k}`' for k in off)}" if off else ""
     out([f"On that machine a fresh clone's `make run` (`{path}`{made}) took {minutes} min {seconds} s, trained in "
          f"{r['train']['precision']} at {num(r['train']['images_per_second'], 0)} images/s and reached "
          f"{pct(r['eval']['acc'])} test accuracy. Its probe measured bf16 at {num(probe['bf16'], 0)} images/s "

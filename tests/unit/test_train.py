@@ -68,6 +68,26 @@ def test_seed_models_train(tmp_path, prepared, name):
         tuple(t.shape) for t in reference.state_dict().values()]
 
 
+def test_norm_and_bias_parameters_learn_at_norm_lr_times_lr_all_through_the_schedule():
+    from cnnpipe.core.models import build_model
+    from cnnpipe.stages.train import make_optimizer, make_schedule
+
+    p = dataclasses.replace(TINY, model="rescnn", lr=0.002, weight_decay=0.01, norm_lr=4.0)
+    net = build_model("rescnn", (1, 28, 28), 10)
+    optimizer = make_optimizer(net, p)
+    weights, norms = optimizer.param_groups
+    bn = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert {id(t) for t in norms["params"]} == {id(t) for t in net.parameters() if t.ndim == 1}
+    assert {id(m.weight) for m in bn} | {id(m.bias) for m in bn} <= {id(t) for t in norms["params"]}
+    assert (weights["lr"], weights["weight_decay"]) == (0.002, 0.01) and norms["weight_decay"] == 0.0
+    assert norms["lr"] == pytest.approx(4 * 0.002)
+    schedule = make_schedule(optimizer, p, total_steps=100)
+    for _ in range(60):  # past the warmup, into the decay
+        optimizer.step()
+        schedule.step()
+    assert 0 < weights["lr"] < 0.002 and norms["lr"] == pytest.approx(4 * weights["lr"])
+
+
 def test_batch_larger_than_data(tmp_path, prepared):
     with pytest.raises(CnnpipeError, match=r"train\.batch_size 5000 does not fit the 350 training images"):
         run(tmp_path, prepared, dataclasses.replace(TINY, batch_size=5000))

@@ -110,7 +110,7 @@ def engine_loop(x: torch.Tensor, y: torch.Tensor, meta, steps: int, batch: int, 
     from cnnpipe.stages.train import build_engine, make_optimizer, make_schedule, train_epoch
 
     torch.manual_seed(seed)
-    p = TrainParams(model="lenet", batch_size=batch, optimizer="adam", lr=1e-5, weight_decay=0.0,
+    p = TrainParams(model="lenet", batch_size=batch, optimizer="adam", lr=1e-5, weight_decay=0.0, norm_lr=1.0,
                     schedule="constant", translate=0, flip=False, epochs=1)
     engine = build_engine(p, meta, steps, x.device, Dist())
     if tutorial_module:

@@ -75,6 +75,7 @@ class TrainParams:
     optimizer: Literal["sgd", "adam", "adamw"] = "adamw"
     lr: float = param(3e-3, gt=0, le=10)  # peak learning rate of the schedule
     weight_decay: float = param(5e-4, ge=0, le=1)
+    norm_lr: float = param(10.0, gt=0, le=1000)  # batch norm's scales and shifts, and biases: lr × norm_lr
     momentum: float = param(0.9, ge=0, lt=1)  # SGD only (Nesterov)
     schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
     warmup: float = param(0.2, ge=0, le=1)  # fraction of steps spent warming up (onecycle/cosine)

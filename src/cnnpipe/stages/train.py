@@ -56,11 +56,13 @@ HISTORY_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr
 
 
 def make_optimizer(model: nn.Module, p: TrainParams) -> torch.optim.Optimizer:
-    # No weight decay on BN and bias parameters (1-D tensors), as is standard. Fused kernels: one op for
-    # all parameters.
+    # BN and bias parameters (1-D tensors): no weight decay, as is standard, and a learning rate norm_lr
+    # times the others'. Adam moves every parameter by about lr a step, slow for BN's scales, which start at
+    # 1, against convolution weights of a few hundredths. Fused kernels: one op for all parameters.
     decay = [t for t in model.parameters() if t.ndim > 1]
     no_decay = [t for t in model.parameters() if t.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": p.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": p.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0, "lr": p.lr * p.norm_lr}]
     if p.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=p.lr, momentum=p.momentum, nesterov=p.momentum > 0, fused=True)
     if p.optimizer == "adam":
