@@ -412,7 +412,8 @@ def gpu_rows() -> list[list[str]]:
     path = "bench/gpu_airnet_fmnist.json"
     s, d = gpu_summary(path), load("bench/gpu_airnet_cifar_shape.json")
     t94, syn = s["to_test_acc"]["0.94"], d["synthetic"]
-    return [[f"the GPU recipe (`airnet`, 8 epochs) on one {load(path)['machine']['gpu']}, seeds "
+    off = "".join(f", `{k}`" for k in off_recipe(load(path)["runs"][0]["train_params"]))
+    return [[f"the GPU recipe (`airnet`, 8 epochs{off}) on one {load(path)['machine']['gpu']}, seeds "
              f"{', '.join(map(str, s['seeds']))}",
              f"test accuracy mean {pct(s['mean_test_acc'])}, lowest {pct(s['min_test_acc'])}; 94 % after "
              f"{num(t94['median_seconds'])} s of training (median); `airnet` on CIFAR-10-shaped data "
@@ -437,7 +438,7 @@ def gpu() -> None:
                          + (f" ({len(secs)} of {len(runs)})" if len(runs) > 1 else ""))
         accs = [r["final_test_acc"] for r in runs]
         flags = [f"model={tp['model']}", f"epochs={tp['epochs']}", f"batch_size={tp['batch_size']}"]
-        flags += ["compile=true"] if tp["compile"] else []
+        flags += (["compile=true"] if tp["compile"] else []) + off_recipe(tp)
         rows.append([f"`{' '.join(flags)}`, {runs[0]['precision']}, `{path}`",
                      str(len(runs)), *cells, ", ".join(pct(a) for a in accs),
                      num(sorted(r["images_per_second"] for r in runs)[len(runs) // 2], 0)])
