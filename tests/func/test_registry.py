@@ -127,6 +127,9 @@ def test_promote_fetch_and_a_server_that_follows_production(repo, tmp_path):
                           "image-classifier@v1.0.0"]
     listing = cnnpipe(repo, "registry")
     assert "image-classifier        v1.0.0" in listing.stdout and "prod" in listing.stdout
+    registered = run(repo, "git", "rev-parse", "image-classifier@v1.0.0^{commit}").strip()  # not the tag object
+    line = next(line for line in listing.stdout.splitlines() if line.startswith("image-classifier "))
+    assert registered[:10] in line.split(), line
     # DVC's own command fetches the production model the tags point at
     dvc(repo, "artifacts", "get", ".", "image-classifier", "--stage", "prod", "-o", str(tmp_path / "prod.onnx"))
     assert sha256(tmp_path / "prod.onnx") == sha256(repo / "models/model.onnx")

@@ -72,8 +72,13 @@ def versions(repo: str | Path, name: str) -> list[Version]:
     except Exception as e:  # GTO raises its own types for bad repos
         raise CnnpipeError(f"cannot read the registry of {repo}: {e}") from e
     commits, current = _read_tags(repo, name)
-    return [Version(name, row["version"], commits[row["version"]],
-                    tuple(s for s, (v, _) in current.items() if v == row["version"])) for row in shown]
+    out = []
+    for row in shown:
+        version = row["version"]
+        # the listing holds vX.Y.Z versions; one GTO took with more to it (v1.2.0-rc.1) is looked up alone
+        commit = commits.get(version) or git(repo, "rev-list", "-n", "1", f"{name}@{version}")
+        out.append(Version(name, version, commit, tuple(s for s, (v, _) in current.items() if v == version)))
+    return out
 
 
 def stage_assignments(repo: str | Path, name: str) -> dict[str, tuple[str, str]]:
