@@ -168,9 +168,8 @@ def train_throughput() -> None:
 
 
 def off_note(b: dict) -> str:
-    """' (with `norm_lr=1`)' for a bench file whose recipe settings are not params.yaml's; '' otherwise."""
-    off = off_recipe(b["accuracy"]["train_params"])
-    return f" (with {', '.join(f'`{k}`' for k in off)})" if off else ""
+    """', `norm_lr=1`' for a bench file whose recipe settings are not params.yaml's; '' otherwise."""
+    return "".join(f", `{k}`" for k in off_recipe(b["accuracy"]["train_params"]))
 
 
 def config_label(tp: dict) -> str:
@@ -185,17 +184,20 @@ RECIPE_KEYS = {"norm_lr": 1.0}  # files without norm_lr: every parameter at the 
 
 
 @cache
-def train_params_at(rev: str | None) -> dict:
-    """params.yaml's train section at a commit, or in the working tree (None)."""
+def train_params_at(rev: str | None) -> dict | None:
+    """params.yaml's train section at a commit (a bench file's source revision, "-dirty" or not), or in the
+    working tree (None); None where that commit cannot be read (a shallow clone)."""
     import yaml
 
-    text = (subprocess.run(["git", "show", f"{rev}:params.yaml"], cwd=ROOT, capture_output=True, text=True,
-                           check=True).stdout if rev else (ROOT / "params.yaml").read_text())
-    return yaml.safe_load(text)["train"]
+    if rev is None:
+        return yaml.safe_load((ROOT / "params.yaml").read_text())["train"]
+    proc = subprocess.run(["git", "show", f"{rev.removesuffix('-dirty')}:params.yaml"], cwd=ROOT,
+                          capture_output=True, text=True)
+    return yaml.safe_load(proc.stdout)["train"] if proc.returncode == 0 else None
 
 
 def default_train() -> dict:
-    return train_params_at(os.environ.get("DOCFIGURES_REV"))
+    return train_params_at(os.environ.get("DOCFIGURES_REV")) or {}
 
 
 def off_recipe(tp: dict) -> list[str]:
@@ -504,8 +506,8 @@ def make_run_probe(path: str, bench: str) -> None:
     right = (r["train"]["precision_choice"]["chose"] == "bf16") == (whole > 1)
     minutes, seconds = divmod(round(r["wall_seconds"]), 60)
     made = f", from `{r['script']}`" if r.get("script") else ""
-    off = off_recipe(train_params_at(r["machine"]["source_revision"]))
-    made += f", with {', '.join(f'`{k}`' for k in off)}" if off else ""
+    ran = train_params_at(r["machine"].get("source_revision") or "unknown")  # None: the recipe is not known
+    made += "".join(f", `{k}`" for k in off_recipe(ran)) if ran else ""
     out([f"On that machine a fresh clone's `make run` (`{path}`{made}) took {minutes} min {seconds} s, trained in "
          f"{r['train']['precision']} at {num(r['train']['images_per_second'], 0)} images/s and reached "
          f"{pct(r['eval']['acc'])} test accuracy. Its probe measured bf16 at {num(probe['bf16'], 0)} images/s "

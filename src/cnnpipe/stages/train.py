@@ -58,7 +58,8 @@ HISTORY_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr
 def make_optimizer(model: nn.Module, p: TrainParams) -> torch.optim.Optimizer:
     # BN and bias parameters (1-D tensors): no weight decay, as is standard, and a learning rate norm_lr
     # times the others'. Adam moves every parameter by about lr a step, slow for BN's scales, which start at
-    # 1, against convolution weights of a few hundredths. Fused kernels: one op for all parameters.
+    # 1, against convolution weights of a few hundredths (SGD's steps follow the gradient instead: there
+    # norm_lr 1 is the usual choice). Fused kernels: one op per group.
     decay = [t for t in model.parameters() if t.ndim > 1]
     no_decay = [t for t in model.parameters() if t.ndim <= 1]
     groups = [{"params": decay, "weight_decay": p.weight_decay},
@@ -328,7 +329,8 @@ def run_epochs(p: TrainParams, run: Run, progress: Progress, state_path: Path, d
         seconds = time.perf_counter() - t0
         row = {"epoch": epoch, "train_loss": round(tr_loss, 5), "train_acc": round(tr_acc, 5),
                "val_loss": round(va_loss, 5), "val_acc": round(va_acc, 5),
-               "lr": round(engine.optimizer.param_groups[0]["lr"], 8), "seconds": round(seconds, 2)}
+               "lr": round(engine.optimizer.param_groups[0]["lr"], 8),  # the weights'; BN's is × norm_lr
+               "seconds": round(seconds, 2)}
         log.info("epoch %d/%d  train loss %.4f acc %.4f  val loss %.4f acc %.4f  %.0f img/s  %.1fs",
                  epoch, p.epochs, tr_loss, tr_acc, va_loss, va_acc, seen / seconds, seconds)
         progress.history.append(row)
