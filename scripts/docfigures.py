@@ -111,14 +111,16 @@ def recipe_rows() -> list[list[str]]:
     forced fp32 on each kind of CPU with it (NATIVE_BF16_BENCHES)."""
     recipe = load("bench/recipe.json")
     r, native = recipe["summary"][0], recipe["peak"][0]["native_bf16"]
-    parts = [f"CPU {'with' if native else 'without'} native bf16{off_note(recipe)}, `auto` ({r['precision']}): mean "
+    off = off_note(recipe["accuracy"]["train_params"])
+    parts = [f"CPU {'with' if native else 'without'} native bf16{off}, `auto` ({r['precision']}): mean "
              f"{pct(r['mean_test_acc'])}, lowest {pct(r['min_test_acc'])}"]
     runs = list(recipe["runs"])
     for path in NATIVE_BF16_BENCHES:
         b = load(path)
         auto, fp32 = auto_and_fp32(b)
         runs += b["runs"]
-        parts.append(f"CPU with {cpu_kind(b['machine'])}{off_note(b)}, `auto` ({auto['precision']}): mean "
+        off = off_note(b["accuracy"]["train_params"])
+        parts.append(f"CPU with {cpu_kind(b['machine'])}{off}, `auto` ({auto['precision']}): mean "
                      f"{pct(auto['mean_test_acc'])}, lowest {pct(auto['min_test_acc'])}, "
                      f"{speedup(b):.2f}× the images/s of "
                      f"fp32 (mean {pct(fp32['mean_test_acc'])})")
@@ -167,9 +169,10 @@ def train_throughput() -> None:
            "engine on the tutorial's LeNet module"], rows)
 
 
-def off_note(b: dict) -> str:
-    """', `norm_lr=1`' for a bench file whose recipe settings are not params.yaml's; '' otherwise."""
-    return "".join(f", `{k}`" for k in off_recipe(b["accuracy"]["train_params"]))
+def off_note(tp: dict | None) -> str:
+    """', `norm_lr=1`' for a run's train params whose recipe settings are not params.yaml's; '' where they are
+    or are not known (None)."""
+    return "".join(f", `{k}`" for k in off_recipe(tp)) if tp else ""
 
 
 def config_label(tp: dict) -> str:
@@ -414,7 +417,7 @@ def gpu_rows() -> list[list[str]]:
     path = "bench/gpu_airnet_fmnist.json"
     s, d = gpu_summary(path), load("bench/gpu_airnet_cifar_shape.json")
     t94, syn = s["to_test_acc"]["0.94"], d["synthetic"]
-    off = "".join(f", `{k}`" for k in off_recipe(load(path)["runs"][0]["train_params"]))
+    off = off_note(load(path)["runs"][0]["train_params"])
     return [[f"the GPU recipe (`airnet`, 8 epochs{off}) on one {load(path)['machine']['gpu']}, seeds "
              f"{', '.join(map(str, s['seeds']))}",
              f"test accuracy mean {pct(s['mean_test_acc'])}, lowest {pct(s['min_test_acc'])}; 94 % after "
@@ -506,8 +509,7 @@ def make_run_probe(path: str, bench: str) -> None:
     right = (r["train"]["precision_choice"]["chose"] == "bf16") == (whole > 1)
     minutes, seconds = divmod(round(r["wall_seconds"]), 60)
     made = f", from `{r['script']}`" if r.get("script") else ""
-    ran = train_params_at(r["machine"].get("source_revision") or "unknown")  # None: the recipe is not known
-    made += "".join(f", `{k}`" for k in off_recipe(ran)) if ran else ""
+    made += off_note(train_params_at(r["machine"].get("source_revision") or "unknown"))
     out([f"On that machine a fresh clone's `make run` (`{path}`{made}) took {minutes} min {seconds} s, trained in "
          f"{r['train']['precision']} at {num(r['train']['images_per_second'], 0)} images/s and reached "
          f"{pct(r['eval']['acc'])} test accuracy. Its probe measured bf16 at {num(probe['bf16'], 0)} images/s "

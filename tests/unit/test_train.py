@@ -68,12 +68,12 @@ def test_seed_models_train(tmp_path, prepared, name):
         tuple(t.shape) for t in reference.state_dict().values()]
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "adam", "sgd"])
-def test_norm_and_bias_parameters_learn_at_norm_lr_times_lr_all_through_the_schedule(optimizer):
+@pytest.mark.parametrize("kind", ["adamw", "adam", "sgd"])
+def test_norm_and_bias_parameters_learn_at_norm_lr_times_lr_all_through_the_schedule(kind):
     from cnnpipe.core.models import build_model
     from cnnpipe.stages.train import make_optimizer, make_schedule
 
-    p = dataclasses.replace(TINY, model="rescnn", optimizer=optimizer, lr=0.002, weight_decay=0.01, norm_lr=4.0)
+    p = dataclasses.replace(TINY, model="rescnn", optimizer=kind, lr=0.002, weight_decay=0.01, norm_lr=4.0)
     net = build_model("rescnn", (1, 28, 28), 10)
     optimizer = make_optimizer(net, p)
     weights, norms = optimizer.param_groups
